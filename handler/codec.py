@@ -1,0 +1,370 @@
+"""The request/response contract of the DLRM endpoint: decode, validate, encode.
+
+Plain Python and NumPy, no TorchServe: the handler calls it, unit tests call it
+directly.
+
+Request bodies (JSON):
+
+- one row, the pytorch/serve ``torchrec_dlrm`` format::
+
+    {"float_features": [13 numbers],
+     "id_list_features.lengths": [26 ints >= 0],
+     "id_list_features.values": [sum(lengths) ints]}
+
+  ``values`` lists the ids of feature 0, then feature 1, ...; each id is a row
+  index in ``[0, num_embeddings)`` of its feature's table.
+- several rows: ``{"instances": [row, ...]}``.
+
+Responses: ``{"score": p, "logit": z}`` for one row, ``{"predictions": [...]}``
+in request order for ``instances``. Invalid input raises :class:`InvalidRequest`,
+which carries the HTTP status and a JSON body naming the field, the row, what
+was expected and what was received. Nothing is coerced: ids must be JSON
+integers (never floats or strings), dense values finite numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import orjson
+
+from model_factory.config import DLRMConfig
+
+DENSE_FIELD = "float_features"
+LENGTHS_FIELD = "id_list_features.lengths"
+VALUES_FIELD = "id_list_features.values"
+INSTANCES_FIELD = "instances"
+ROW_FIELDS = (DENSE_FIELD, LENGTHS_FIELD, VALUES_FIELD)
+
+DEFAULT_MAX_ROWS = 4096
+
+_NUMBER_TYPES = {int, float}
+_INT_TYPES = {int}
+
+
+class InvalidRequest(Exception):
+    """A client error: carries the HTTP status and a JSON-ready description."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        status: int = 400,
+        field: str | None = None,
+        row: int | None = None,
+        expected: Any = None,
+        got: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.field = field
+        self.row = row
+        self.expected = expected
+        self.got = got
+
+    def to_body(self) -> dict[str, Any]:
+        """TorchServe's error shape (code, type, message) plus where the problem is."""
+        body: dict[str, Any] = {"code": self.status, "type": self.kind, "message": self.message}
+        for key in ("field", "row", "expected", "got"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        return body
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    """The rows of one request as arrays, in the row-major layout of the request.
+
+    ``dense`` is ``(rows, num_dense)`` float32, ``lengths`` ``(rows, num_sparse)``
+    int64 and ``values`` all ids of all rows concatenated, int64.
+    """
+
+    dense: np.ndarray
+    lengths: np.ndarray
+    values: np.ndarray
+    single_row: bool
+
+    @property
+    def num_rows(self) -> int:
+        return self.dense.shape[0]
+
+
+class RequestDecoder:
+    """Decodes and validates request bodies for one model configuration."""
+
+    def __init__(self, config: DLRMConfig, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        self.config = config
+        self.max_rows = max_rows
+        self.num_dense = config.num_dense_features
+        self.num_sparse = config.num_sparse_features
+        self.table_sizes = np.asarray(config.num_embeddings_per_feature, dtype=np.int64)
+
+    def decode(self, body: bytes | bytearray | str | dict | list | None) -> DecodedRequest:
+        payload = parse_json(body)
+        if not isinstance(payload, dict):
+            raise InvalidRequest(
+                "invalid_body",
+                f"the request body must be a JSON object, got {_json_type(payload)}",
+                expected="object",
+                got=_json_type(payload),
+            )
+        if INSTANCES_FIELD in payload:
+            return self._decode_rows(self._instances(payload), single_row=False)
+        return self._decode_rows([payload], single_row=True)
+
+    def _instances(self, payload: dict) -> list:
+        extra = sorted(set(payload) - {INSTANCES_FIELD})
+        if extra:
+            raise InvalidRequest(
+                "unknown_field",
+                f"a body with {INSTANCES_FIELD!r} must have no other keys, got {extra}",
+                field=extra[0],
+            )
+        rows = payload[INSTANCES_FIELD]
+        if not isinstance(rows, list):
+            raise InvalidRequest(
+                "wrong_type",
+                f"{INSTANCES_FIELD!r} must be a list of rows, got {_json_type(rows)}",
+                field=INSTANCES_FIELD,
+                expected="array",
+                got=_json_type(rows),
+            )
+        if not rows:
+            raise InvalidRequest(
+                "empty_instances",
+                f"{INSTANCES_FIELD!r} is empty: send between 1 and {self.max_rows} rows",
+                field=INSTANCES_FIELD,
+                expected=f"1..{self.max_rows} rows",
+                got=0,
+            )
+        if len(rows) > self.max_rows:
+            raise InvalidRequest(
+                "too_many_rows",
+                f"{INSTANCES_FIELD!r} has {len(rows)} rows, more than the limit of {self.max_rows}: split the request",
+                status=413,
+                field=INSTANCES_FIELD,
+                expected=f"at most {self.max_rows} rows",
+                got=len(rows),
+            )
+        return rows
+
+    def _decode_rows(self, rows: list, single_row: bool) -> DecodedRequest:
+        dense_rows, length_rows, value_rows = [], [], []
+        for index, row in enumerate(rows):
+            dense, lengths, values = self._row_fields(row, index)
+            dense_rows.append(dense)
+            length_rows.append(lengths)
+            value_rows.append(values)
+        dense = self._dense_array(dense_rows)
+        lengths = np.array(length_rows, dtype=np.int64)
+        try:
+            values = np.fromiter(chain.from_iterable(value_rows), dtype=np.int64, count=int(lengths.sum()))
+        except OverflowError:
+            raise self._first_overflowing_id(value_rows) from None
+        self._check_id_ranges(lengths, values)
+        return DecodedRequest(dense=dense, lengths=lengths, values=values, single_row=single_row)
+
+    def _row_fields(self, row: Any, index: int) -> tuple[list, list, list]:
+        """The three lists of one row, checked for presence, JSON type and counts."""
+        if not isinstance(row, dict):
+            raise InvalidRequest(
+                "invalid_row",
+                f"row {index} must be a JSON object with keys {list(ROW_FIELDS)}, got {_json_type(row)}",
+                row=index,
+                expected="object",
+                got=_json_type(row),
+            )
+        unknown = sorted(set(row) - set(ROW_FIELDS))
+        if unknown:
+            raise InvalidRequest(
+                "unknown_field",
+                f"row {index}: unknown field {unknown[0]!r}; a row has exactly the keys {list(ROW_FIELDS)}",
+                field=unknown[0],
+                row=index,
+            )
+        missing = [name for name in ROW_FIELDS if name not in row]
+        if missing:
+            raise InvalidRequest(
+                "missing_field",
+                f"row {index}: missing field {missing[0]!r}",
+                field=missing[0],
+                row=index,
+            )
+        dense = self._typed_list(row, DENSE_FIELD, index, _NUMBER_TYPES, "number")
+        lengths = self._typed_list(row, LENGTHS_FIELD, index, _INT_TYPES, "integer")
+        values = self._typed_list(row, VALUES_FIELD, index, _INT_TYPES, "integer")
+        self._check_count(DENSE_FIELD, dense, self.num_dense, index)
+        self._check_count(LENGTHS_FIELD, lengths, self.num_sparse, index)
+        self._check_lengths(lengths, len(values), index)
+        return dense, lengths, values
+
+    @staticmethod
+    def _typed_list(row: dict, field: str, index: int, allowed: set[type], what: str) -> list:
+        """The field's value, which must be a JSON array of the allowed scalar types.
+
+        ``set(map(type, ...))`` runs at C speed and rejects what NumPy would
+        silently convert: booleans, strings, nulls, nested lists, and floats
+        where integers are required (so ``3.0`` is never taken as id 3).
+        """
+        value = row[field]
+        if not isinstance(value, list):
+            raise InvalidRequest(
+                "wrong_type",
+                f"row {index}: {field!r} must be an array of {what}s, got {_json_type(value)}",
+                field=field,
+                row=index,
+                expected=f"array of {what}s",
+                got=_json_type(value),
+            )
+        found = set(map(type, value))
+        if not found <= allowed:
+            position, bad = next((i, v) for i, v in enumerate(value) if type(v) not in allowed)
+            raise InvalidRequest(
+                "non_integer" if allowed is _INT_TYPES else "non_numeric",
+                f"row {index}: {field}[{position}] must be a JSON {what}, got {_json_type(bad)} {bad!r}",
+                field=field,
+                row=index,
+                expected=what,
+                got=bad,
+            )
+        return value
+
+    @staticmethod
+    def _check_count(field: str, value: list, expected: int, index: int) -> None:
+        if len(value) != expected:
+            raise InvalidRequest(
+                "wrong_count",
+                f"row {index}: {field!r} must have {expected} entries, got {len(value)}",
+                field=field,
+                row=index,
+                expected=expected,
+                got=len(value),
+            )
+
+    @staticmethod
+    def _check_lengths(lengths: list[int], num_values: int, index: int) -> None:
+        """Lengths are non-negative and add up to the number of ids (checked on Python ints: no overflow)."""
+        if min(lengths) < 0:
+            position = next(i for i, length in enumerate(lengths) if length < 0)
+            raise InvalidRequest(
+                "negative_length",
+                f"row {index}: {LENGTHS_FIELD}[{position}] is negative",
+                field=LENGTHS_FIELD,
+                row=index,
+                expected="integer >= 0",
+                got=lengths[position],
+            )
+        total = sum(lengths)
+        if total != num_values:
+            raise InvalidRequest(
+                "length_mismatch",
+                f"row {index}: {VALUES_FIELD!r} has {num_values} ids but {LENGTHS_FIELD!r} adds up to {total}",
+                field=VALUES_FIELD,
+                row=index,
+                expected=total,
+                got=num_values,
+            )
+
+    @staticmethod
+    def _dense_array(dense_rows: list[list[float]]) -> np.ndarray:
+        """``(rows, num_dense)`` float32; values that are not finite in float32 are refused."""
+        try:
+            wide = np.array(dense_rows, dtype=np.float64)
+        except OverflowError:  # a JSON integer beyond float64: mark it infinite, refused below
+            wide = np.array([[v if abs(v) <= 1e308 else np.inf for v in row] for row in dense_rows])
+        with np.errstate(over="ignore"):
+            dense = wide.astype(np.float32)
+        bad = np.argwhere(~np.isfinite(dense))
+        if bad.size:
+            row, position = (int(i) for i in bad[0])
+            raise InvalidRequest(
+                "non_finite",
+                f"row {row}: {DENSE_FIELD}[{position}] = {dense_rows[row][position]!r} is not a finite float32 value",
+                field=DENSE_FIELD,
+                row=row,
+                expected="finite number within float32 range (|x| < 3.4e38)",
+                got=str(dense_rows[row][position]),
+            )
+        return dense
+
+    def _first_overflowing_id(self, value_rows: list[list[int]]) -> InvalidRequest:
+        for row, values in enumerate(value_rows):
+            for position, value in enumerate(values):
+                if not -(2**63) <= value < 2**63:
+                    return self._out_of_range(row, position, value, feature=None)
+        raise AssertionError("an id overflowed int64 but none was found")
+
+    def _check_id_ranges(self, lengths: np.ndarray, values: np.ndarray) -> None:
+        feature_of_id = np.repeat(np.tile(np.arange(self.num_sparse), lengths.shape[0]), lengths.ravel())
+        bad = np.flatnonzero((values < 0) | (values >= self.table_sizes[feature_of_id]))
+        if bad.size:
+            first = int(bad[0])
+            row_ends = np.cumsum(lengths.sum(axis=1))
+            row = int(np.searchsorted(row_ends, first, side="right"))
+            position = first - (int(row_ends[row - 1]) if row else 0)
+            raise self._out_of_range(row, position, int(values[first]), feature=int(feature_of_id[first]))
+
+    def _out_of_range(self, row: int, position: int, value: int, feature: int | None) -> InvalidRequest:
+        if feature is None:
+            where, expected = "", "integer in [0, table size) that fits int64"
+        else:
+            size = int(self.table_sizes[feature])
+            name = self.config.sparse_feature_names[feature]
+            where, expected = f" for feature {name} (table of {size} rows)", f"integer in [0, {size})"
+        return InvalidRequest(
+            "id_out_of_range",
+            f"row {row}: {VALUES_FIELD}[{position}] = {value} is out of range{where}",
+            field=VALUES_FIELD,
+            row=row,
+            expected=expected,
+            got=value,
+        )
+
+
+def parse_json(body: bytes | bytearray | str | dict | list | None) -> Any:
+    """The JSON value of a request body; TorchServe may hand over bytes or an already-parsed value."""
+    if body is None or body == b"" or body == "":
+        raise InvalidRequest(
+            "empty_body",
+            "the request has no JSON body: send it with 'Content-Type: application/json'",
+            status=415,
+            expected="application/json body",
+        )
+    if not isinstance(body, (bytes, bytearray, str)):
+        return body
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidRequest("invalid_json", f"the request body is not valid JSON: {error}") from None
+
+
+def encode_scores(logits: list[float], scores: list[float], single_row: bool) -> bytes:
+    predictions = [{"score": score, "logit": logit} for score, logit in zip(scores, logits, strict=True)]
+    return orjson.dumps(predictions[0] if single_row else {"predictions": predictions})
+
+
+def encode_error(error: InvalidRequest) -> bytes:
+    return orjson.dumps(error.to_body())
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
