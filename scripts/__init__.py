@@ -1,0 +1,1 @@
+"""Operational helpers shared by the Makefile, tests and benchmarks."""

@@ -1,0 +1,233 @@
+"""Start, wait for and stop real TorchServe instances on chosen loopback ports.
+
+Used by the tests, the benchmarks and ``make serve``. Each instance gets its own
+working directory (config, logs, pid file) and runs in its own process group, so
+that stopping it also stops its Java frontend and Python workers, even when a
+test fails halfway.
+
+    python -m scripts.server wait-ready                 # wait for dlrm on the default ports
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = REPO_ROOT / "config.properties"
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Ports:
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(*(free_port() for _ in range(5)))
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str = LOOPBACK
+    ports: Ports = field(default_factory=Ports)
+
+    @property
+    def inference(self) -> str:
+        return f"http://{self.host}:{self.ports.inference}"
+
+    @property
+    def management(self) -> str:
+        return f"http://{self.host}:{self.ports.management}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://{self.host}:{self.ports.metrics}"
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    properties = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+class TorchServeProcess:
+    """One TorchServe in the foreground of its own process group, configured from ``config.properties``."""
+
+    def __init__(
+        self,
+        model_store: Path,
+        models: str,
+        workdir: Path,
+        ports: Ports | None = None,
+        overrides: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.model_store = model_store.resolve()
+        self.models = models
+        self.workdir = workdir.resolve()
+        self.endpoints = Endpoints(ports=ports or Ports.free())
+        self.overrides = overrides or {}
+        self.env = env or {}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def write_config(self) -> Path:
+        ports = self.endpoints.ports
+        properties = read_properties(BASE_CONFIG)
+        properties.update(
+            {
+                "inference_address": f"http://{LOOPBACK}:{ports.inference}",
+                "management_address": f"http://{LOOPBACK}:{ports.management}",
+                "metrics_address": f"http://{LOOPBACK}:{ports.metrics}",
+                "grpc_inference_port": str(ports.grpc_inference),
+                "grpc_management_port": str(ports.grpc_management),
+                "model_store": str(self.model_store),
+            }
+        )
+        properties.update(self.overrides)
+        path = self.workdir / "config.properties"
+        path.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
+        return path
+
+    def start(self) -> TorchServeProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.write_config()
+        env = {
+            **os.environ,
+            "LOG_LOCATION": str(self.log_dir),
+            "METRICS_LOCATION": str(self.log_dir),
+            "TEMP": str(self.workdir),  # TorchServe keeps its pid file in the temp dir
+            "TMPDIR": str(self.workdir),
+            **self.env,
+        }
+        env.pop("TS_CONFIG_FILE", None)
+        command = [
+            executable("torchserve"), "--start", "--foreground", "--ncs",
+            "--ts-config", str(config), "--model-store", str(self.model_store), "--models", self.models,
+        ]  # fmt: skip
+        with open(self.workdir / "torchserve.out", "ab") as output:
+            self.process = subprocess.Popen(
+                command, cwd=self.workdir, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return self
+
+    def wait_ready(self, model: str = "dlrm", timeout: float = 180.0) -> None:
+        """Until a worker of ``model`` is READY (``/ping`` turns healthy before workers can answer)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
+            if model_ready(self.endpoints.management, model):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{model} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def worker_pids(self, model: str = "dlrm") -> list[int]:
+        description = requests.get(f"{self.endpoints.management}/models/{model}", timeout=10).json()
+        return [int(worker["pid"]) for worker in description[0]["workers"] if worker.get("pid")]
+
+    def log_tail(self, lines: int = 60) -> str:
+        texts = []
+        for path in (self.workdir / "torchserve.out", self.log_dir / "model_log.log", self.log_dir / "ts_log.log"):
+            if path.exists():
+                texts.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(texts)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop TorchServe and its workers: SIGTERM to the process group, SIGKILL for what lingers."""
+        if self.process is None:
+            return
+        group = self.process.pid
+        _signal_group(group, signal.SIGTERM)
+        if not self._group_gone(timeout):
+            _signal_group(group, signal.SIGKILL)
+            self._group_gone(10.0)
+        self.process.wait()
+        self.process = None
+
+    def _group_gone(self, timeout: float) -> bool:
+        """Whether every process of the group has exited within ``timeout``."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.process.poll()  # reap the launcher, or its zombie keeps the group alive
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def __enter__(self) -> TorchServeProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(group, sig)
+
+
+def model_ready(management_url: str, model: str) -> bool:
+    try:
+        response = requests.get(f"{management_url}/models/{model}", timeout=5)
+    except requests.RequestException:
+        return False
+    if response.status_code != 200:
+        return False
+    return any(worker.get("status") == "READY" for entry in response.json() for worker in entry.get("workers", []))
+
+
+def executable(name: str) -> str:
+    """A console script of this interpreter's environment (the venv), else from PATH."""
+    beside_python = Path(sys.executable).parent / name
+    return str(beside_python) if beside_python.exists() else name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    wait = commands.add_parser("wait-ready", help="wait until a model's worker is READY")
+    wait.add_argument("--management", default=Endpoints().management, help="management API base URL")
+    wait.add_argument("--model", default="dlrm")
+    wait.add_argument("--timeout", type=float, default=180.0)
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.timeout
+    while not model_ready(args.management, args.model):
+        if time.monotonic() > deadline:
+            sys.exit(f"{args.model} is not ready at {args.management} after {args.timeout:.0f}s")
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    main()
