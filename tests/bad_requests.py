@@ -1,0 +1,110 @@
+"""Invalid request bodies and the error each must produce, shared by the codec unit tests and the server tests."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+SAMPLE_DENSE = [0.5] * 13
+ONE_HOT = [1] * 26
+
+
+@dataclass(frozen=True)
+class BadRequest:
+    name: str
+    body: bytes
+    status: int
+    kind: str
+    field: str | None = None
+    row: int | None = None
+
+
+def row(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "float_features": list(SAMPLE_DENSE),
+        "id_list_features.lengths": list(ONE_HOT),
+        "id_list_features.values": [0] * 26,
+    }
+    base.update(changes)
+    return base
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def bad_requests(max_rows: int) -> list[BadRequest]:
+    without_values = row()
+    del without_values["id_list_features.values"]
+    dense_12 = SAMPLE_DENSE[:12]
+    values_with = lambda position, value: [*[0] * position, value, *[0] * (25 - position)]  # noqa: E731
+    return [
+        BadRequest("not json", b"{this is not json", 400, "invalid_json"),
+        BadRequest("json array", _json([row()]), 400, "invalid_body"),
+        BadRequest("missing field", _json(without_values), 400, "missing_field", "id_list_features.values", 0),
+        BadRequest("unknown field", _json(row(extra=1)), 400, "unknown_field", "extra", 0),
+        BadRequest("dense count", _json(row(float_features=dense_12)), 400, "wrong_count", "float_features", 0),
+        BadRequest(
+            "dense string", _json(row(float_features=["a", *dense_12])), 400, "non_numeric", "float_features", 0
+        ),
+        BadRequest("dense null", _json(row(float_features=[None, *dense_12])), 400, "non_numeric", "float_features", 0),
+        BadRequest("dense bool", _json(row(float_features=[True, *dense_12])), 400, "non_numeric", "float_features", 0),
+        BadRequest(
+            "dense beyond float32", _json(row(float_features=[1e39, *dense_12])), 400, "non_finite", "float_features", 0
+        ),
+        BadRequest("dense not a list", _json(row(float_features=1.0)), 400, "wrong_type", "float_features", 0),
+        BadRequest(
+            "lengths count", _json(row(**{"id_list_features.lengths": [1] * 25})), 400, "wrong_count",
+            "id_list_features.lengths", 0,
+        ),
+        BadRequest(
+            "negative length",
+            _json(row(**{"id_list_features.lengths": [2, -1, *[1] * 24]})),
+            400, "negative_length", "id_list_features.lengths", 0,
+        ),
+        BadRequest(
+            "float length", _json(row(**{"id_list_features.lengths": [1.0, *[1] * 25]})), 400, "non_integer",
+            "id_list_features.lengths", 0,
+        ),
+        BadRequest(
+            "lengths/values mismatch", _json(row(**{"id_list_features.values": [0] * 25})), 400,
+            "length_mismatch", "id_list_features.values", 0,
+        ),
+        BadRequest(
+            "id out of range", _json(row(**{"id_list_features.values": values_with(25, 35)})), 400,
+            "id_out_of_range", "id_list_features.values", 0,
+        ),
+        BadRequest(
+            "negative id", _json(row(**{"id_list_features.values": values_with(3, -1)})), 400, "id_out_of_range",
+            "id_list_features.values", 0,
+        ),
+        BadRequest(
+            "id beyond int64", _json(row(**{"id_list_features.values": values_with(0, 2**63)})), 400,
+            "id_out_of_range", "id_list_features.values", 0,
+        ),
+        BadRequest(
+            "float id", _json(row(**{"id_list_features.values": values_with(2, 2.0)})), 400, "non_integer",
+            "id_list_features.values", 0,
+        ),
+        BadRequest(
+            "string id", _json(row(**{"id_list_features.values": values_with(2, "2")})), 400, "non_integer",
+            "id_list_features.values", 0,
+        ),
+        BadRequest(
+            "boolean id", _json(row(**{"id_list_features.values": values_with(1, True)})), 400, "non_integer",
+            "id_list_features.values", 0,
+        ),
+        BadRequest("empty instances", _json({"instances": []}), 400, "empty_instances", "instances"),
+        BadRequest(
+            "too many instances", _json({"instances": [row()] * (max_rows + 1)}), 413, "too_many_rows", "instances"
+        ),
+        BadRequest("instances not a list", _json({"instances": row()}), 400, "wrong_type", "instances"),
+        BadRequest("instance not an object", _json({"instances": [row(), 7]}), 400, "invalid_row", row=1),
+        BadRequest("instances with extra key", _json({"instances": [row()], "x": 1}), 400, "unknown_field", "x"),
+        BadRequest(
+            "bad second instance",
+            _json({"instances": [row(), row(**{"id_list_features.values": values_with(5, 10**6)})]}),
+            400, "id_out_of_range", "id_list_features.values", 1,
+        ),
+    ]  # fmt: skip

@@ -1,0 +1,96 @@
+"""Shared fixtures: a small seeded model artifact, an archive built by build_mar.py, a real TorchServe."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from model_factory.artifact import ModelArtifact, Provenance, load_model, write_artifact
+from model_factory.config import DLRMConfig, preset
+from model_factory.factory import build_dlrm, init_weights
+from scripts.server import TorchServeProcess
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The test archive's settings: a long batch delay so that concurrent requests are batched.
+TEST_MAX_ROWS = 64
+TEST_BATCH_SIZE = 16
+TEST_MAX_BATCH_DELAY_MS = 100
+
+
+@pytest.fixture(scope="session")
+def small_config() -> DLRMConfig:
+    return preset("small")
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(tmp_path_factory: pytest.TempPathFactory, small_config: DLRMConfig) -> Path:
+    directory = tmp_path_factory.mktemp("artifact")
+    model = init_weights(build_dlrm(small_config), seed=7)
+    write_artifact(directory, ModelArtifact(small_config, Provenance(trained=False, seed=7)), model)
+    return directory
+
+
+def build_archive(output: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "build_mar.py"), "--output", str(output), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("model_store")
+    result = build_archive(
+        store / "dlrm.mar",
+        "--seed", "3",
+        "--max-rows", str(TEST_MAX_ROWS),
+        "--batch-size", str(TEST_BATCH_SIZE),
+        "--max-batch-delay", str(TEST_MAX_BATCH_DELAY_MS),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return store
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory: pytest.TempPathFactory, model_store: Path):
+    """The model exactly as archived, loaded in-process from the extracted archive."""
+    extracted = tmp_path_factory.mktemp("extracted")
+    with zipfile.ZipFile(model_store / "dlrm.mar") as archive:
+        archive.extractall(extracted)
+    model, artifact = load_model(extracted)
+    return model, artifact
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[TorchServeProcess]:
+    instance = TorchServeProcess(model_store, "dlrm=dlrm.mar", tmp_path_factory.mktemp("torchserve"))
+    try:
+        instance.start()
+        instance.wait_ready()
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture()
+def predict(server: TorchServeProcess):
+    session = requests.Session()
+
+    def post(body: bytes, content_type: str = "application/json") -> requests.Response:
+        return session.post(
+            f"{server.endpoints.inference}/predictions/dlrm",
+            data=body,
+            headers={"Content-Type": content_type},
+            timeout=30,
+        )
+
+    yield post
+    session.close()

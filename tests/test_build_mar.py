@@ -1,0 +1,106 @@
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model_factory.config import DLRMConfig
+from model_factory.factory import build_dlrm, init_weights
+from tests.conftest import REPO_ROOT, build_archive
+
+EXPECTED_FILES = {
+    "MAR-INF/MANIFEST.json",
+    "dlrm_handler.py",
+    "model-config.yaml",
+    "model_config.json",
+    "weights.pt",
+    "handler/codec.py",
+    "handler/predictor.py",
+    "model_factory/config.py",
+    "model_factory/factory.py",
+}
+
+
+def test_archive_contents_and_settings(model_store: Path) -> None:
+    with zipfile.ZipFile(model_store / "dlrm.mar") as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        settings = yaml.safe_load(archive.read("model-config.yaml"))
+        artifact = json.loads(archive.read("model_config.json"))
+    assert names >= EXPECTED_FILES
+    assert not any("__pycache__" in name for name in names)
+    assert manifest["model"]["handler"] == "dlrm_handler.py"
+    assert manifest["model"]["serializedFile"] == "weights.pt"
+    assert settings["batchSize"] == 16 and settings["maxBatchDelay"] == 100
+    assert settings["minWorkers"] == settings["maxWorkers"] == 1
+    assert settings["handler"] == {"max_rows_per_request": 64}
+    assert artifact["provenance"] == {"trained": False, "seed": 3, "checkpoint": None, "metrics": None}
+    assert artifact["model"]["embedding_dim"] == 16
+
+
+def test_archive_is_self_contained(model_store: Path, tmp_path: Path) -> None:
+    """The handler imports only what the archive carries, not this checkout."""
+    with zipfile.ZipFile(model_store / "dlrm.mar") as archive:
+        archive.extractall(tmp_path / "model")
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "import dlrm_handler, handler.codec, model_factory.factory;"
+        "paths = [dlrm_handler.__file__, handler.codec.__file__, model_factory.factory.__file__];"
+        "assert all(p.startswith(sys.argv[1]) for p in paths), paths"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", probe, str(tmp_path / "model")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_checkpoint_file_is_archived_as_trained(tmp_path: Path, small_config: DLRMConfig) -> None:
+    checkpoint = tmp_path / "trained.pt"
+    state = init_weights(build_dlrm(small_config), seed=11).state_dict()
+    torch.save(state, checkpoint)
+    result = build_archive(tmp_path / "out" / "dlrm.mar", "--checkpoint", str(checkpoint))
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "out" / "dlrm.mar") as archive:
+        artifact = json.loads(archive.read("model_config.json"))
+        archive.extract("weights.pt", tmp_path)
+    assert artifact["provenance"]["trained"] is True
+    assert artifact["provenance"]["checkpoint"] == "trained.pt"
+    archived = torch.load(tmp_path / "weights.pt", weights_only=True)
+    assert all(torch.equal(archived[key], value) for key, value in state.items())
+
+
+def test_mismatched_checkpoint_fails_before_archiving(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "kaggle_shaped.pt"
+    torch.save({"not": torch.zeros(1)}, checkpoint)
+    result = build_archive(tmp_path / "dlrm.mar", "--checkpoint", str(checkpoint))
+    assert result.returncode != 0
+    assert "Missing key" in result.stderr or "Unexpected key" in result.stderr
+    assert not (tmp_path / "dlrm.mar").exists()
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "evil.pt"
+    torch.save({"weights": torch.zeros(1), "payload": Path("/")}, checkpoint)  # a non-tensor object
+    result = build_archive(tmp_path / "dlrm.mar", "--checkpoint", str(checkpoint))
+    assert result.returncode != 0
+    assert "weights_only" in result.stderr.lower() or "unsupported global" in result.stderr.lower()
+
+
+@pytest.mark.parametrize("args", [["--output", "dlrm.zip"], ["--batch-size", "0"], ["--preset", "nope"]])
+def test_invalid_arguments_are_refused(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "build_mar.py", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "error" in result.stderr
+
+
+def test_help_documents_every_flag() -> None:
+    result = subprocess.run(
+        [sys.executable, "build_mar.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    for flag in ("--preset", "--config", "--checkpoint", "--seed", "--output", "--batch-size", "--max-batch-delay",
+                 "--workers", "--threads", "--max-rows", "--response-timeout", "--version"):  # fmt: skip
+        assert flag in result.stdout

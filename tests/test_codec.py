@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import orjson
+import pytest
+
+from handler.codec import InvalidRequest, RequestDecoder, encode_error, encode_scores
+from model_factory.config import DEFAULT_PRESET, DLRMConfig, preset
+from tests.bad_requests import bad_requests, row
+from tests.conftest import REPO_ROOT
+
+MAX_ROWS = 8
+
+
+@pytest.fixture(scope="module")
+def decoder(small_config: DLRMConfig) -> RequestDecoder:
+    return RequestDecoder(small_config, max_rows=MAX_ROWS)
+
+
+@pytest.mark.parametrize("case", bad_requests(MAX_ROWS), ids=lambda case: case.name)
+def test_bad_requests_raise_the_documented_error(decoder: RequestDecoder, case) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        decoder.decode(case.body)
+    error = raised.value
+    assert (error.status, error.kind) == (case.status, case.kind)
+    body = orjson.loads(encode_error(error))
+    assert body["code"] == case.status and body["type"] == case.kind
+    assert body.get("field") == case.field
+    assert body.get("row") == case.row
+    assert body["message"]
+
+
+def test_out_of_range_error_names_feature_and_bounds(decoder: RequestDecoder) -> None:
+    body = json.dumps(row(**{"id_list_features.values": [0] * 25 + [35]}))
+    with pytest.raises(InvalidRequest) as raised:
+        decoder.decode(body)
+    assert raised.value.to_body() == {
+        "code": 400,
+        "type": "id_out_of_range",
+        "message": "row 0: id_list_features.values[25] = 35 is out of range for feature cat_25 (table of 35 rows)",
+        "field": "id_list_features.values",
+        "row": 0,
+        "expected": "integer in [0, 35)",
+        "got": 35,
+    }
+
+
+def test_missing_body_is_415(decoder: RequestDecoder) -> None:
+    for body in (None, b"", ""):
+        with pytest.raises(InvalidRequest) as raised:
+            decoder.decode(body)
+        assert raised.value.status == 415
+
+
+def test_decodes_one_row_exactly(decoder: RequestDecoder) -> None:
+    lengths = [0, 2, 3] + [1] * 23
+    values = [9, 8, 7, 6, 5] + [2] * 23
+    request = decoder.decode(
+        json.dumps(row(**{"id_list_features.lengths": lengths, "id_list_features.values": values}))
+    )
+    assert request.single_row and request.num_rows == 1
+    assert request.dense.dtype == np.float32 and request.dense.shape == (1, 13)
+    assert request.lengths.tolist() == [lengths]
+    assert request.values.dtype == np.int64 and request.values.tolist() == values
+
+
+def test_accepts_bytes_str_and_parsed_bodies(decoder: RequestDecoder) -> None:
+    value = row()
+    decoded = [decoder.decode(body) for body in (json.dumps(value).encode(), json.dumps(value), value)]
+    assert all(np.array_equal(d.values, decoded[0].values) for d in decoded)
+
+
+def test_instances_keep_row_order(decoder: RequestDecoder) -> None:
+    rows = [row(float_features=[float(i)] * 13) for i in range(5)]
+    request = decoder.decode(json.dumps({"instances": rows}))
+    assert not request.single_row
+    assert request.dense[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_ids_beyond_float32_precision_stay_exact() -> None:
+    big = 2**24 + 1  # float32 would round this to 2**24
+    config = DLRMConfig(
+        num_embeddings_per_feature=[2**40] * 26, embedding_dim=4, dense_arch_layer_sizes=[4], over_arch_layer_sizes=[1]
+    )
+    request = RequestDecoder(config).decode(json.dumps(row(**{"id_list_features.values": [big] * 25 + [2**40 - 1]})))
+    assert request.values.tolist() == [big] * 25 + [2**40 - 1]
+
+
+def test_integers_are_accepted_as_dense_values(decoder: RequestDecoder) -> None:
+    request = decoder.decode(json.dumps(row(float_features=[1] * 13)))
+    assert request.dense.tolist() == [[1.0] * 13]
+
+
+def test_huge_integer_dense_value_is_non_finite(decoder: RequestDecoder) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        decoder.decode(row(float_features=[10**400] + [0.0] * 12))  # only a pre-parsed body can hold this
+    assert raised.value.kind == "non_finite"
+
+
+def test_encode_scores_shapes() -> None:
+    assert orjson.loads(encode_scores([0.0], [0.5], single_row=True)) == {"score": 0.5, "logit": 0.0}
+    assert orjson.loads(encode_scores([0.0, 1.0], [0.5, 0.7], single_row=False)) == {
+        "predictions": [{"score": 0.5, "logit": 0.0}, {"score": 0.7, "logit": 1.0}]
+    }
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "sample_data").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_samples_are_valid_for_the_default_model(path) -> None:
+    request = RequestDecoder(preset(DEFAULT_PRESET)).decode(path.read_bytes())
+    assert request.num_rows >= 1

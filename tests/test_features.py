@@ -1,0 +1,28 @@
+import numpy as np
+import torch
+
+from model_factory.features import DENSE_FEATURE_NAMES, SPARSE_FEATURE_NAMES, rows_to_kjt
+
+
+def test_schema_uses_torchrec_criteo_names() -> None:
+    assert tuple(f"int_{i}" for i in range(13)) == DENSE_FEATURE_NAMES
+    assert tuple(f"cat_{i}" for i in range(26)) == SPARSE_FEATURE_NAMES
+
+
+def test_rows_to_kjt_transposes_row_major_ids_to_key_major() -> None:
+    # row 0: a=[1], b=[2, 3];  row 1: a=[], b=[4];  row 2: a=[5, 6], b=[]
+    lengths = np.array([[1, 2], [0, 1], [2, 0]])
+    values = np.array([1, 2, 3, 4, 5, 6])
+    kjt = rows_to_kjt(["a", "b"], lengths, values)
+    per_key = kjt.to_dict()
+    assert per_key["a"].lengths().tolist() == [1, 0, 2]
+    assert per_key["a"].values().tolist() == [1, 5, 6]
+    assert per_key["b"].lengths().tolist() == [2, 1, 0]
+    assert per_key["b"].values().tolist() == [2, 3, 4]
+    assert kjt.values().dtype == torch.int64
+
+
+def test_single_row_needs_no_reordering() -> None:
+    kjt = rows_to_kjt(["a", "b", "c"], np.array([[2, 0, 1]]), np.array([7, 8, 9]))
+    assert kjt.values().tolist() == [7, 8, 9]
+    assert kjt.lengths().tolist() == [2, 0, 1]
