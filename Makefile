@@ -1,0 +1,52 @@
+# One entry point per job. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+ARCHIVE := model_store/dlrm.mar
+CURL_EXAMPLE := curl -H "Content-Type: application/json" --data @sample_data/sample_data.json http://127.0.0.1:8080/predictions/dlrm
+
+.PHONY: help install check-java build serve stop test lint clean
+
+help:
+	@echo "make install   create $(VENV) with the pinned dependencies (needs Python 3.11 and Java 17)"
+	@echo "make serve     build $(ARCHIVE) and serve it on 127.0.0.1:8080 (Ctrl-C stops)"
+	@echo "make stop      stop a TorchServe started from this directory"
+	@echo "make test      run the whole test suite"
+	@echo "make lint      ruff over the code"
+
+check-java:
+	@command -v java >/dev/null || { echo "TorchServe needs Java 17: install it, e.g. 'apt-get install openjdk-17-jre-headless'"; exit 1; }
+	@java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])' || { echo "TorchServe needs Java 17 or newer, found: $$(java -version 2>&1 | head -1)"; exit 1; }
+
+$(VENV)/.installed: requirements.txt requirements-torchrec.txt requirements-dev.txt
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is required, found {sys.version}"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-torchrec.txt
+	@# Let a bare `torchserve --start --models dlrm=dlrm.mar` find config.properties (and thus the model store).
+	@grep -q TS_CONFIG_FILE $(VENV)/bin/activate || echo 'export TS_CONFIG_FILE="$(CURDIR)/config.properties"' >> $(VENV)/bin/activate
+	$(PY) -c 'import torch, torchrec, fbgemm_gpu, ts; print("torch", torch.__version__, "| torchrec ok | torchserve", ts.__version__)'
+	touch $@
+
+install: check-java $(VENV)/.installed
+
+build: install
+	$(PY) build_mar.py
+
+serve: build
+	@(. $(VENV)/bin/activate && python -m scripts.server wait-ready && echo && echo "DLRM is ready. Try:" && echo '  $(CURL_EXAMPLE)' && echo "Ctrl-C stops the server.") &
+	. $(VENV)/bin/activate && torchserve --start --foreground --ncs --model-store model_store --models dlrm=dlrm.mar
+
+stop:
+	. $(VENV)/bin/activate && torchserve --stop
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf model_store/*.mar logs .pytest_cache
