@@ -13,7 +13,12 @@ Request bodies (JSON):
 
   ``values`` lists the ids of feature 0, then feature 1, ...; each id is a row
   index in ``[0, num_embeddings)`` of its feature's table.
-- several rows: ``{"instances": [row, ...]}``.
+- one raw Criteo row, keyed by the schema's names, as logged before any
+  preprocessing: ``{"int_0": 5, ..., "int_12": 0, "cat_0": "05db9164", ...,
+  "cat_25": "c0d61a5c"}``; integers or null, 8-hex-digit strings or null/empty;
+  an absent key means missing. It goes through the archive's
+  :class:`~model_factory.features.Preprocessing`, exactly as in training.
+- several rows: ``{"instances": [row, ...]}`` (all rows in the format of the first).
 
 Responses: ``{"score": p, "logit": z}`` for one row, ``{"predictions": [...]}``
 in request order for ``instances``. Invalid input raises :class:`InvalidRequest`,
@@ -32,6 +37,7 @@ import numpy as np
 import orjson
 
 from model_factory.config import DLRMConfig
+from model_factory.features import CategoryFormatError, Preprocessing, parse_categories
 
 DENSE_FIELD = "float_features"
 LENGTHS_FIELD = "id_list_features.lengths"
@@ -43,6 +49,8 @@ DEFAULT_MAX_ROWS = 4096
 
 _NUMBER_TYPES = {int, float}
 _INT_TYPES = {int}
+_RAW_INT_TYPES = {int, type(None)}
+_RAW_CATEGORY_TYPES = {str, type(None)}
 
 
 class InvalidRequest(Exception):
@@ -99,12 +107,14 @@ class DecodedRequest:
 class RequestDecoder:
     """Decodes and validates request bodies for one model configuration."""
 
-    def __init__(self, config: DLRMConfig, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+    def __init__(self, config: DLRMConfig, preprocessing: Preprocessing, max_rows: int = DEFAULT_MAX_ROWS) -> None:
         self.config = config
+        self.preprocessing = preprocessing
         self.max_rows = max_rows
         self.num_dense = config.num_dense_features
         self.num_sparse = config.num_sparse_features
         self.table_sizes = np.asarray(config.num_embeddings_per_feature, dtype=np.int64)
+        self.raw_fields = frozenset(config.dense_feature_names + config.sparse_feature_names)
 
     def decode(self, body: bytes | bytearray | str | dict | list | None) -> DecodedRequest:
         payload = parse_json(body)
@@ -115,9 +125,14 @@ class RequestDecoder:
                 expected="object",
                 got=_json_type(payload),
             )
-        if INSTANCES_FIELD in payload:
-            return self._decode_rows(self._instances(payload), single_row=False)
-        return self._decode_rows([payload], single_row=True)
+        rows, single_row = ([payload], True) if INSTANCES_FIELD not in payload else (self._instances(payload), False)
+        if self._is_raw_row(rows[0]):
+            return self._decode_raw_rows(rows, single_row)
+        return self._decode_rows(rows, single_row)
+
+    def _is_raw_row(self, row: Any) -> bool:
+        """A raw row names schema features and none of the reference format's fields."""
+        return isinstance(row, dict) and not row.keys() & set(ROW_FIELDS) and bool(row.keys() & self.raw_fields)
 
     def _instances(self, payload: dict) -> list:
         extra = sorted(set(payload) - {INSTANCES_FIELD})
@@ -170,6 +185,87 @@ class RequestDecoder:
             raise self._first_overflowing_id(value_rows) from None
         self._check_id_ranges(lengths, values)
         return DecodedRequest(dense=dense, lengths=lengths, values=values, single_row=single_row)
+
+    def _decode_raw_rows(self, rows: list, single_row: bool) -> DecodedRequest:
+        """Raw Criteo rows → the same arrays as the reference format, through the archive's preprocessing."""
+        dense_names, sparse_names = self.config.dense_feature_names, self.config.sparse_feature_names
+        raw_ints, raw_categories = [], []
+        for index, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise InvalidRequest(
+                    "invalid_row",
+                    f"row {index} must be a JSON object keyed by feature names, got {_json_type(row)}",
+                    row=index,
+                    expected="object",
+                    got=_json_type(row),
+                )
+            unknown = sorted(row.keys() - self.raw_fields)
+            if unknown:
+                raise InvalidRequest(
+                    "unknown_field",
+                    f"row {index}: unknown field {unknown[0]!r}; a raw row has the keys "
+                    f"{dense_names[0]}..{dense_names[-1]} and {sparse_names[0]}..{sparse_names[-1]}",
+                    field=unknown[0],
+                    row=index,
+                )
+            ints = [row.get(name) for name in dense_names]
+            if not set(map(type, ints)) <= _RAW_INT_TYPES:
+                name, value = next(
+                    (n, v) for n, v in zip(dense_names, ints, strict=True) if type(v) not in _RAW_INT_TYPES
+                )
+                raise InvalidRequest(
+                    "non_integer",
+                    f"row {index}: {name} must be a JSON integer or null, got {_json_type(value)} {value!r}",
+                    field=name,
+                    row=index,
+                    expected="integer or null",
+                    got=value,
+                )
+            overflowing = next(
+                (n for n, v in zip(dense_names, ints, strict=True) if v is not None and not _fits_int64(v)), None
+            )
+            if overflowing is not None:
+                raise InvalidRequest(
+                    "non_finite",
+                    f"row {index}: {overflowing} = {row[overflowing]} does not fit a 64-bit integer",
+                    field=overflowing,
+                    row=index,
+                    expected="integer within int64",
+                    got=str(row[overflowing]),
+                )
+            categories = [row.get(name) for name in sparse_names]
+            if not set(map(type, categories)) <= _RAW_CATEGORY_TYPES:
+                position = next(i for i, v in enumerate(categories) if type(v) not in _RAW_CATEGORY_TYPES)
+                raise self._invalid_category(index, position, categories[position])
+            raw_ints.append(ints)
+            raw_categories.extend("" if value is None else value for value in categories)
+        try:
+            parsed = parse_categories(raw_categories)
+        except CategoryFormatError as error:
+            row, position = divmod(error.index, self.num_sparse)
+            raise self._invalid_category(row, position, error.value) from None
+        dense = self.preprocessing.dense(
+            np.array([[np.nan if v is None else float(v) for v in ints] for ints in raw_ints], dtype=np.float64)
+        )
+        category_rows = self.preprocessing.category_rows(parsed.reshape(len(rows), self.num_sparse), self.table_sizes)
+        return DecodedRequest(
+            dense=dense,
+            lengths=np.ones_like(category_rows),
+            values=category_rows.ravel(),
+            single_row=single_row,
+        )
+
+    def _invalid_category(self, row: int, position: int, value: Any) -> InvalidRequest:
+        name = self.config.sparse_feature_names[position]
+        return InvalidRequest(
+            "invalid_category",
+            f"row {row}: {name} must be 8 hex digits (like '05db9164'), empty or null, "
+            f"got {_json_type(value)} {value!r}",
+            field=name,
+            row=row,
+            expected="string of 8 hex digits, empty or null",
+            got=value,
+        )
 
     def _row_fields(self, row: Any, index: int) -> tuple[list, list, list]:
         """The three lists of one row, checked for presence, JSON type and counts."""
@@ -297,7 +393,7 @@ class RequestDecoder:
     def _first_overflowing_id(self, value_rows: list[list[int]]) -> InvalidRequest:
         for row, values in enumerate(value_rows):
             for position, value in enumerate(values):
-                if not -(2**63) <= value < 2**63:
+                if not _fits_int64(value):
                     return self._out_of_range(row, position, value, feature=None)
         raise AssertionError("an id overflowed int64 but none was found")
 
@@ -352,6 +448,10 @@ def encode_scores(logits: list[float], scores: list[float], single_row: bool) ->
 
 def encode_error(error: InvalidRequest) -> bytes:
     return orjson.dumps(error.to_body())
+
+
+def _fits_int64(value: int) -> bool:
+    return -(2**63) <= value < 2**63
 
 
 def _json_type(value: Any) -> str:

@@ -45,7 +45,7 @@ class DLRMPredictor:
         self.model = model
         self.artifact = artifact
         self.device = device
-        self.decoder = RequestDecoder(artifact.model, max_rows=max_rows)
+        self.decoder = RequestDecoder(artifact.model, artifact.preprocessing, max_rows=max_rows)
 
     @classmethod
     def from_artifact(cls, directory: Path, device: torch.device, max_rows: int = DEFAULT_MAX_ROWS) -> DLRMPredictor:

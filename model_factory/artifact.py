@@ -2,8 +2,8 @@
 
 An artifact is a directory holding
 
-- ``model_config.json``: the :class:`ModelArtifact` (model shape and where the
-  weights came from), and
+- ``model_config.json``: the :class:`ModelArtifact` (model shape, the
+  preprocessing of raw features, and where the weights came from), and
 - ``weights.pt``: the model's ``state_dict``.
 
 The trainer writes one, ``build_mar.py`` packs one into ``dlrm.mar`` and the
@@ -23,6 +23,7 @@ from torchrec.models.dlrm import DLRM
 
 from model_factory.config import ConfigError, DLRMConfig
 from model_factory.factory import build_dlrm, load_weights
+from model_factory.features import Preprocessing
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.pt"
@@ -48,11 +49,13 @@ class Provenance:
 class ModelArtifact:
     model: DLRMConfig
     provenance: Provenance
+    preprocessing: Preprocessing = Preprocessing()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
             "model": self.model.to_dict(),
+            "preprocessing": asdict(self.preprocessing),
             "provenance": asdict(self.provenance),
         }
 
@@ -61,7 +64,11 @@ class ModelArtifact:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise ConfigError(f"unsupported artifact format_version {version!r}; expected {FORMAT_VERSION}")
-        return cls(model=DLRMConfig.from_dict(data["model"]), provenance=Provenance(**data["provenance"]))
+        return cls(
+            model=DLRMConfig.from_dict(data["model"]),
+            provenance=Provenance(**data["provenance"]),
+            preprocessing=Preprocessing(**data["preprocessing"]),
+        )
 
 
 def write_artifact(directory: Path, artifact: ModelArtifact, model: DLRM) -> None:
@@ -74,7 +81,7 @@ def read_artifact(directory: Path) -> ModelArtifact:
     path = directory / CONFIG_FILE
     try:
         return ModelArtifact.from_dict(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"cannot read model artifact {path}: {error}") from error
 
 

@@ -1,13 +1,26 @@
-"""The Criteo feature schema and how rows of features become TorchRec inputs.
+"""The Criteo feature schema and its preprocessing: one source of truth for training and serving.
 
 TorchRec's Criteo names are used unchanged (``int_0..int_12`` dense,
 ``cat_0..cat_25`` sparse) so that TorchRec's datasets, the trainer, the archive
 and the request decoder all agree on which column feeds which table.
+
+Raw Criteo values become model inputs like this (the DLRM reference's rules):
+
+- integer features: missing → 0, negative → 0, then ``log(x + 1)``;
+- categorical features: an 8-hex-digit string is read as an unsigned 32-bit
+  integer and mapped to row ``value % num_embeddings`` of its feature's table;
+  a missing (absent, null or empty) value maps to row ``missing_category_row``.
+
+The TSV reader, the trainer and the request decoder all call
+:class:`Preprocessing`, and the archive stores its settings next to the model
+config, so a served score equals the offline score of the same raw row.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +29,67 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 DENSE_FEATURE_NAMES: tuple[str, ...] = tuple(DEFAULT_INT_NAMES)
 SPARSE_FEATURE_NAMES: tuple[str, ...] = tuple(DEFAULT_CAT_NAMES)
+
+# Marks a missing categorical value in raw integer form (parsed hex values are >= 0).
+MISSING_CATEGORY = -1
+HEX_DIGITS = 8
+_HEX_VALUE = re.compile(r"[0-9a-fA-F]{8}")
+_HEX_RUN = re.compile(r"[0-9a-fA-F]*")
+
+
+class CategoryFormatError(ValueError):
+    """A categorical value is not 8 hex digits; ``index`` is its position in the parsed sequence."""
+
+    def __init__(self, index: int, value: object) -> None:
+        super().__init__(f"expected {HEX_DIGITS} hex digits, got {value!r}")
+        self.index = index
+        self.value = value
+
+
+def parse_categories(values: Sequence[str]) -> np.ndarray:
+    """Raw categorical strings → unsigned 32-bit integers (int64); ``""`` (missing) → ``MISSING_CATEGORY``.
+
+    Vectorised: one pass measures the strings, one regex pass validates them
+    joined, one ``bytes.fromhex`` decodes them; only an invalid input pays for a
+    search of the culprit.
+    """
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    present = lengths > 0
+    joined = "".join(values)
+    if (lengths[present] != HEX_DIGITS).any() or not _HEX_RUN.fullmatch(joined):
+        bad = next(i for i, value in enumerate(values) if value and not _HEX_VALUE.fullmatch(value))
+        raise CategoryFormatError(bad, values[bad])
+    parsed = np.full(len(values), MISSING_CATEGORY, dtype=np.int64)
+    parsed[present] = np.frombuffer(bytes.fromhex(joined), dtype=">u4")
+    return parsed
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Raw Criteo values → model inputs. Stored in every archive; see the module docstring for the rules."""
+
+    dense_transform: str = "log1p"
+    category_hashing: str = "hex-mod"
+    missing_category_row: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dense_transform != "log1p" or self.category_hashing != "hex-mod":
+            raise ValueError(
+                f"unsupported preprocessing {self.dense_transform!r}/{self.category_hashing!r}: "
+                "this version implements 'log1p' and 'hex-mod'"
+            )
+        if self.missing_category_row != 0:
+            raise ValueError("missing_category_row must be 0, the one row every table has")
+
+    def dense(self, raw: np.ndarray) -> np.ndarray:
+        """``(rows, 13)`` raw integers as float64 with NaN for missing → float32 model inputs."""
+        return np.log1p(np.clip(np.nan_to_num(raw, nan=0.0), 0.0, None)).astype(np.float32)
+
+    def category_rows(self, raw: np.ndarray, num_embeddings: Sequence[int]) -> np.ndarray:
+        """``(rows, 26)`` parsed categories (``MISSING_CATEGORY`` for missing) → table row indices."""
+        rows = raw % np.asarray(num_embeddings, dtype=np.int64)
+        rows[raw == MISSING_CATEGORY] = self.missing_category_row
+        return rows
 
 
 def rows_to_kjt(keys: Sequence[str], lengths: np.ndarray, values: np.ndarray) -> KeyedJaggedTensor:

@@ -108,3 +108,29 @@ def bad_requests(max_rows: int) -> list[BadRequest]:
             400, "id_out_of_range", "id_list_features.values", 1,
         ),
     ]  # fmt: skip
+
+
+def raw_row(**changes: Any) -> dict[str, Any]:
+    """A valid raw Criteo row (all 39 features present) with ``changes`` applied."""
+    base: dict[str, Any] = {f"int_{i}": i for i in range(13)}
+    base.update({f"cat_{i}": f"{0x05DB9164 + i:08x}" for i in range(26)})
+    base.update(changes)
+    return base
+
+
+def bad_raw_requests() -> list[BadRequest]:
+    return [
+        BadRequest("raw unknown key", _json(raw_row(int_13=1)), 400, "unknown_field", "int_13", 0),
+        BadRequest("raw float integer", _json(raw_row(int_3=1.5)), 400, "non_integer", "int_3", 0),
+        BadRequest("raw string integer", _json(raw_row(int_3="7")), 400, "non_integer", "int_3", 0),
+        BadRequest("raw boolean integer", _json(raw_row(int_0=True)), 400, "non_integer", "int_0", 0),
+        BadRequest("raw non-hex category", _json(raw_row(cat_7="05db916g")), 400, "invalid_category", "cat_7", 0),
+        BadRequest("raw short category", _json(raw_row(cat_7="5db9164")), 400, "invalid_category", "cat_7", 0),
+        BadRequest("raw numeric category", _json(raw_row(cat_2=98275684)), 400, "invalid_category", "cat_2", 0),
+        BadRequest("raw integer beyond int64", _json(raw_row(int_4=2**63)), 400, "non_finite", "int_4", 0),
+        BadRequest(
+            "raw reference row mixed in",
+            _json({"instances": [raw_row(), row()]}),
+            400, "unknown_field", "float_features", 1,
+        ),
+    ]  # fmt: skip

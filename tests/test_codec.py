@@ -6,7 +6,8 @@ import pytest
 
 from handler.codec import InvalidRequest, RequestDecoder, encode_error, encode_scores
 from model_factory.config import DEFAULT_PRESET, DLRMConfig, preset
-from tests.bad_requests import bad_requests, row
+from model_factory.features import Preprocessing
+from tests.bad_requests import bad_raw_requests, bad_requests, raw_row, row
 from tests.conftest import REPO_ROOT
 
 MAX_ROWS = 8
@@ -14,10 +15,10 @@ MAX_ROWS = 8
 
 @pytest.fixture(scope="module")
 def decoder(small_config: DLRMConfig) -> RequestDecoder:
-    return RequestDecoder(small_config, max_rows=MAX_ROWS)
+    return RequestDecoder(small_config, Preprocessing(), max_rows=MAX_ROWS)
 
 
-@pytest.mark.parametrize("case", bad_requests(MAX_ROWS), ids=lambda case: case.name)
+@pytest.mark.parametrize("case", bad_requests(MAX_ROWS) + bad_raw_requests(), ids=lambda case: case.name)
 def test_bad_requests_raise_the_documented_error(decoder: RequestDecoder, case) -> None:
     with pytest.raises(InvalidRequest) as raised:
         decoder.decode(case.body)
@@ -82,7 +83,9 @@ def test_ids_beyond_float32_precision_stay_exact() -> None:
     config = DLRMConfig(
         num_embeddings_per_feature=[2**40] * 26, embedding_dim=4, dense_arch_layer_sizes=[4], over_arch_layer_sizes=[1]
     )
-    request = RequestDecoder(config).decode(json.dumps(row(**{"id_list_features.values": [big] * 25 + [2**40 - 1]})))
+    request = RequestDecoder(config, Preprocessing()).decode(
+        json.dumps(row(**{"id_list_features.values": [big] * 25 + [2**40 - 1]}))
+    )
     assert request.values.tolist() == [big] * 25 + [2**40 - 1]
 
 
@@ -106,5 +109,24 @@ def test_encode_scores_shapes() -> None:
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "sample_data").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_samples_are_valid_for_the_default_model(path) -> None:
-    request = RequestDecoder(preset(DEFAULT_PRESET)).decode(path.read_bytes())
+    request = RequestDecoder(preset(DEFAULT_PRESET), Preprocessing()).decode(path.read_bytes())
     assert request.num_rows >= 1
+
+
+def test_raw_row_goes_through_the_shared_preprocessing(decoder: RequestDecoder, small_config: DLRMConfig) -> None:
+    body = raw_row(int_0=None, int_1=-3, int_2=0, int_3=9, cat_0="05DB9164", cat_1="", cat_2=None)
+    del body["cat_3"]  # absent means missing, like null and ""
+    request = decoder.decode(json.dumps(body))
+    assert request.single_row and request.num_rows == 1
+    np.testing.assert_allclose(request.dense[0, :4], [0.0, 0.0, 0.0, np.log(10)], rtol=1e-6)
+    np.testing.assert_allclose(request.dense[0, 4], np.log1p(4), rtol=1e-6)
+    assert request.lengths.tolist() == [[1] * 26]
+    assert request.values[:4].tolist() == [0x05DB9164 % 10_000, 0, 0, 0]
+    expected_cat_4 = (0x05DB9164 + 4) % small_config.num_embeddings_per_feature[4]
+    assert request.values[4] == expected_cat_4
+
+
+def test_raw_instances_and_empty_raw_row(decoder: RequestDecoder) -> None:
+    request = decoder.decode(json.dumps({"instances": [raw_row(), raw_row(int_0=5), {"cat_0": None}]}))
+    assert request.num_rows == 3 and not request.single_row
+    assert request.values[2 * 26 : 3 * 26].tolist() == [0] * 26  # all missing → row 0 of every table

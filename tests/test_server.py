@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import requests
 
+from handler.codec import RequestDecoder
 from scripts.server import TorchServeProcess
-from tests.bad_requests import bad_requests, row
+from tests.bad_requests import bad_raw_requests, bad_requests, raw_row, row
 from tests.conftest import REPO_ROOT, TEST_MAX_ROWS
 from tests.rows import offline_logits, random_row
 
@@ -64,6 +65,22 @@ def test_instances_come_back_in_order(predict, served_model) -> None:
     assert [p["logit"] for p in predictions] == pytest.approx(expected_logit(served_model, rows), abs=1e-5)
 
 
+def test_raw_rows_are_scored_like_their_preprocessed_form(predict, served_model) -> None:
+    """A raw row and the reference row holding its preprocessed values get the same score."""
+    _, artifact = served_model
+    raw = raw_row(int_1=None, cat_3="")
+    decoded = RequestDecoder(artifact.model, artifact.preprocessing).decode(raw)
+    reference = row(
+        float_features=decoded.dense[0].tolist(),
+        **{"id_list_features.lengths": [1] * 26, "id_list_features.values": decoded.values.tolist()},
+    )
+    raw_response = predict(json.dumps({"instances": [raw, raw_row()]}).encode())
+    assert raw_response.status_code == 200, raw_response.text
+    first = raw_response.json()["predictions"][0]["logit"]
+    assert first == predict(json.dumps(reference).encode()).json()["logit"]
+    assert first == pytest.approx(expected_logit(served_model, [reference])[0], abs=1e-5)
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_score(server, served_model) -> None:
     _, artifact = served_model
     rng = np.random.default_rng(7)
@@ -85,7 +102,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_score(server, ser
     assert batches < handled / 2, f"expected dynamic batching, got {batches} batches for {handled} requests"
 
 
-CASES = bad_requests(TEST_MAX_ROWS)
+CASES = bad_requests(TEST_MAX_ROWS) + bad_raw_requests()
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
