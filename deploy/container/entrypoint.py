@@ -1,0 +1,109 @@
+"""Container entry point: apply the DLRM_* settings of the environment to the model archive, then run TorchServe.
+
+TorchServe 0.12 takes workers and batching from the archive's model-config.yaml, and
+those win over config.properties and over every TS_* variable (for instance
+TS_DEFAULT_WORKERS_PER_MODEL does nothing for an archive that sets minWorkers). So the
+settings an operator chooses at `docker run` time are written into a copy of the archive
+before TorchServe starts; without any of them the image's archive is served as built.
+
+    DLRM_WORKERS          worker processes (minWorkers = maxWorkers)
+    DLRM_THREADS          torch threads per worker (default: usable cores / workers)
+    DLRM_BATCH_SIZE       requests TorchServe batches into one forward pass
+    DLRM_MAX_BATCH_DELAY  milliseconds TorchServe waits to fill a batch
+
+TS_* variables override config.properties as usual (enable_envvars_config=true), e.g.
+TS_INFERENCE_ADDRESS, which the image sets to http://0.0.0.0:8080.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARCHIVE = Path("/opt/dlrm/model_store/dlrm.mar")
+MANIFEST = "MAR-INF/MANIFEST.json"
+MINIMUM = {"DLRM_WORKERS": 1, "DLRM_THREADS": 1, "DLRM_BATCH_SIZE": 1, "DLRM_MAX_BATCH_DELAY": 0}
+
+
+def settings_from(environ: Mapping[str, str]) -> dict[str, int]:
+    """The DLRM_* settings present in ``environ``; exits with a message naming a bad one."""
+    settings = {}
+    for name, minimum in MINIMUM.items():
+        text = environ.get(name, "").strip()
+        if not text:
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            sys.exit(f"{name} must be an integer >= {minimum}, got {text!r}")
+        settings[name] = value
+    return settings
+
+
+def apply(model_yaml: dict[str, Any], settings: Mapping[str, int]) -> dict[str, Any]:
+    """``model_yaml`` (the archive's model-config.yaml) with ``settings`` applied."""
+    updated = {**model_yaml, "handler": dict(model_yaml.get("handler") or {})}
+    if "DLRM_WORKERS" in settings:
+        updated["minWorkers"] = updated["maxWorkers"] = settings["DLRM_WORKERS"]
+    if "DLRM_BATCH_SIZE" in settings:
+        updated["batchSize"] = settings["DLRM_BATCH_SIZE"]
+    if "DLRM_MAX_BATCH_DELAY" in settings:
+        updated["maxBatchDelay"] = settings["DLRM_MAX_BATCH_DELAY"]
+    if "DLRM_THREADS" in settings:
+        updated["handler"]["num_threads"] = settings["DLRM_THREADS"]
+    return updated
+
+
+def rewrite_archive(source: Path, destination: Path, settings: Mapping[str, int]) -> dict[str, Any]:
+    """Copy the archive ``source`` to ``destination`` with ``settings`` applied to its model-config.yaml.
+
+    The other entries are streamed, so a large archive costs disk and time but not memory.
+    """
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(destination, "w") as copy:
+        config_name = json.loads(original.read(MANIFEST))["model"].get("configFile", "model-config.yaml")
+        model_yaml = apply(yaml.safe_load(original.read(config_name)) or {}, settings)
+        for entry in original.infolist():
+            if entry.filename == config_name:
+                copy.writestr(copied_info(entry), yaml.safe_dump(model_yaml, sort_keys=False))
+                continue
+            with original.open(entry) as reader, copy.open(copied_info(entry), "w") as writer:
+                shutil.copyfileobj(reader, writer, 1 << 20)
+    return model_yaml
+
+
+def copied_info(entry: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    """A new header for ``entry`` (writing mutates a ZipInfo, and ``entry`` still describes the original)."""
+    info = zipfile.ZipInfo(entry.filename, entry.date_time)
+    info.compress_type = entry.compress_type
+    info.external_attr = entry.external_attr
+    info.file_size = entry.file_size  # lets zipfile choose ZIP64 for entries over 2 GiB
+    return info
+
+
+def main() -> None:
+    model_store = ARCHIVE.parent
+    settings = settings_from(os.environ)
+    if settings:
+        model_store = Path(tempfile.mkdtemp(prefix="dlrm-model-store-"))
+        model_yaml = rewrite_archive(ARCHIVE, model_store / ARCHIVE.name, settings)
+        print(f"serving {ARCHIVE.name} with {json.dumps(model_yaml)}", flush=True)
+    command = [
+        "torchserve", "--start", "--foreground", "--ncs",
+        "--model-store", str(model_store), "--models", f"dlrm={ARCHIVE.name}",
+    ]  # fmt: skip
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    main()
