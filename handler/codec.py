@@ -46,6 +46,8 @@ INSTANCES_FIELD = "instances"
 ROW_FIELDS = (DENSE_FIELD, LENGTHS_FIELD, VALUES_FIELD)
 
 DEFAULT_MAX_ROWS = 4096
+# Longest echo of client input in an error body.
+_MAX_ECHO = 200
 
 _NUMBER_TYPES = {int, float}
 _INT_TYPES = {int}
@@ -77,12 +79,17 @@ class InvalidRequest(Exception):
         self.got = got
 
     def to_body(self) -> dict[str, Any]:
-        """TorchServe's error shape (code, type, message) plus where the problem is."""
-        body: dict[str, Any] = {"code": self.status, "type": self.kind, "message": self.message}
+        """TorchServe's error shape (code, type, message) plus where the problem is.
+
+        ``expected`` and ``got`` echo client input, so anything but a plain JSON
+        scalar that orjson can encode (an integer beyond 64 bits, a nested value)
+        is sent back as a short string: the error response itself must never fail.
+        """
+        body: dict[str, Any] = {"code": self.status, "type": self.kind, "message": _shorten(self.message)}
         for key in ("field", "row", "expected", "got"):
             value = getattr(self, key)
             if value is not None:
-                body[key] = value
+                body[key] = value if _is_encodable_scalar(value) else _shorten(repr(value))
         return body
 
 
@@ -448,6 +455,16 @@ def encode_scores(logits: list[float], scores: list[float], single_row: bool) ->
 
 def encode_error(error: InvalidRequest) -> bytes:
     return orjson.dumps(error.to_body())
+
+
+def _is_encodable_scalar(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _fits_int64(value)
+    return isinstance(value, (str, float, bool)) and len(str(value)) <= _MAX_ECHO
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _MAX_ECHO else text[: _MAX_ECHO - 3] + "..."
 
 
 def _fits_int64(value: int) -> bool:

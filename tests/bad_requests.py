@@ -68,6 +68,10 @@ def bad_requests(max_rows: int) -> list[BadRequest]:
             "id_list_features.lengths", 0,
         ),
         BadRequest(
+            "lengths beyond 64 bits", _json(row(**{"id_list_features.lengths": [2**64 - 1] * 26})), 400,
+            "length_mismatch", "id_list_features.values", 0,
+        ),
+        BadRequest(
             "lengths/values mismatch", _json(row(**{"id_list_features.values": [0] * 25})), 400,
             "length_mismatch", "id_list_features.values", 0,
         ),
