@@ -1,0 +1,182 @@
+"""Soak test: a long steady load must give no errors and leave the worker's memory flat.
+
+    python -m bench.soak                                   # 10 minutes of single-row requests at concurrency 32
+    python -m bench.soak --duration 120 --concurrency 32   # a 2-minute check
+
+Builds the default archive (``build_mar.py`` without options: the archive the image
+ships, batch 32 and 5 ms delay), serves it with the shipped ``config.properties`` on
+free loopback ports (scripts.server), warms up, then keeps ``concurrency`` connections
+busy with single-row requests (bench.workload: Criteo-like rows, ids spread over the
+tables) for ``duration`` seconds.
+
+The load generator is wrk (Debian package ``wrk``) with bench/wrk_post.lua: one C event
+loop drives 32 keep-alive connections at the server's full rate for a fraction of a core.
+32 Python client threads would need about a core of their own on a 2-core machine,
+measuring the client as much as the server.
+
+It passes with 0 errors (HTTP status >= 400, socket errors and timeouts) and worker RSS
+growing by less than 5 % from the end of the warm-up to the end of the run. RSS is
+measured after the warm-up because the first requests grow the allocator's arenas,
+which is not a leak; it is sampled every 10 s meanwhile, and the worker's pid must not
+change (a restarted worker would hide a leak). The result goes to
+``bench/results/soak-<time>.json``; the exit status is 1 when it fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.environment import machine, versions
+from bench.load import CpuMeter, post, run_wrk
+from bench.workload import DISTINCT_ROWS, criteo_like_rows, request_bodies, write_bodies
+from model_factory.config import DEFAULT_PRESET, preset
+from scripts.server import REPO_ROOT, TorchServeProcess
+
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+MAX_RSS_GROWTH = 0.05
+SAMPLE_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    seconds: float  # since the measured run started
+    worker_rss_mib: float
+    frontend_rss_mib: float
+
+
+class MemorySampler:
+    """Samples the worker's and the Java frontend's RSS every ``SAMPLE_EVERY_S`` while a run goes on."""
+
+    def __init__(self, server: TorchServeProcess, worker_pid: int) -> None:
+        assert server.process is not None, "the server is started"
+        self.worker = psutil.Process(worker_pid)
+        self.frontend = next(p for p in psutil.Process(server.process.pid).children() if p.name() == "java")
+        self.samples: list[MemorySample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = time.monotonic()
+
+    def sample(self) -> MemorySample:
+        return MemorySample(
+            seconds=round(time.monotonic() - self._start, 1),
+            worker_rss_mib=round(self.worker.memory_info().rss / 2**20, 2),
+            frontend_rss_mib=round(self.frontend.memory_info().rss / 2**20, 2),
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            self.samples.append(self.sample())
+
+    def __enter__(self) -> MemorySampler:
+        self.samples.append(self.sample())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self.sample())
+
+
+def build_default_archive(store: Path) -> Path:
+    store.mkdir(parents=True, exist_ok=True)
+    archive = store / "dlrm.mar"
+    command = [sys.executable, str(REPO_ROOT / "build_mar.py"), "--output", str(archive)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if completed.returncode != 0:
+        sys.exit(f"build_mar.py failed:\n{completed.stdout}\n{completed.stderr}")
+    return archive
+
+
+def soak(duration: int, concurrency: int, warmup: int, workdir: Path) -> dict[str, Any]:
+    store = workdir / "model_store"
+    build_default_archive(store)
+    bodies = request_bodies(criteo_like_rows(preset(DEFAULT_PRESET), DISTINCT_ROWS), 1)
+    bodies_file = write_bodies(bodies, workdir / "bodies.jsonl")
+    server = TorchServeProcess(store, "dlrm=dlrm.mar", workdir / "torchserve")
+    try:
+        server.start()
+        server.wait_ready()
+        url = f"{server.endpoints.inference}/predictions/dlrm"
+        answer = post(url, bodies[0])
+        if answer.status_code != 200:
+            sys.exit(f"the server refused a soak body: {answer.status_code} {answer.text[:300]}")
+        (worker_pid,) = server.worker_pids()
+        print(f"warm-up: {warmup} s at concurrency {concurrency}", flush=True)
+        run_wrk(url, bodies_file, concurrency, warmup)
+        print(f"soak: {duration} s at concurrency {concurrency}", flush=True)
+        assert server.process is not None
+        meter = CpuMeter(server.process.pid)
+        with MemorySampler(server, worker_pid) as memory:
+            result = run_wrk(url, bodies_file, concurrency, duration)
+        other_cores, steal_cores = meter.stop()
+        worker_pids_after = server.worker_pids()
+    finally:
+        server.stop()
+    errors = result["errors"]
+    error_count = errors["status"] + errors["connect"] + errors["read"] + errors["write"] + errors["timeout"]
+    start, end = memory.samples[0], memory.samples[-1]
+    growth = end.worker_rss_mib / start.worker_rss_mib - 1
+    seconds = result["duration_us"] / 1e6
+    return {
+        "kind": "soak",
+        "passed": error_count == 0 and growth < MAX_RSS_GROWTH and worker_pids_after == [worker_pid],
+        "duration_s": round(seconds, 1),
+        "warmup_s": warmup,
+        "concurrency": concurrency,
+        "requests": result["requests"],
+        "req_per_s": round(result["requests"] / seconds, 1),
+        "latency_ms": {name: round(value / 1e3, 2) for name, value in result["latency_us"].items()},
+        "errors": error_count,
+        "error_detail": errors,
+        "worker_rss_mib": {"start": start.worker_rss_mib, "end": end.worker_rss_mib},
+        "worker_rss_growth": round(growth, 4),
+        "frontend_rss_mib": {"start": start.frontend_rss_mib, "end": end.frontend_rss_mib},
+        "worker_restarted": worker_pids_after != [worker_pid],
+        "memory_timeline": [asdict(sample) for sample in memory.samples],
+        "other_cpu_cores": round(other_cores, 2),
+        "steal_cores": round(steal_cores, 2),
+        "machine": machine(),
+        "versions": versions(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=600, help="seconds of measured load (default: 600)")
+    parser.add_argument("--concurrency", type=int, default=32, help="connections kept busy (default: 32)")
+    parser.add_argument("--warmup", type=int, default=30, help="seconds of load before measuring (default: 30)")
+    parser.add_argument("--output", type=Path, help="result file (default: bench/results/soak-<time>.json)")
+    args = parser.parse_args()
+    started = datetime.now()
+    with tempfile.TemporaryDirectory(prefix="dlrm-soak-") as workdir:
+        document = {"started": started.isoformat(timespec="seconds")} | soak(
+            args.duration, args.concurrency, args.warmup, Path(workdir)
+        )
+    output = args.output or RESULTS_DIR / f"soak-{started:%Y%m%d-%H%M%S}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, indent=2))
+    rss, verdict = document["worker_rss_mib"], "PASSED" if document["passed"] else "FAILED"
+    print(
+        f"{verdict}: {document['requests']} requests in {document['duration_s']} s "
+        f"({document['req_per_s']} req/s, p99 {document['latency_ms']['p99']} ms), {document['errors']} errors, "
+        f"worker RSS {rss['start']} -> {rss['end']} MiB ({document['worker_rss_growth']:+.2%}), "
+        f"restarted: {document['worker_restarted']}\nresult: {output}"
+    )
+    sys.exit(0 if document["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Property-based fuzzing of the request decoder: any body gives a valid request or a 4xx, nothing else.
+
+12,000 generated bodies per run (the ``max_examples`` below), the same ones on
+every run (derandomized, no example database): valid bodies in both row formats,
+near-valid ones (a valid body with one to three structural mutations: keys
+dropped or added, counts changed, ids replaced by floats, strings, negative or
+huge numbers, NaN-like tokens), byte-level corruptions of valid bodies,
+arbitrary JSON and arbitrary bytes.
+
+Every body is judged twice: by the decoder, and by :func:`expected_status`, an
+oracle written from the contract in the README rather than from the codec. They
+must agree on accept/reject and on the status; a rejection must be an
+:class:`InvalidRequest` whose JSON error body can be encoded (the server sends
+it), and an acceptance must satisfy the invariants the model relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+from typing import Any
+
+import numpy as np
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from handler.codec import DecodedRequest, InvalidRequest, RequestDecoder, encode_error
+from model_factory.config import preset
+from model_factory.features import Preprocessing
+from tests.rows import random_row
+
+CONFIG = preset("small")
+MAX_ROWS = 4
+DECODER = RequestDecoder(CONFIG, Preprocessing(), max_rows=MAX_ROWS)
+TABLE_SIZES = CONFIG.num_embeddings_per_feature
+DENSE_NAMES = CONFIG.dense_feature_names
+SPARSE_NAMES = CONFIG.sparse_feature_names
+NUM_DENSE, NUM_SPARSE = len(DENSE_NAMES), len(SPARSE_NAMES)
+# The reference format's keys, spelled out here (not imported) so that the oracle stays independent.
+REFERENCE_KEYS = ("float_features", "id_list_features.lengths", "id_list_features.values")
+HEX = set(string.hexdigits)
+
+
+def fuzz_settings(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+# ---------------------------------------------------------------- the oracle
+
+
+def expected_status(body: bytes) -> int | None:
+    """None when the contract accepts ``body``, else the 4xx status it must get."""
+    if not body:
+        return 415
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return 400
+    if not isinstance(payload, dict):
+        return 400
+    if "instances" not in payload:
+        rows = [payload]
+    else:
+        rows = payload["instances"]
+        if set(payload) != {"instances"} or not isinstance(rows, list) or not rows:
+            return 400
+        if len(rows) > MAX_ROWS:
+            return 413
+    valid_row = valid_raw_row if is_raw_row(rows[0]) else valid_reference_row
+    return None if all(valid_row(row) for row in rows) else 400
+
+
+def is_raw_row(row: Any) -> bool:
+    """A raw Criteo row uses feature names as keys and none of the reference format's keys."""
+    return (
+        isinstance(row, dict)
+        and not any(key in row for key in REFERENCE_KEYS)
+        and any(key in row for key in (*DENSE_NAMES, *SPARSE_NAMES))
+    )
+
+
+def is_int(value: Any) -> bool:
+    return type(value) is int  # JSON integers only: not booleans, not 3.0
+
+
+def finite_in_float32(value: Any) -> bool:
+    if type(value) not in (int, float):
+        return False
+    try:
+        wide = float(value)
+    except OverflowError:
+        return False
+    # float32's largest finite value is (2 - 2**-23) * 2**127; halfway to 2**128 and beyond rounds to infinity.
+    return math.isfinite(wide) and abs(wide) < 2.0**128 - 2.0**103
+
+
+def valid_reference_row(row: Any) -> bool:
+    if not isinstance(row, dict) or set(row) != set(REFERENCE_KEYS):
+        return False
+    dense, lengths, values = (row[key] for key in REFERENCE_KEYS)
+    if not isinstance(dense, list) or len(dense) != NUM_DENSE or not all(map(finite_in_float32, dense)):
+        return False
+    if not isinstance(lengths, list) or len(lengths) != NUM_SPARSE:
+        return False
+    if not all(is_int(n) and n >= 0 for n in lengths):
+        return False
+    if not isinstance(values, list) or not all(map(is_int, values)) or len(values) != sum(lengths):
+        return False
+    features = [feature for feature, n in enumerate(lengths) for _ in range(n)]
+    return all(0 <= value < TABLE_SIZES[feature] for value, feature in zip(values, features, strict=True))
+
+
+def valid_raw_row(row: Any) -> bool:
+    if not isinstance(row, dict) or not set(row) <= {*DENSE_NAMES, *SPARSE_NAMES}:
+        return False
+    ints_ok = all(
+        row.get(name) is None or (is_int(row[name]) and -(2**63) <= row[name] < 2**63) for name in DENSE_NAMES
+    )
+    categories_ok = all(
+        row.get(name) in (None, "") or (type(row[name]) is str and len(row[name]) == 8 and set(row[name]) <= HEX)
+        for name in SPARSE_NAMES
+    )
+    return ints_ok and categories_ok
+
+
+# ---------------------------------------------------------------- the check
+
+
+def check(body: bytes) -> None:
+    status = expected_status(body)
+    try:
+        request = DECODER.decode(body)
+    except InvalidRequest as error:
+        assert status is not None, f"a valid body was refused: {error.to_body()}\n{body[:500]!r}"
+        assert error.status == status, f"expected {status}, got {error.to_body()}\n{body[:500]!r}"
+        sent = orjson.loads(encode_error(error))
+        assert sent["code"] == status and sent["type"] == error.kind and sent["message"]
+        return
+    assert status is None, f"an invalid body was accepted (expected {status}):\n{body[:500]!r}"
+    check_invariants(request, orjson.loads(body))
+
+
+def check_invariants(request: DecodedRequest, payload: dict) -> None:
+    rows = payload.get("instances", [payload])
+    n = len(rows)
+    assert request.single_row == ("instances" not in payload)
+    assert request.num_rows == n
+    assert request.dense.shape == (n, NUM_DENSE) and request.dense.dtype == np.float32
+    assert np.isfinite(request.dense).all()
+    assert request.lengths.shape == (n, NUM_SPARSE) and request.lengths.dtype == np.int64
+    assert (request.lengths >= 0).all()
+    assert request.values.ndim == 1 and request.values.dtype == np.int64
+    assert request.values.size == request.lengths.sum()
+    feature_of_id = np.repeat(np.tile(np.arange(NUM_SPARSE), n), request.lengths.ravel())
+    assert ((request.values >= 0) & (request.values < np.asarray(TABLE_SIZES)[feature_of_id])).all()
+    if is_raw_row(rows[0]):
+        assert (request.lengths == 1).all() and (request.dense >= 0).all()
+    else:  # exact: ids and lengths as sent, dense values as their float32 rounding
+        assert request.lengths.tolist() == [row["id_list_features.lengths"] for row in rows]
+        assert request.values.tolist() == [v for row in rows for v in row["id_list_features.values"]]
+        assert request.dense.tolist() == np.array([row["float_features"] for row in rows], np.float32).tolist()
+
+
+# ---------------------------------------------------------------- generators
+# Bodies come from a NumPy generator seeded by Hypothesis (element-wise Hypothesis draws cost 5-10x the
+# time); they are functions of a seed so that tests/test_reliability.py sends the same kinds of bodies.
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+def raw_row(rng: np.random.Generator) -> dict[str, Any]:
+    """A valid raw Criteo row: each feature absent, null, or a value (empty strings for categories too)."""
+    row: dict[str, Any] = {DENSE_NAMES[0]: int(rng.integers(-(2**63), 2**63 - 1))}  # an empty row is not raw
+    for name in DENSE_NAMES[1:]:
+        choice = rng.integers(3)
+        if choice:
+            row[name] = None if choice == 1 else int(rng.integers(-(2**63), 2**63 - 1))
+    for name in SPARSE_NAMES:
+        choice = rng.integers(4)
+        if choice:
+            row[name] = [None, "", rng.bytes(4).hex()][choice - 1]
+    return row
+
+
+def valid_payload(rng: np.random.Generator) -> dict[str, Any]:
+    """One row or 1..MAX_ROWS ``instances``, all in the reference format or all raw."""
+    make_row = (lambda: random_row(CONFIG, rng)) if rng.integers(2) else (lambda: raw_row(rng))
+    if rng.integers(2):
+        return make_row()
+    return {"instances": [make_row() for _ in range(rng.integers(1, MAX_ROWS + 1))]}
+
+
+# Edge numbers: around 0 and the small tables' sizes, int64/uint64 limits, float32/float64 limits.
+EDGE_NUMBERS = [-1, 0, 1, 34, 35, 9999, 10000, 2**31, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), -(2**63) - 1]
+EDGE_NUMBERS += [3.0, -0.0, 0.5, 3.4028234e38, 3.4028236e38, 1e39, 1e300, -1e300, 5e-324]
+NAN_LIKE = ["NaN", "Infinity", "-Infinity", "1", "", "05db9164", "05DB9164", "0x05db91", "05db916g"]
+EXTRA_KEYS = ["instances", "extra", *REFERENCE_KEYS, DENSE_NAMES[3], SPARSE_NAMES[25]]
+
+
+def nasty_value(rng: np.random.Generator) -> Any:
+    """What a mutation puts in place of a value: mostly edge numbers, else any number, a wrong JSON type,
+    a NaN-like or hex string, or a container."""
+    kind = rng.integers(8)
+    if kind < 3:
+        return EDGE_NUMBERS[rng.integers(len(EDGE_NUMBERS))]
+    if kind == 3:
+        return int.from_bytes(rng.bytes(9), "big", signed=True) >> int(rng.integers(0, 72))
+    if kind == 4:
+        return float(rng.normal(0, 10.0 ** rng.integers(-300, 300)))
+    if kind == 5:
+        return [None, True, False, "".join(map(chr, rng.integers(1, 0x3000, rng.integers(0, 8))))][rng.integers(4)]
+    if kind == 6:
+        return NAN_LIKE[rng.integers(len(NAN_LIKE))]
+    return [{}, [[1]], [None], [int(i) for i in rng.integers(-5, 5, rng.integers(0, 30))]][rng.integers(4)]
+
+
+def mutated(rng: np.random.Generator, value: Any) -> Any:
+    """``value`` with one change at a random place in its tree: a key or element dropped, added or replaced."""
+    if isinstance(value, dict) and value and rng.integers(4):
+        key = sorted(value)[rng.integers(len(value))]
+        return {**value, key: mutated(rng, value[key])}
+    if isinstance(value, list) and value and rng.integers(4):
+        index = int(rng.integers(len(value)))
+        return [*value[:index], mutated(rng, value[index]), *value[index + 1 :]]
+    change = rng.integers(3) if isinstance(value, (dict, list)) and value else 2
+    if isinstance(value, dict) and change == 0:
+        key = sorted(value)[rng.integers(len(value))]
+        return {k: v for k, v in value.items() if k != key}
+    if isinstance(value, dict) and change == 1:
+        return {**value, EXTRA_KEYS[rng.integers(len(EXTRA_KEYS))]: nasty_value(rng)}
+    if isinstance(value, list) and change == 0:
+        index = int(rng.integers(len(value)))
+        return value[:index] + value[index + 1 :]
+    if isinstance(value, list) and change == 1:
+        return [*value, value[-1] if rng.integers(2) else nasty_value(rng)]
+    return nasty_value(rng)
+
+
+def near_valid_body(seed: int) -> bytes:
+    """A valid body after one to three mutations (serialized by the json module: huge integers stay
+    exact, NaN becomes the token NaN)."""
+    rng = np.random.default_rng(seed)
+    payload = valid_payload(rng)
+    for _ in range(rng.integers(1, 4)):
+        payload = mutated(rng, payload)
+    return json.dumps(payload).encode()
+
+
+def corrupted_body(seed: int) -> bytes:
+    """A valid body with one to three runs of bytes deleted, inserted or overwritten."""
+    rng = np.random.default_rng(seed)
+    body = bytearray(json.dumps(valid_payload(rng)).encode())
+    for _ in range(rng.integers(1, 4)):
+        position = int(rng.integers(len(body) + 1))
+        junks = [b"NaN", b"1e999", b"-", b",", b"]", b"}", b'"', b"\\u0000", rng.bytes(int(rng.integers(1, 5)))]
+        junk = junks[rng.integers(len(junks))]
+        change = rng.integers(3)
+        if change == 0:
+            del body[position : position + len(junk)]
+        elif change == 1:
+            body[position:position] = junk
+        else:
+            body[position : position + len(junk)] = junk
+    return bytes(body)
+
+
+def random_json(rng: np.random.Generator, depth: int = 0) -> Any:
+    """Any JSON value: scalars of every type (huge integers included) in lists and objects up to 3 deep."""
+    kind = rng.integers(8 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return bool(rng.integers(2))
+    if kind == 2:
+        return float(rng.normal(0, 10.0 ** rng.integers(-5, 300)))
+    if kind == 3:
+        return int(rng.integers(-(2**62), 2**62)) * int(rng.choice([1, 2**8, 2**64]))
+    if kind in (4, 5):
+        return str(rng.choice(["", "instances", "float_features", "int_0", "cat_0", "05db9164", "NaN", "é"]))
+    if kind == 6:
+        return [random_json(rng, depth + 1) for _ in range(rng.integers(0, 5))]
+    keys = ["instances", "extra", "int_1", "cat_2", *REFERENCE_KEYS]
+    return {str(rng.choice(keys)): random_json(rng, depth + 1) for _ in range(rng.integers(0, 5))}
+
+
+def random_json_body(seed: int) -> bytes:
+    return json.dumps(random_json(np.random.default_rng(seed))).encode()
+
+
+# ---------------------------------------------------------------- the properties (12,000 bodies)
+
+
+@fuzz_settings(2_000)
+@given(seeds.map(lambda seed: json.dumps(valid_payload(np.random.default_rng(seed))).encode()))
+def test_valid_bodies_decode_exactly(body: bytes) -> None:
+    assert expected_status(body) is None
+    check(body)
+
+
+@fuzz_settings(5_000)
+@given(seeds.map(near_valid_body))
+def test_near_valid_bodies_decode_or_get_the_right_4xx(body: bytes) -> None:
+    check(body)
+
+
+@fuzz_settings(2_000)
+@given(seeds.map(corrupted_body))
+def test_corrupted_bytes_decode_or_get_the_right_4xx(body: bytes) -> None:
+    check(body)
+
+
+@fuzz_settings(1_500)
+@given(seeds.map(random_json_body))
+def test_arbitrary_json_gets_a_4xx_or_decodes(body: bytes) -> None:
+    check(body)
+
+
+@fuzz_settings(1_500)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_get_a_4xx_or_decode(body: bytes) -> None:
+    check(body)

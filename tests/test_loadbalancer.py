@@ -1,0 +1,293 @@
+"""The shipped load balancer (deploy/nginx) in front of two real TorchServe replicas, and the deploy manifests.
+
+nginx runs as a plain foreground process with its own prefix (scripts.loadbalancer),
+configured from the same template as the container; only the replica addresses and
+the listening port differ. A replica is killed the hard way (SIGKILL to its whole
+process group: frontend and worker) while clients keep sending predictions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from scripts.load import SteadyLoad
+from scripts.loadbalancer import LISTEN, UPSTREAM, NginxProcess, nginx_path, render_site
+from scripts.server import LOOPBACK, TorchServeProcess, free_port
+from tests.conftest import REPO_ROOT
+from tests.test_server import prometheus_counter
+
+# Without nginx these tests are skipped on a workstation, and fail in CI (CI=true), where .ci/run installs it.
+needs_nginx = pytest.mark.skipif(
+    nginx_path() is None and not os.environ.get("CI"), reason="nginx is not installed (apt-get install nginx)"
+)
+
+SAMPLE = (REPO_ROOT / "sample_data" / "sample_data.json").read_bytes()
+DEPLOY = REPO_ROOT / "deploy"
+MODEL = "dlrm=dlrm.mar"
+
+
+def start_all(instances: list[TorchServeProcess]) -> None:
+    """Start together, then wait: the replicas load their models in parallel."""
+    for instance in instances:
+        instance.start()
+    for instance in instances:
+        instance.wait_ready()
+
+
+def stop_all(instances: list[TorchServeProcess]) -> None:
+    with ThreadPoolExecutor(len(instances)) as pool:
+        list(pool.map(TorchServeProcess.stop, instances))
+
+
+@pytest.fixture(scope="module")
+def replicas(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[TorchServeProcess]]:
+    """Two replicas for the module. The fail-over test replaces one with its restart: whatever the
+    list holds at the end is stopped."""
+    workdir = tmp_path_factory.mktemp("replicas")
+    instances = [TorchServeProcess(model_store, MODEL, workdir / f"replica{i}") for i in range(2)]
+    try:
+        start_all(instances)
+        yield instances
+    finally:
+        stop_all(instances)
+
+
+@pytest.fixture(scope="module")
+def balancer(replicas: list[TorchServeProcess], tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxProcess]:
+    upstreams = [f"{LOOPBACK}:{replica.endpoints.ports.inference}" for replica in replicas]
+    with NginxProcess(upstreams, tmp_path_factory.mktemp("nginx")) as nginx:
+        yield nginx
+
+
+def handled(replica: TorchServeProcess) -> int:
+    """Predictions this replica's handler has answered (its DLRMRequests counter)."""
+    return int(prometheus_counter(replica, "DLRMRequests"))
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether ``condition`` holds within ``timeout``: the handler's counters reach the metrics API a
+    moment after the response (the worker logs them, the frontend parses the log)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def access_log(nginx: NginxProcess) -> list[str]:
+    return nginx.access_log.read_text().splitlines()
+
+
+@needs_nginx
+def test_requests_are_spread_over_both_replicas(balancer: NginxProcess, replicas: list[TorchServeProcess]) -> None:
+    before = [handled(replica) for replica in replicas]
+    with SteadyLoad(f"{balancer.url}/predictions/dlrm", SAMPLE, clients=8) as load:
+        load.wait_for(lambda outcomes: len(outcomes) >= 200, timeout=60)
+    outcomes = load.outcomes()
+    assert all(outcome.ok for outcome in outcomes), [o for o in outcomes if not o.ok][:3]
+
+    def served() -> list[int]:
+        return [handled(replica) - start for replica, start in zip(replicas, before, strict=True)]
+
+    assert eventually(lambda: sum(served()) == len(outcomes)), "each prediction reached exactly one replica"
+    counts = served()
+    assert min(counts) >= 0.25 * sum(counts), f"least_conn should spread the load evenly, got {counts}"
+
+
+@needs_nginx
+def test_body_over_4_mib_is_refused_by_nginx(balancer: NginxProcess) -> None:
+    log_start = len(access_log(balancer))
+    response = requests.post(
+        f"{balancer.url}/predictions/dlrm",
+        data=b'{"instances": [' + b" " * (4 * 2**20) + b"]}",
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 413
+    # nginx logs the request once it has drained the body it refused, a moment after answering.
+    assert eventually(
+        lambda: any(" 413 " in line and " upstream=- " in line for line in access_log(balancer)[log_start:])
+    ), "nginx itself refused the body, without passing it to a replica"
+
+
+@needs_nginx
+def test_only_the_inference_api_is_proxied(balancer: NginxProcess) -> None:
+    assert requests.get(f"{balancer.url}/ping", timeout=10).json()["status"] == "Healthy"
+    for path in ("/models", "/models/dlrm", "/metrics", "/api-description"):
+        response = requests.get(f"{balancer.url}{path}", timeout=10)
+        assert response.status_code == 404, path
+        assert response.json()["type"] == "not_found"
+
+
+@needs_nginx
+def test_replica_killed_under_load_loses_no_request_and_comes_back(
+    balancer: NginxProcess, replicas: list[TorchServeProcess], model_store: Path, tmp_path: Path
+) -> None:
+    """Runs after the tests that need both original replicas; leaves the restarted one in ``replicas``."""
+    victim = replicas[1]
+    log_start = len(access_log(balancer))
+    with SteadyLoad(f"{balancer.url}/predictions/dlrm", SAMPLE, clients=16) as load:
+        load.wait_for(lambda outcomes: sum(o.ok for o in outcomes) >= 100, timeout=60)
+        assert handled(victim) > 0
+        os.killpg(victim.process.pid, signal.SIGKILL)
+        victim.stop()  # reaps the group
+        after_kill = len(load.outcomes())
+        load.wait_for(lambda outcomes: len(outcomes) >= after_kill + 300, timeout=60)
+
+        # The same ports, as an orchestrator restarting the replica would give it.
+        restarted = TorchServeProcess(model_store, MODEL, tmp_path / "replica1-restarted", ports=victim.endpoints.ports)
+        replicas[1] = restarted
+        start_all([restarted])
+        # nginx takes a replica back once fail_timeout (10 s) has passed since its last failure.
+        load.wait_for(lambda _: handled(restarted) >= 20, timeout=60)
+    outcomes = load.outcomes()
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    assert not failed, f"{len(failed)} of {len(outcomes)} requests failed, e.g. {failed[:3]}"
+    retried = [line for line in access_log(balancer)[log_start:] if re.search(r"upstream=\S+, ", line)]
+    assert retried, "no request was retried on the other replica: the kill did not hit in-flight traffic"
+    slowest = max(outcome.finished - outcome.started for outcome in outcomes)
+    print(f"\nfail-over: {len(outcomes)} requests, 0 failed, {len(retried)} retried, slowest {slowest:.2f} s")
+
+
+class WorkerDiesOnce(BaseHTTPRequestHandler):
+    """Answers the first request the way TorchServe does when the worker dies under it, later ones with 200."""
+
+    protocol_version = "HTTP/1.1"
+    first_status = 507
+    bodies: list[bytes] = []
+
+    def do_POST(self) -> None:
+        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        status = self.first_status if len(self.bodies) == 1 else 200
+        reply = b'{"code": %d, "type": "InternalServerException", "message": "Worker died."}' % status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@needs_nginx
+@pytest.mark.parametrize("status", [500, 507])
+def test_worker_died_response_is_sent_again(status: int, tmp_path: Path) -> None:
+    """TorchServe answers a batch whose worker died with 507 or 500 "Worker died." (which of the two depends
+    on timing, see test_reliability.py); a stand-in replica gives that answer deterministically."""
+    handler = type("Handler", (WorkerDiesOnce,), {"first_status": status, "bodies": []})
+    replica = ThreadingHTTPServer((LOOPBACK, 0), handler)
+    thread = threading.Thread(target=replica.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with NginxProcess([f"{LOOPBACK}:{replica.server_port}"], tmp_path / "nginx") as nginx:
+            response = requests.post(
+                f"{nginx.url}/predictions/dlrm", data=SAMPLE, headers={"Content-Type": "application/json"}, timeout=30
+            )
+    finally:
+        replica.shutdown()
+        thread.join()
+    assert response.status_code == 200
+    assert handler.bodies == [SAMPLE, SAMPLE], "the retry must carry the same body"
+
+
+# ---------------------------------------------------------------- deploy manifests
+
+
+def test_template_renders_one_server_line_per_replica() -> None:
+    site = render_site(["10.0.0.5:8080", "10.0.0.6:8080"], "8000")
+    directives = [line.strip() for line in site.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    servers = [line for line in directives if line.startswith("server ") and line.endswith(";")]
+    assert servers == [
+        "server 10.0.0.5:8080 max_fails=3 fail_timeout=10s;",
+        "server 10.0.0.6:8080 max_fails=3 fail_timeout=10s;",
+    ]
+    assert "listen 8000;" in directives
+    assert not [line for line in directives if "${" in line], "every placeholder is filled"
+    assert UPSTREAM in site and LISTEN in site, "the comments explaining the placeholders stay"
+
+
+def test_compose_file_wires_nginx_to_the_replicas() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    replica, balancer = compose["services"]["dlrm"], compose["services"]["lb"]
+    assert replica["build"] == ".." and replica["image"] == "dlrm-torchserve:latest"
+    assert replica["deploy"]["replicas"] >= 2
+    assert not replica.get("ports"), "replicas are reachable only through nginx"
+    mount = next(v for v in balancer["volumes"] if v.endswith(":ro"))
+    source, target, _ = mount.split(":")
+    assert (DEPLOY / source).resolve() == (DEPLOY / "nginx" / "dlrm.conf.template").resolve()
+    assert target.startswith("/etc/nginx/templates/") and target.endswith(".template")
+    template = (DEPLOY / source).read_text()
+    placeholders = set(re.findall(r"\$\{(DLRM_\w+)\}", template))
+    assert placeholders <= set(balancer["environment"]), "every placeholder of the template is set"
+    assert balancer["environment"]["DLRM_UPSTREAM"] == "dlrm:8080"
+    assert balancer["depends_on"]["dlrm"]["condition"] == "service_healthy"
+
+
+def k8s_documents() -> dict[str, dict]:
+    documents = {}
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            documents[document["kind"]] = document
+    return documents
+
+
+def test_kubernetes_manifests_fit_together() -> None:
+    docs = k8s_documents()
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(docs)
+    deployment, service, hpa = docs["Deployment"], docs["Service"], docs["HorizontalPodAutoscaler"]
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "dlrm-torchserve:latest"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"inference": 8080}, "management and metrics stay inside the pod"
+    assert service["spec"]["ports"][0]["targetPort"] in ("inference", 8080)
+    resources = container["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "2"
+    assert resources["requests"]["memory"] == resources["limits"]["memory"]
+    env = {variable["name"]: variable["value"] for variable in container["env"]}
+    assert env["DLRM_THREADS"] == resources["limits"]["cpu"], "torch threads match the CPU limit"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
+    assert container["readinessProbe"]["exec"]["command"][:2] == ["python", "-c"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu" and 0 < metric["resource"]["target"]["averageUtilization"] <= 100
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+
+
+def readiness_command(inference_port: int) -> list[str]:
+    """The Deployment's readiness probe, aimed at a test server instead of the pod's port 8080."""
+    command = k8s_documents()["Deployment"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]
+    script = command["command"][2]
+    assert script.count("127.0.0.1:8080") == 1
+    return [sys.executable, "-c", script.replace("127.0.0.1:8080", f"{LOOPBACK}:{inference_port}")]
+
+
+def test_readiness_probe_is_a_real_prediction(server: TorchServeProcess) -> None:
+    before = handled(server)
+    ready = subprocess.run(readiness_command(server.endpoints.ports.inference), capture_output=True, timeout=30)
+    assert ready.returncode == 0, ready.stderr
+    assert eventually(lambda: handled(server) == before + 1), "the probe went through the model"
+    closed = subprocess.run(readiness_command(free_port()), capture_output=True)
+    assert closed.returncode != 0, "the probe must fail where nothing answers"
