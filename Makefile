@@ -4,16 +4,24 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 ARCHIVE := model_store/dlrm.mar
+# The default model: `small` trained on planted synthetic Criteo data (made once, then cached).
+DATA_DIR := data/synthetic
+TRAIN_DATA := $(DATA_DIR)/train.tsv
+VALIDATION_DATA := $(DATA_DIR)/validation.tsv
+DEFAULT_RUN := runs/small-synthetic
+TRAIN_ARGS ?= --epochs 2
 CURL_EXAMPLE := curl -H "Content-Type: application/json" --data @sample_data/sample_data.json http://127.0.0.1:8080/predictions/dlrm
 
-.PHONY: help install check-java build serve stop test lint clean
+.PHONY: help install check-java data train build serve stop test lint clean clean-all
 
 help:
 	@echo "make install   create $(VENV) with the pinned dependencies (needs Python 3.11 and Java 17)"
-	@echo "make serve     build $(ARCHIVE) and serve it on 127.0.0.1:8080 (Ctrl-C stops)"
+	@echo "make train     generate synthetic Criteo data and train the default model (cached in $(DEFAULT_RUN))"
+	@echo "make serve     build $(ARCHIVE) from the trained model and serve it on 127.0.0.1:8080 (Ctrl-C stops)"
 	@echo "make stop      stop a TorchServe started from this directory"
 	@echo "make test      run the whole test suite"
 	@echo "make lint      ruff over the code"
+	@echo "make test-container  build the container image with Podman, run it and check it (slow)"
 
 check-java:
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17: install it, e.g. 'apt-get install openjdk-17-jre-headless'"; exit 1; }
@@ -31,8 +39,18 @@ $(VENV)/.installed: requirements.txt requirements-torchrec.txt requirements-dev.
 
 install: check-java $(VENV)/.installed
 
-build: install
-	$(PY) build_mar.py
+$(TRAIN_DATA) $(VALIDATION_DATA) &: | $(VENV)/.installed
+	$(PY) -m model_factory.synthetic --output-dir $(DATA_DIR)
+
+data: install $(TRAIN_DATA)
+
+$(DEFAULT_RUN)/weights.pt: $(TRAIN_DATA) $(VALIDATION_DATA)
+	$(PY) -m model_factory.train --preset small --train $(TRAIN_DATA) --validation $(VALIDATION_DATA) --output $(DEFAULT_RUN) $(TRAIN_ARGS)
+
+train: install $(DEFAULT_RUN)/weights.pt
+
+build: train
+	$(PY) build_mar.py --checkpoint $(DEFAULT_RUN)
 
 serve: build
 	@(. $(VENV)/bin/activate && python -m scripts.server wait-ready && echo && echo "DLRM is ready. Try:" && echo '  $(CURL_EXAMPLE)' && echo "Ctrl-C stops the server.") &
@@ -50,3 +68,11 @@ lint: install
 
 clean:
 	rm -rf model_store/*.mar logs .pytest_cache
+
+clean-all: clean
+	rm -rf $(DATA_DIR) $(DEFAULT_RUN)
+
+# Container image: build it with Podman, run it, check it from the host (slow, not in `make test`).
+.PHONY: test-container
+test-container: install
+	$(PY) -m deploy.container.test_container

@@ -199,7 +199,8 @@ def train(config: TrainingConfig) -> dict[str, float]:
     base_rates = [group["lr"] for group in optimizer.param_groups]
     criterion = loss_function(config.loss, config.positive_weight)
     step, rows_seen, started = 0, 0, time.perf_counter()
-    with tqdm(unit="rows", unit_scale=True, disable=not config.progress, desc="training") as progress:
+    # disable=None: a progress bar on a terminal only, not a line per update in logs.
+    with tqdm(unit="rows", unit_scale=True, disable=None if config.progress else True, desc="training") as progress:
         for epoch in range(config.epochs):
             for batch in read_batches(config.train_paths, config.batch_size, config.model, preprocessing):
                 multiplier = config.schedule.multiplier(step)
