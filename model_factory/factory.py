@@ -59,7 +59,7 @@ def init_weights(model: DLRM, seed: int, device: torch.device | str = "cpu") -> 
     Tables use TorchRec's own initialiser (uniform in ±sqrt(1/rows)), linear layers
     PyTorch's default; the global RNG state is left untouched.
     """
-    model.to_empty(device=torch.device(device))
+    materialize(model, torch.device(device))
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         collection = model.sparse_arch.embedding_bag_collection
@@ -70,6 +70,19 @@ def init_weights(model: DLRM, seed: int, device: torch.device | str = "cpu") -> 
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
     return model
+
+
+def materialize(module: nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialised) storage on ``device`` for everything still on the meta device.
+
+    ``to_empty`` alone would also wipe the buffers that construction already
+    computed on a real device (e.g. the interaction's ``triu_indices``).
+    """
+    computed = {name: buffer for name, buffer in module.named_buffers() if not buffer.is_meta}
+    module.to_empty(device=device)
+    for name, buffer in computed.items():
+        owner_name, _, leaf = name.rpartition(".")
+        module.get_submodule(owner_name)._buffers[leaf] = buffer.to(device)
 
 
 def load_weights(model: DLRM, state_dict: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> DLRM:

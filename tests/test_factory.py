@@ -1,8 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
 from model_factory.config import DLRMConfig, preset
 from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
+from model_factory.features import rows_to_kjt
+from model_factory.synthetic import random_inputs
 
 
 def test_building_on_meta_allocates_nothing() -> None:
@@ -60,3 +63,14 @@ def test_summary_counts_each_component(small_config: DLRMConfig) -> None:
     assert rows["total"].parameters == sum(rows[n].parameters for n in ("sparse_arch", "dense_arch", "over_arch"))
     text = format_summary(list(rows.values()))
     assert "sparse_arch" in text and f"{expected_tables:,}" in text
+
+
+def test_initialised_model_scores_like_its_reloaded_copy(small_config: DLRMConfig) -> None:
+    """Materialising keeps buffers computed at construction (the interaction's index pairs)."""
+    model = init_weights(build_dlrm(small_config), seed=4)
+    assert torch.equal(model.inter_arch.triu_indices, torch.triu_indices(27, 27, offset=1))
+    reloaded = load_weights(build_dlrm(small_config), model.state_dict())
+    dense, lengths, values = random_inputs(small_config, 8, np.random.default_rng(0), num_indices_per_lookup=2)
+    sparse = rows_to_kjt(small_config.sparse_feature_names, lengths, values)
+    with torch.no_grad():
+        assert torch.equal(model(torch.from_numpy(dense), sparse), reloaded(torch.from_numpy(dense), sparse))
