@@ -12,7 +12,7 @@ DEFAULT_RUN := runs/small-synthetic
 TRAIN_ARGS ?= --epochs 2
 CURL_EXAMPLE := curl -H "Content-Type: application/json" --data @sample_data/sample_data.json http://127.0.0.1:8080/predictions/dlrm
 
-.PHONY: help install check-java data train build serve stop test lint clean clean-all
+.PHONY: help install install-gpu check-java data train build serve stop test test-gpu lint clean clean-all
 
 help:
 	@echo "make install   create $(VENV) with the pinned dependencies (needs Python 3.11 and Java 17)"
@@ -20,6 +20,7 @@ help:
 	@echo "make serve     build $(ARCHIVE) from the trained model and serve it on 127.0.0.1:8080 (Ctrl-C stops)"
 	@echo "make stop      stop a TorchServe started from this directory"
 	@echo "make test      run the whole test suite"
+	@echo "make install-gpu / test-gpu   the CUDA build of the dependencies / the tests marked gpu (needs a GPU)"
 	@echo "make lint      ruff over the code"
 	@echo "make test-container  build the container image with Podman, run it and check it (slow)"
 
@@ -38,6 +39,19 @@ $(VENV)/.installed: requirements.txt requirements-torchrec.txt requirements-dev.
 	touch $@
 
 install: check-java $(VENV)/.installed
+
+# The CUDA build of the same torch version with the matching fbgemm-gpu (requirements-gpu.txt)
+# in place of the two CPU lines of requirements.txt; everything else is shared.
+install-gpu: check-java
+	$(PYTHON) -m venv $(VENV)
+	grep -v -E '^(torch|fbgemm-gpu-cpu)==' requirements.txt | cat - requirements-gpu.txt > $(VENV)/requirements-gpu-selected.txt
+	$(PY) -m pip install --quiet -r $(VENV)/requirements-gpu-selected.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-torchrec.txt
+	$(PY) -c 'import torch; assert torch.cuda.is_available(), "CUDA is not available"; print(torch.__version__, torch.cuda.get_device_name())'
+	touch $(VENV)/.installed
+
+test-gpu: install
+	$(PY) -m pytest -m gpu
 
 $(TRAIN_DATA) $(VALIDATION_DATA) &: | $(VENV)/.installed
 	$(PY) -m model_factory.synthetic --output-dir $(DATA_DIR)

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -27,6 +28,7 @@ from torchrec.models.dlrm import DLRM
 from handler.codec import DEFAULT_MAX_ROWS
 from model_factory.artifact import (
     CONFIG_FILE,
+    TABLES_FILE,
     WEIGHTS_FILE,
     ModelArtifact,
     Provenance,
@@ -36,6 +38,14 @@ from model_factory.artifact import (
 )
 from model_factory.config import DEFAULT_PRESET, PRESETS, ConfigError, DLRMConfig, preset
 from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
+from model_factory.quantization import (
+    MLP_DTYPES,
+    TABLE_DTYPES,
+    QuantizationSpec,
+    quantize_model_tables,
+    random_quantized_model,
+    table_layouts,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent
 PACKAGES = ("handler", "model_factory")
@@ -62,6 +72,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output", type=Path, default=Path("model_store/dlrm.mar"), help="archive path (default: model_store/dlrm.mar)"
     )
     archive.add_argument("--version", default="1.0", help="model version recorded in the archive (default: 1.0)")
+    archive.add_argument(
+        "--archive-format",
+        choices=("default", "no-archive"),
+        default="default",
+        help="default: a zipped .mar; no-archive: a directory named after --output without .mar, which TorchServe "
+        "serves in place (no unzip at start-up: for multi-GB quantized tables)",
+    )
+    quantize = parser.add_argument_group("quantization (recorded in the archive, applied when the model loads)")
+    quantize.add_argument(
+        "--quantize",
+        choices=TABLE_DTYPES,
+        default="none",
+        help="embedding tables, row-wise with TorchRec/FBGEMM: fp16, int8 or int4 (default: none = fp32)",
+    )
+    quantize.add_argument(
+        "--quantize-table",
+        action="append",
+        default=[],
+        type=feature_dtype,
+        metavar="FEATURE=DTYPE",
+        help="per-table override of --quantize, e.g. cat_0=int4 (repeatable)",
+    )
+    quantize.add_argument(
+        "--quantize-mlp",
+        choices=MLP_DTYPES,
+        default="none",
+        help="int8: dynamic int8 Linear layers for the MLPs (CPU only; default: none)",
+    )
     serving = parser.add_argument_group("serving (written to the archive's model-config.yaml)")
     serving.add_argument(
         "--batch-size", type=int, default=32, help="TorchServe batchSize: requests per batch (default: 32)"
@@ -95,6 +133,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def feature_dtype(text: str) -> tuple[str, str]:
+    feature, separator, dtype = text.partition("=")
+    if not separator or dtype not in TABLE_DTYPES:
+        raise argparse.ArgumentTypeError(f"expected FEATURE=DTYPE with DTYPE one of {TABLE_DTYPES}, got {text!r}")
+    return feature, dtype
+
+
 def chosen_config(args: argparse.Namespace) -> DLRMConfig:
     if args.config is not None:
         return DLRMConfig.from_json(args.config.read_text())
@@ -102,38 +147,41 @@ def chosen_config(args: argparse.Namespace) -> DLRMConfig:
 
 
 def write_model_artifact(args: argparse.Namespace, directory: Path) -> ModelArtifact:
-    """Write the artifact to archive into ``directory``: from a checkpoint, or seeded random weights."""
+    """Write the artifact to archive into ``directory``: from a checkpoint or seeded random weights, quantized."""
+    quantization = QuantizationSpec(args.quantize, dict(args.quantize_table), args.quantize_mlp)
     checkpoint: Path | None = args.checkpoint
     if checkpoint is not None and checkpoint.is_dir():
         if args.preset or args.config:
             raise ConfigError("a checkpoint directory carries its own model config: drop --preset/--config")
-        artifact = read_artifact(checkpoint)
-        load_weights(
-            build_dlrm(artifact.model), load_state_dict(checkpoint / WEIGHTS_FILE)
-        )  # fails early on a mismatch
-        directory.mkdir(parents=True)
-        shutil.copy2(checkpoint / CONFIG_FILE, directory / CONFIG_FILE)
-        shutil.copy2(checkpoint / WEIGHTS_FILE, directory / WEIGHTS_FILE)
-        return artifact
-    config = chosen_config(args)
-    model = build_dlrm(config)
-    if checkpoint is not None:
-        model = load_checkpoint(model, checkpoint)
+        trained = read_artifact(checkpoint)
+        if trained.quantized_tables:
+            raise ConfigError(f"{checkpoint} is already quantized: archive the fp32 checkpoint the trainer wrote")
+        artifact = replace(trained, quantization=quantization)
+        model = load_checkpoint(artifact, checkpoint / WEIGHTS_FILE)
+    elif checkpoint is not None:
         provenance = Provenance(trained=True, checkpoint=checkpoint.name)
+        artifact = ModelArtifact(model=chosen_config(args), provenance=provenance, quantization=quantization)
+        model = load_checkpoint(artifact, checkpoint)
     else:
-        model = init_weights(model, seed=args.seed)
         provenance = Provenance(trained=False, seed=args.seed)
-    artifact = ModelArtifact(model=config, provenance=provenance)
+        artifact = ModelArtifact(model=chosen_config(args), provenance=provenance, quantization=quantization)
+        if artifact.quantized_tables:  # created quantized: fp32 tables never exist (criteo-1tb: 45 GB)
+            model = random_quantized_model(artifact.model, quantization, seed=args.seed)
+        else:
+            model = init_weights(build_dlrm(artifact.model), seed=args.seed)
     write_artifact(directory, artifact, model)
     return artifact
 
 
-def load_checkpoint(model: DLRM, path: Path) -> DLRM:
-    """The model with the checkpoint's weights; a clear error for unsafe, missing or mismatched files."""
+def load_checkpoint(artifact: ModelArtifact, path: Path) -> DLRM:
+    """The checkpoint's fp32 model, quantized as ``artifact`` asks; a clear error for unsafe or mismatched files."""
     try:
-        return load_weights(model, load_state_dict(path))
+        model = load_weights(build_dlrm(artifact.model), load_state_dict(path))
     except (OSError, RuntimeError, pickle.UnpicklingError) as error:
         raise ConfigError(f"cannot load checkpoint {path}: {error}") from error
+    if artifact.quantized_tables:
+        model = quantize_model_tables(model, artifact.model, artifact.quantization)
+    return model
 
 
 def model_yaml(args: argparse.Namespace) -> dict:
@@ -160,27 +208,42 @@ def copy_packages(destination: Path) -> None:
 
 
 def build_archive(args: argparse.Namespace) -> Path:
-    with tempfile.TemporaryDirectory(prefix="dlrm-mar-") as tmp:
+    """Run torch-model-archiver over a staged artifact; returns the .mar file or the unzipped archive directory."""
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    unzipped = args.archive_format == "no-archive"
+    archive = args.output.with_suffix("") if unzipped else args.output
+    # Staged beside the output, so a large tables file is moved (renamed), never copied, into an unzipped archive.
+    with tempfile.TemporaryDirectory(prefix=".dlrm-staging-", dir=args.output.parent) as tmp:
         staging = Path(tmp)
         artifact = write_model_artifact(args, staging / "artifact")
         copy_packages(staging / "code")
         (staging / "model-config.yaml").write_text(yaml.safe_dump(model_yaml(args), sort_keys=False))
-        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tables = staging / "artifact" / TABLES_FILE
+        extra_files = [staging / "artifact" / CONFIG_FILE, staging / "code"]
+        if tables.exists() and not unzipped:
+            extra_files.append(tables)
         command = [
             archiver_command(),
             "--model-name", args.output.stem,
             "--version", args.version,
             "--handler", str(HANDLER),
             "--serialized-file", str(staging / "artifact" / WEIGHTS_FILE),
-            "--extra-files", f"{staging / 'artifact' / CONFIG_FILE},{staging / 'code'}",
+            "--extra-files", ",".join(str(path) for path in extra_files),
             "--config-file", str(staging / "model-config.yaml"),
             "--export-path", str(args.output.parent),
+            "--archive-format", args.archive_format,
             "--force",
         ]  # fmt: skip
         subprocess.run(command, check=True)
+        if tables.exists() and unzipped:
+            tables.rename(archive / TABLES_FILE)
     print(format_summary(summarize(build_dlrm(artifact.model))))
+    if artifact.quantized_tables:
+        layouts = table_layouts(artifact.model, artifact.quantization)
+        stored = sum(layout.rows * layout.row_bytes for layout in layouts)
+        print(f"tables stored quantized ({artifact.quantization.tables}): {stored / 2**30:.2f} GiB")
     print(f"weights: {artifact.provenance.describe()}")
-    return args.output
+    return archive
 
 
 def archiver_command() -> str:
@@ -200,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         output = build_archive(args)
     except ConfigError as error:
         sys.exit(f"build_mar.py: {error}")
-    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    size = sum(path.stat().st_size for path in output.rglob("*")) if output.is_dir() else output.stat().st_size
+    print(f"wrote {output} ({size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@
 An artifact is a directory holding
 
 - ``model_config.json``: the :class:`ModelArtifact` (model shape, the
-  preprocessing of raw features, and where the weights came from), and
-- ``weights.pt``: the model's ``state_dict``.
+  preprocessing of raw features, the quantization, and where the weights came
+  from);
+- ``weights.pt``: the model's ``state_dict``, loaded with ``weights_only=True``;
+  without the embedding tables when they are quantized, which are then in
+- ``tables.bin``: the quantized tables (see :mod:`model_factory.quantization`).
 
-The trainer writes one, ``build_mar.py`` packs one into ``dlrm.mar`` and the
-handler loads one from the extracted archive; all three go through this module,
-so the served model is rebuilt from the same description it was saved with.
+The trainer writes one, ``build_mar.py`` packs one into the model store and
+the handler loads one from the extracted archive; all three go through this
+module, so the served model is rebuilt from the same description it was saved
+with.
 """
 
 from __future__ import annotations
@@ -24,10 +28,20 @@ from torchrec.models.dlrm import DLRM
 from model_factory.config import ConfigError, DLRMConfig
 from model_factory.factory import build_dlrm, load_weights
 from model_factory.features import Preprocessing
+from model_factory.quantization import (
+    QuantizationSpec,
+    empty_quantized_collection,
+    quantize_mlps,
+    read_tables,
+    table_layouts,
+    write_tables,
+)
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.pt"
+TABLES_FILE = "tables.bin"
 FORMAT_VERSION = 1
+_TABLES_PREFIX = "sparse_arch."
 
 
 @dataclass(frozen=True)
@@ -50,12 +64,21 @@ class ModelArtifact:
     model: DLRMConfig
     provenance: Provenance
     preprocessing: Preprocessing = Preprocessing()
+    quantization: QuantizationSpec = QuantizationSpec()
+
+    def __post_init__(self) -> None:
+        self.quantization.validate_for(self.model)
+
+    @property
+    def quantized_tables(self) -> bool:
+        return self.quantization.quantizes_tables(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
             "model": self.model.to_dict(),
             "preprocessing": asdict(self.preprocessing),
+            "quantization": asdict(self.quantization),
             "provenance": asdict(self.provenance),
         }
 
@@ -68,12 +91,19 @@ class ModelArtifact:
             model=DLRMConfig.from_dict(data["model"]),
             provenance=Provenance(**data["provenance"]),
             preprocessing=Preprocessing(**data["preprocessing"]),
+            quantization=QuantizationSpec(**data.get("quantization", {})),  # absent: fp32, as checkpoints are
         )
 
 
 def write_artifact(directory: Path, artifact: ModelArtifact, model: DLRM) -> None:
+    """Save ``model`` as ``artifact`` says: tables into ``tables.bin`` when quantized, the rest into weights.pt."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), directory / WEIGHTS_FILE)
+    state = model.state_dict()
+    if artifact.quantized_tables:
+        state = {key: value for key, value in state.items() if not key.startswith(_TABLES_PREFIX)}
+        layouts = table_layouts(artifact.model, artifact.quantization)
+        write_tables(model.sparse_arch.embedding_bag_collection, layouts, directory / TABLES_FILE)
+    torch.save(state, directory / WEIGHTS_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(artifact.to_dict(), indent=2) + "\n")
 
 
@@ -91,7 +121,30 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[DLRM, ModelArtifact]:
-    """Rebuild the artifact's model on ``device`` in eval mode."""
+    """Rebuild the artifact's model on ``device`` in eval mode, quantized as the artifact records."""
+    device = torch.device(device)
     artifact = read_artifact(directory)
-    model = load_weights(build_dlrm(artifact.model), load_state_dict(directory / WEIGHTS_FILE), device)
+    model = build_dlrm(artifact.model)
+    state = load_state_dict(directory / WEIGHTS_FILE)
+    if artifact.quantized_tables:
+        tables = empty_quantized_collection(artifact.model, artifact.quantization, device)
+        read_tables(tables, table_layouts(artifact.model, artifact.quantization), directory / TABLES_FILE)
+        model.sparse_arch.embedding_bag_collection = tables
+        load_dense_weights(model, state, device)
+    else:
+        load_weights(model, state, device)
+    if artifact.quantization.mlp == "int8":
+        if device.type != "cpu":
+            raise ConfigError("int8 MLPs (dynamic quantization) run on CPU only: serve this archive on CPU")
+        quantize_mlps(model)
     return model.eval(), artifact
+
+
+def load_dense_weights(model: DLRM, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Load everything but the (already loaded, quantized) tables; strict about every other key."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [key for key in result.missing_keys if not key.startswith(_TABLES_PREFIX)]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"weights do not match the model: missing {missing}, unexpected {result.unexpected_keys}")
+    for name in ("dense_arch", "inter_arch", "over_arch"):
+        getattr(model, name).to(device)

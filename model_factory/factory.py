@@ -17,6 +17,7 @@ from torch import nn
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from model_factory.config import DLRMConfig
 
@@ -54,7 +55,7 @@ def build_dlrm(config: DLRMConfig, device: torch.device | str = META) -> DLRM:
 
 
 def init_weights(model: DLRM, seed: int, device: torch.device | str = "cpu") -> DLRM:
-    """Allocate a meta-built model on ``device`` and initialise it deterministically from ``seed``.
+    """Allocate what is still on meta on ``device`` and initialise it deterministically from ``seed``.
 
     Tables use TorchRec's own initialiser (uniform in ±sqrt(1/rows)), linear layers
     PyTorch's default; the global RNG state is left untouched.
@@ -63,9 +64,10 @@ def init_weights(model: DLRM, seed: int, device: torch.device | str = "cpu") -> 
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         collection = model.sparse_arch.embedding_bag_collection
-        for table in collection.embedding_bag_configs():
-            assert table.init_fn is not None  # EmbeddingBagConfig always sets one
-            table.init_fn(collection.embedding_bags[table.name].weight)
+        if isinstance(collection, EmbeddingBagCollection):  # quantized tables come filled (quantization.fill_random)
+            for table in collection.embedding_bag_configs():
+                assert table.init_fn is not None  # EmbeddingBagConfig always sets one
+                table.init_fn(collection.embedding_bags[table.name].weight)
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
@@ -73,16 +75,20 @@ def init_weights(model: DLRM, seed: int, device: torch.device | str = "cpu") -> 
 
 
 def materialize(module: nn.Module, device: torch.device) -> None:
-    """Allocate (uninitialised) storage on ``device`` for everything still on the meta device.
+    """Allocate (uninitialised) storage on ``device`` for the parameters and buffers still on meta.
 
-    ``to_empty`` alone would also wipe the buffers that construction already
-    computed on a real device (e.g. the interaction's ``triu_indices``).
+    Unlike ``to_empty``, tensors that already live on a device are left alone:
+    buffers computed at construction (the interaction's ``triu_indices``) and
+    tables that were allocated and filled already (quantized collections).
     """
-    computed = {name: buffer for name, buffer in module.named_buffers() if not buffer.is_meta}
-    module.to_empty(device=device)
-    for name, buffer in computed.items():
-        owner_name, _, leaf = name.rpartition(".")
-        module.get_submodule(owner_name)._buffers[leaf] = buffer.to(device)
+    for owner in module.modules():
+        for name, parameter in owner.named_parameters(recurse=False):
+            if parameter.is_meta:
+                empty = torch.empty_like(parameter, device=device)
+                owner._parameters[name] = nn.Parameter(empty, requires_grad=parameter.requires_grad)
+        for name, buffer in owner.named_buffers(recurse=False):
+            if buffer.is_meta:
+                owner._buffers[name] = torch.empty_like(buffer, device=device)
 
 
 def load_weights(model: DLRM, state_dict: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> DLRM:
@@ -102,22 +108,28 @@ class ComponentSize:
     bytes: int
 
 
-def summarize(model: nn.Module) -> list[ComponentSize]:
+def summarize(model: DLRM) -> list[ComponentSize]:
     """Parameter count and storage per top-level component, then the total.
 
-    Sizes include buffers (index tables of the interaction, and the tables of
-    quantized embedding modules). Works on meta-built models.
+    Sizes include buffers (the interaction's index pairs). Quantized tables are
+    measured where FBGEMM keeps them (its TBE weight buffers, row padding
+    included), not through their ``state_dict`` views, which misreport int4
+    tables. Works on meta-built models.
     """
     rows = []
     for name, child in model.named_children():
         tensors = [*child.parameters(), *child.buffers()]
-        rows.append(
-            ComponentSize(
-                name=name,
-                parameters=sum(p.numel() for p in child.parameters()),
-                bytes=sum(t.numel() * t.element_size() for t in tensors),
+        parameters = sum(p.numel() for p in child.parameters())
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if name == "sparse_arch" and isinstance(child.embedding_bag_collection, QuantEmbeddingBagCollection):
+            tables = child.embedding_bag_collection
+            parameters = sum(t.num_embeddings * t.embedding_dim for t in tables.embedding_bag_configs())
+            size = sum(
+                buffer.numel()
+                for module in tables._emb_modules
+                for buffer in (module.weights_host, module.weights_dev, module.weights_uvm)
             )
-        )
+        rows.append(ComponentSize(name=name, parameters=parameters, bytes=size))
     rows.append(ComponentSize("total", sum(r.parameters for r in rows), sum(r.bytes for r in rows)))
     return rows
 

@@ -81,7 +81,7 @@ class TorchServeProcess:
     def __init__(
         self,
         model_store: Path,
-        models: str,
+        models: str,  # TorchServe's --models: "name=archive", several separated by spaces
         workdir: Path,
         ports: Ports | None = None,
         overrides: dict[str, str] | None = None,
@@ -131,7 +131,7 @@ class TorchServeProcess:
         env.pop("TS_CONFIG_FILE", None)
         command = [
             executable("torchserve"), "--start", "--foreground", "--ncs",
-            "--ts-config", str(config), "--model-store", str(self.model_store), "--models", self.models,
+            "--ts-config", str(config), "--model-store", str(self.model_store), "--models", *self.models.split(),
         ]  # fmt: skip
         with open(self.workdir / "torchserve.out", "ab") as output:
             self.process = subprocess.Popen(
