@@ -22,6 +22,7 @@ help:
 	@echo "make test      run the whole test suite"
 	@echo "make install-gpu / test-gpu   the CUDA build of the dependencies / the tests marked gpu (needs a GPU)"
 	@echo "make lint      ruff over the code"
+	@echo "make bench     benchmarks: in-process, served and no-op ceilings (bench/results/)"
 	@echo "make test-container  build the container image with Podman, run it and check it (slow)"
 
 check-java:
@@ -85,6 +86,27 @@ clean:
 
 clean-all: clean
 	rm -rf $(DATA_DIR) $(DEFAULT_RUN)
+
+# Benchmarks (bench/, see bench/README.md): `make bench` gives the figures to publish, `make bench-quick`
+# (or BENCH_MODE=quick) a smoke test in a few minutes. BENCH_ARGS passes options to `python -m bench.run`,
+# e.g. BENCH_ARGS="--sweep", "--profile" or "--archive-args='--quantize int8'".
+BENCH_MODE ?= full
+BENCH_ARGS ?=
+
+.PHONY: bench bench-quick check-wrk
+
+$(VENV)/.bench-installed: $(VENV)/.installed requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+check-wrk:
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk)); } || { echo "The benchmark needs wrk: 'sudo apt-get install wrk'"; exit 1; }
+
+bench: install $(VENV)/.bench-installed check-wrk
+	$(PY) -m bench.run --mode $(BENCH_MODE) $(BENCH_ARGS)
+
+bench-quick:
+	$(MAKE) bench BENCH_MODE=quick
 
 # Container image: build it with Podman, run it, check it from the host (slow, not in `make test`).
 .PHONY: test-container

@@ -1,0 +1,135 @@
+"""In-process speed of the serving path, without TorchServe: the ceiling the server is compared with.
+
+Everything goes through :class:`handler.predictor.DLRMPredictor`, loaded from the
+extracted archive with the worker's thread count, so the numbers are exactly what
+a TorchServe worker runs per batch:
+
+- ``model``: the DLRM forward alone, on a prebuilt dense tensor and KeyedJaggedTensor;
+- ``forward``: ``DLRMPredictor.forward`` on decoded rows (building the KJT, forward, sigmoid);
+- ``handler_instances``: ``predict_bodies`` on one JSON ``instances`` body of ``batch`` rows
+  (decode, forward, encode: a request of that many rows);
+- ``handler_rows``: ``predict_bodies`` on ``batch`` single-row JSON bodies (what TorchServe hands
+  the worker for a batch of that many single-row requests).
+
+It runs as its own process, so that environment variables read when the OpenMP
+runtime starts (``OMP_WAIT_POLICY``) can be set as they are for the workers:
+
+    python -m bench.inprocess model_store/dlrm.mar --threads 2 --batches 1 256 --seconds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from bench.workload import criteo_like_rows, request_bodies
+from handler.codec import DEFAULT_MAX_ROWS
+from handler.predictor import DLRMPredictor
+from model_factory.features import rows_to_kjt
+
+MODES = ("model", "forward", "handler_instances", "handler_rows")
+
+
+@dataclass(frozen=True)
+class Timing:
+    mode: str
+    batch: int
+    calls: int
+    seconds: float
+    p50_ms: float
+    rows_per_s: float
+
+
+def time_calls(
+    call: Callable[[], Any], seconds: float, warmup: int = 3, min_calls: int = 5
+) -> tuple[int, float, float]:
+    """Calls, total seconds and median milliseconds per call of ``call`` run for about ``seconds``."""
+    for _ in range(warmup):
+        call()
+    durations = []
+    started = time.perf_counter()
+    while len(durations) < min_calls or time.perf_counter() - started < seconds:
+        begin = time.perf_counter()
+        call()
+        durations.append(time.perf_counter() - begin)
+    return len(durations), sum(durations), statistics.median(durations) * 1e3
+
+
+def check_valid(predictor: DLRMPredictor, *bodies: bytes) -> None:
+    """Timing 4xx answers would measure the wrong path: every benchmark body must be served."""
+    for response in predictor.predict_bodies(bodies).responses:
+        if response.status != 200:
+            raise RuntimeError(f"benchmark body refused with {response.status}: {response.body[:300]!r}")
+
+
+def measure(predictor: DLRMPredictor, rows: list[dict[str, Any]], batches: list[int], seconds: float) -> list[Timing]:
+    timings = []
+    for batch in batches:
+        single_bodies = request_bodies(rows[:batch], 1)
+        instances_body = request_bodies(rows[:batch], batch)[0]
+        decoded = predictor.decoder.decode(instances_body)
+        dense = torch.from_numpy(decoded.dense)
+        sparse = rows_to_kjt(predictor.artifact.model.sparse_feature_names, decoded.lengths, decoded.values)
+        check_valid(predictor, instances_body, *single_bodies)
+
+        def model_only(dense: torch.Tensor = dense, sparse: Any = sparse) -> None:
+            with torch.inference_mode():
+                predictor.model(dense, sparse)
+
+        calls: dict[str, Callable[[], Any]] = {
+            "model": model_only,
+            "forward": lambda decoded=decoded: predictor.forward([decoded]),
+            "handler_instances": lambda body=instances_body: predictor.predict_bodies([body]),
+            "handler_rows": lambda bodies=single_bodies: predictor.predict_bodies(bodies),
+        }
+        for mode in MODES:
+            count, total, p50 = time_calls(calls[mode], seconds)
+            timings.append(Timing(mode, batch, count, total, p50, batch * count / total))
+    return timings
+
+
+def measure_archive(archive: Path, threads: int, batches: list[int], seconds: float) -> list[Timing]:
+    """Timings of the archived model, loaded as the handler loads it, with ``threads`` torch threads."""
+    with tempfile.TemporaryDirectory(prefix="dlrm-bench-model-") as extracted:
+        with zipfile.ZipFile(archive) as mar:
+            mar.extractall(extracted)
+        model_yaml = yaml.safe_load((Path(extracted) / "model-config.yaml").read_text()) or {}
+        max_rows = int((model_yaml.get("handler") or {}).get("max_rows_per_request", DEFAULT_MAX_ROWS))
+        torch.set_num_threads(threads)
+        predictor = DLRMPredictor.from_artifact(Path(extracted), torch.device("cpu"), max_rows=max_rows)
+        rows = criteo_like_rows(predictor.artifact.model, max(batches))
+        return measure(predictor, rows, batches, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("archive", type=Path, help="a dlrm.mar built by build_mar.py")
+    parser.add_argument("--threads", type=int, required=True, help="torch threads, as in a worker")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256, 1024])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per batch size and mode")
+    parser.add_argument("--output", type=Path, help="write the timings here as JSON")
+    args = parser.parse_args()
+    timings = measure_archive(args.archive, args.threads, args.batches, args.seconds)
+    for timing in timings:
+        print(
+            f"in-process {timing.mode:<18} batch {timing.batch:>5}: {timing.rows_per_s:>9,.0f} rows/s, "
+            f"p50 {timing.p50_ms:.2f} ms",
+            flush=True,
+        )
+    if args.output:
+        args.output.write_text(json.dumps([asdict(timing) for timing in timings], indent=2))
+
+
+if __name__ == "__main__":
+    main()

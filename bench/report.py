@@ -1,0 +1,325 @@
+"""The benchmark's ratios against the issue's targets, its Markdown report and its plot.
+
+Everything here reads the JSON document that ``bench.run`` writes, so a report
+can be redrawn from a ``results.json`` alone: ``python -m bench.report results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+# The targets of issue 6, measured on the same run.
+TARGET_CONCURRENCY = 32
+TARGET_NOOP_RATIO = 0.85
+TARGET_P99_MS = 50.0
+TARGET_ROWS = 256
+TARGET_INPROCESS_RATIO = 0.70
+TARGET_OVERHEAD_MS = 1.5
+
+INPROCESS_COLUMNS = {
+    "model": "model forward",
+    "forward": "predictor.forward (KJT + model)",
+    "handler_instances": "handler, one instances body",
+    "handler_rows": "handler, single-row bodies",
+}
+
+
+def find_point(points: list[dict], rows: int, concurrency: int | None = None) -> dict | None:
+    for point in points:
+        if point["rows_per_request"] == rows and concurrency in (None, point["concurrency"]):
+            return point
+    return None
+
+
+def find_timing(timings: list[dict], mode: str, batch: int) -> dict | None:
+    return next((t for t in timings if t["mode"] == mode and t["batch"] == batch), None)
+
+
+def ratios(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The issue's three ratios from one setting's results (those whose points were measured)."""
+    found: dict[str, dict[str, Any]] = {}
+    served = find_point(result["served"], 1, TARGET_CONCURRENCY)
+    noop = find_point(result["noop"], 1, TARGET_CONCURRENCY)
+    if served and noop:
+        value = served["req_per_s"] / noop["req_per_s"]
+        p99 = served["latency_ms"]["p99"]
+        found["served_vs_noop"] = {
+            "what": f"single-row c={TARGET_CONCURRENCY}: DLRM req/s / no-op req/s",
+            "value": value,
+            "detail": f"{served['req_per_s']:,.0f} / {noop['req_per_s']:,.0f} req/s, DLRM p99 {p99:.1f} ms",
+            "target": f">= {TARGET_NOOP_RATIO} with p99 <= {TARGET_P99_MS:g} ms",
+            "met": value >= TARGET_NOOP_RATIO and p99 <= TARGET_P99_MS,
+        }
+    instances = find_point(result["served"], TARGET_ROWS)
+    forward = find_timing(result["inprocess"], "forward", TARGET_ROWS)
+    if instances and forward:
+        # Each worker runs its own forward passes: the in-process ceiling of the setting is one forward per worker.
+        workers = int(result["model_yaml"].get("minWorkers") or 1)
+        ceiling = forward["rows_per_s"] * workers
+        value = instances["rows_per_s"] / ceiling
+        found["served_vs_inprocess"] = {
+            "what": f"{TARGET_ROWS}-row instances, c={instances['concurrency']}: served rows/s / (in-process "
+            f"forward rows/s at batch {TARGET_ROWS} x workers)",
+            "value": value,
+            "detail": f"{instances['rows_per_s']:,.0f} / ({forward['rows_per_s']:,.0f} x {workers}) rows/s",
+            "target": f">= {TARGET_INPROCESS_RATIO}",
+            "met": value >= TARGET_INPROCESS_RATIO,
+        }
+    single = find_point(result["served"], 1, 1)
+    handler = find_timing(result["inprocess"], "handler_rows", 1)
+    if single and handler:
+        value = single["latency_ms"]["p50"] - handler["p50_ms"]
+        found["c1_overhead_ms"] = {
+            "what": "single-row c=1: served p50 - in-process handler p50 for one row (decode+forward+encode)",
+            "value": value,
+            "detail": f"{single['latency_ms']['p50']:.2f} - {handler['p50_ms']:.2f} ms",
+            "target": f"<= {TARGET_OVERHEAD_MS} ms",
+            "met": value <= TARGET_OVERHEAD_MS,
+        }
+    return found
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def load_name(point: dict) -> str:
+    rows = "single row" if point["rows_per_request"] == 1 else f"{point['rows_per_request']} rows"
+    return f"{rows}, c={point['concurrency']}"
+
+
+def optional(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def point_row(point: dict) -> list[str]:
+    latency = point["latency_ms"]
+    return [
+        point["model"],
+        load_name(point),
+        f"{point['req_per_s']:,.0f}",
+        f"{point['rows_per_s']:,.0f}",
+        f"{latency['p50']:.1f}",
+        f"{latency['p99']:.1f}",
+        f"{latency['p999']:.1f}",
+        f"{point['http_errors']} / {point['socket_errors']}",
+        optional(point["rows_per_batch"]),
+        optional(point["handler_ms_per_batch"], 2),
+        ", ".join(f"{rss:,.0f}" for rss in point["worker_rss_mib"]),
+        f"{point['other_cpu_cores']:.2f}",
+    ]
+
+
+POINT_HEADER = [
+    "model", "load", "req/s", "rows/s", "p50 ms", "p99 ms", "p99.9 ms", "errors (HTTP >= 400 / socket)",
+    "rows per forward", "handler ms per batch", "worker RSS MiB", "other CPU load (cores)",
+]  # fmt: skip
+
+
+def ratio_rows(found: dict[str, dict[str, Any]]) -> list[list[str]]:
+    return [
+        [ratio["what"], f"{ratio['value']:.2f}", ratio["detail"], ratio["target"], "yes" if ratio["met"] else "no"]
+        for ratio in found.values()
+    ]
+
+
+def build_args(document: dict[str, Any]) -> list[str]:
+    preset = ["--preset", document["preset"]] if document["preset"] else []
+    return [*preset, *document["archive_args"]]
+
+
+def header_lines(document: dict[str, Any]) -> list[str]:
+    machine, versions = document["machine"], document["versions"]
+    mode = document["mode_settings"]
+    return [
+        f"# DLRM serving benchmark: {document['kind']}, {document['mode']} mode, {document['started']}",
+        "",
+        f"- Machine: {machine['cpu']}, {machine['logical_cores']} cores ({machine['usable_cores']} usable), "
+        f"{machine['ram_gib']} GiB RAM, Linux {machine['kernel']}. Load average (1, 5, 15 min) at the start "
+        f"{machine['loadavg']}, at the end {document.get('loadavg_end', '?')}.",
+        "- Versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()) + ".",
+        f"- Archive: `{shlex.join(['build_mar.py', *build_args(document)])}` plus each "
+        "setting's workers, threads, batch size and delay; the no-op archive has the same model-config.yaml.",
+        f"- Load: wrk, {mode['load_seconds']} s per point after {mode['warmup_seconds']} s of warm-up, threads = "
+        f"min(connections, cores); `instances` points at c={document['instance_concurrency']}. wrk, TorchServe "
+        "and the worker share the machine's cores. In-process: "
+        f"{mode['inprocess_seconds']} s per point.",
+        "- Noise: 'other CPU load' is the CPU that processes other than TorchServe, wrk and the harness used during "
+        "the point (cores' worth); on a shared machine, numbers with a high value there are low.",
+        f"- Run time: {document.get('duration_s', '?')} s.",
+        "",
+    ]
+
+
+def setting_sections(result: dict[str, Any]) -> list[str]:
+    yaml = result["model_yaml"]
+    lines = [
+        f"## {result['label']}",
+        "",
+        f"model-config.yaml: `{json.dumps(yaml, separators=(',', ':'))}`; torch threads per worker: "
+        f"{result['threads_per_worker']}.",
+        "",
+        "### Targets",
+        "",
+        table(["ratio", "value", "measured", "target", "met"], ratio_rows(ratios(result))),
+        f"### In-process (DLRMPredictor, {result['threads_per_worker']} threads): rows/s, and p50 ms per call",
+        "",
+    ]
+    batches = sorted({timing["batch"] for timing in result["inprocess"]})
+    rows = []
+    for batch in batches:
+        row = [str(batch)]
+        for mode in INPROCESS_COLUMNS:
+            timing = find_timing(result["inprocess"], mode, batch)
+            row.append("–" if timing is None else f"{timing['rows_per_s']:,.0f} ({timing['p50_ms']:.2f} ms)")
+        rows.append(row)
+    lines += [table(["batch", *INPROCESS_COLUMNS.values()], rows)]
+    lines += [
+        "### Served through TorchServe",
+        "",
+        table(POINT_HEADER, [point_row(point) for point in result["served"] + result["noop"]]),
+    ]
+    if result["profiles"]:
+        names = list(result["profiles"])
+        stages = sorted({stage for shares in result["profiles"].values() for stage in shares})
+        stages.sort(key=lambda stage: -max(shares.get(stage, 0.0) for shares in result["profiles"].values()))
+        rows = [
+            [stage, *(f"{100 * result['profiles'][name].get(stage, 0.0):.1f}%" for name in names)] for stage in stages
+        ]
+        lines += [
+            "### Where the DLRM worker's time goes (py-spy samples, idle included; first worker)",
+            "",
+            table(["stage", *names], rows),
+        ]
+    return lines
+
+
+def sweep_table(document: dict[str, Any]) -> str:
+    rows = []
+    for result in document["settings"]:
+        found = ratios(result)
+        c32 = find_point(result["served"], 1, TARGET_CONCURRENCY)
+        c1 = find_point(result["served"], 1, 1)
+        rows.append(
+            [
+                result["label"],
+                optional(c1 and c1["latency_ms"]["p50"], 2),
+                optional(c32 and c32["req_per_s"], 0),
+                optional(c32 and c32["latency_ms"]["p99"]),
+                optional(found.get("served_vs_noop", {}).get("value"), 2),
+                optional(found.get("served_vs_inprocess", {}).get("value"), 2),
+                optional(found.get("c1_overhead_ms", {}).get("value"), 2),
+                f"{max(point['other_cpu_cores'] for point in result['served'] + result['noop']):.2f}",
+            ]
+        )
+    header = [
+        "setting", "c=1 p50 ms", f"c={TARGET_CONCURRENCY} req/s", f"c={TARGET_CONCURRENCY} p99 ms",
+        f"÷ no-op (>= {TARGET_NOOP_RATIO})", f"{TARGET_ROWS} rows ÷ in-process (>= {TARGET_INPROCESS_RATIO})",
+        f"c=1 overhead ms (<= {TARGET_OVERHEAD_MS})", "max other CPU load",
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def markdown(document: dict[str, Any]) -> str:
+    lines = header_lines(document)
+    if document["kind"] == "sweep":
+        lines += ["## Sweep summary", "", sweep_table(document)]
+    for result in document["settings"]:
+        lines += setting_sections(result)
+    return "\n".join(lines)
+
+
+def plot(document: dict[str, Any], path: Path) -> None:
+    """Throughput and p99: per concurrency and per rows per request (a run), per setting (a sweep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plot_sweep(plt, document) if document["kind"] == "sweep" else plot_run(plt, document["settings"][0])
+    machine = document["machine"]
+    figure.suptitle(f"DLRM on TorchServe, {machine['cpu']}, {machine['logical_cores']} cores")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_run(plt: Any, result: dict[str, Any]) -> Any:
+    figure, (single, instances) = plt.subplots(1, 2, figsize=(13, 5))
+    for model, style in (("dlrm", "o-"), ("noop", "s--")):
+        points = [p for p in result["served"] + result["noop"] if p["model"] == model]
+        singles = [p for p in points if p["rows_per_request"] == 1]
+        many = [p for p in points if p["rows_per_request"] > 1]
+        single.plot(
+            [p["concurrency"] for p in singles], [p["req_per_s"] for p in singles], style, label=f"{model} req/s"
+        )
+        if model == "dlrm":
+            instances.plot(
+                [p["rows_per_request"] for p in many], [p["rows_per_s"] for p in many], style, label="dlrm rows/s"
+            )
+            p99_axes = single.twinx()
+            p99_axes.plot(
+                [p["concurrency"] for p in singles], [p["latency_ms"]["p99"] for p in singles], "rx:", label="dlrm p99"
+            )
+            p99_axes.legend(loc="upper right", fontsize=8)
+            p99_axes.set_ylabel("p99 latency (ms)", color="r")
+            p99_axes.set_ylim(bottom=0)
+            many_p99 = instances.twinx()
+            many_p99.plot(
+                [p["rows_per_request"] for p in many], [p["latency_ms"]["p99"] for p in many], "rx:", label="dlrm p99"
+            )
+            many_p99.legend(loc="upper right", fontsize=8)
+            many_p99.set_ylabel("p99 latency (ms)", color="r")
+            many_p99.set_ylim(bottom=0)
+    forward = [t for t in result["inprocess"] if t["mode"] == "forward"]
+    instances.plot(
+        [t["batch"] for t in forward], [t["rows_per_s"] for t in forward], "g^-.", label="in-process forward rows/s"
+    )
+    single.set(xscale="log", xlabel="concurrent connections (single-row requests)", ylabel="requests/s")
+    single.set_title(f"single-row requests ({result['label']})", fontsize=9)
+    instances.set(xscale="log", xlabel="rows per request (instances) / batch (in-process)", ylabel="rows/s")
+    instances.set_title("rows per request", fontsize=9)
+    for axes in (single, instances):
+        axes.legend(loc="upper left", fontsize=8)
+        axes.grid(alpha=0.3)
+    return figure
+
+
+def plot_sweep(plt: Any, document: dict[str, Any]) -> Any:
+    results = document["settings"]
+    figure, axes = plt.subplots(figsize=(12, 1.2 + 0.6 * len(results)))
+    labels = [result["label"] for result in results]
+    served = [find_point(r["served"], 1, TARGET_CONCURRENCY) for r in results]
+    noop = [find_point(r["noop"], 1, TARGET_CONCURRENCY) for r in results]
+    positions = range(len(results))
+    axes.barh([y + 0.2 for y in positions], [p["req_per_s"] if p else 0 for p in served], 0.4, label="dlrm req/s")
+    axes.barh([y - 0.2 for y in positions], [p["req_per_s"] if p else 0 for p in noop], 0.4, label="no-op req/s")
+    for y, point in zip(positions, served, strict=True):
+        if point:
+            label = f"p99 {point['latency_ms']['p99']:.0f} ms"
+            axes.annotate(label, (point["req_per_s"], y + 0.2), xytext=(3, -3), textcoords="offset points", fontsize=8)
+    axes.set_yticks(list(positions), labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel(f"single-row requests/s at c={TARGET_CONCURRENCY}")
+    axes.legend(loc="lower right", fontsize=8)
+    axes.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Redraw results.md and results.png from a results.json.")
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args()
+    document = json.loads(args.results.read_text())
+    args.results.with_suffix(".md").write_text(markdown(document))
+    plot(document, args.results.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
