@@ -76,9 +76,14 @@ RUN mkdir -p /usr/share/man/man1 \
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
+    OMP_WAIT_POLICY=PASSIVE \
     TS_CONFIG_FILE=/opt/dlrm/config.properties \
     TS_INFERENCE_ADDRESS=http://0.0.0.0:8080
-COPY config.properties /opt/dlrm/config.properties
+COPY config.properties log4j2.xml /opt/dlrm/
+# config.properties names log4j2.xml relative to the repository root; here it has a fixed place.
+RUN sed -i 's|^vmargs=-Dlog4j.configurationFile=log4j2.xml$|vmargs=-Dlog4j.configurationFile=/opt/dlrm/log4j2.xml|' \
+        /opt/dlrm/config.properties \
+    && grep -q '^vmargs=-Dlog4j.configurationFile=/opt/dlrm/log4j2.xml$' /opt/dlrm/config.properties
 COPY deploy/container/entrypoint.py /opt/dlrm/entrypoint.py
 ARG MODEL_ARCHIVE=model_store/dlrm.mar
 RUN --mount=type=bind,target=/context \

@@ -35,7 +35,8 @@ $(VENV)/.installed: requirements.txt requirements-torchrec.txt requirements-dev.
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-torchrec.txt
 	@# Let a bare `torchserve --start --models dlrm=dlrm.mar` find config.properties (and thus the model store).
-	@grep -q TS_CONFIG_FILE $(VENV)/bin/activate || echo 'export TS_CONFIG_FILE="$(CURDIR)/config.properties"' >> $(VENV)/bin/activate
+	@# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning on the cores the frontend needs.
+	@grep -q TS_CONFIG_FILE $(VENV)/bin/activate || printf '%s\n' 'export TS_CONFIG_FILE="$(CURDIR)/config.properties"' 'export OMP_WAIT_POLICY=PASSIVE' >> $(VENV)/bin/activate
 	$(PY) -c 'import torch, torchrec, fbgemm_gpu, ts; print("torch", torch.__version__, "| torchrec ok | torchserve", ts.__version__)'
 	touch $@
 

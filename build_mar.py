@@ -26,6 +26,7 @@ import yaml
 from torchrec.models.dlrm import DLRM
 
 from handler.codec import DEFAULT_MAX_ROWS
+from handler.metrics import DEFAULT_FLUSH_SECONDS
 from model_factory.artifact import (
     CONFIG_FILE,
     TABLES_FILE,
@@ -105,10 +106,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=int, default=32, help="TorchServe batchSize: requests per batch (default: 32)"
     )
     serving.add_argument(
-        "--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms to fill a batch (default: 5)"
+        "--max-batch-delay",
+        type=int,
+        default=1,
+        help="TorchServe maxBatchDelay: ms to wait for a batch to fill, paid in full by a lone request; "
+        "keep it >= 1 with batching, 0 breaks TorchServe 0.12's batching (default: 1)",
     )
     serving.add_argument(
-        "--workers", type=int, default=1, help="worker processes (minWorkers = maxWorkers; default: 1)"
+        "--workers",
+        type=int,
+        default=2,
+        help="worker processes, each with its own copy of the model (minWorkers = maxWorkers; default: 2)",
+    )
+    serving.add_argument(
+        "--metrics-flush-seconds",
+        type=float,
+        default=DEFAULT_FLUSH_SECONDS,
+        help=f"the handler reports its metrics at most this often (default: {DEFAULT_FLUSH_SECONDS})",
     )
     serving.add_argument(
         "--threads", type=int, default=0, help="torch threads per worker; 0 = usable cores / workers (default: 0)"
@@ -128,8 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("batch_size", "workers", "max_rows", "response_timeout"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.max_batch_delay < 0 or args.threads < 0:
-        parser.error("--max-batch-delay and --threads must not be negative")
+    if args.max_batch_delay < 0 or args.threads < 0 or args.metrics_flush_seconds < 0:
+        parser.error("--max-batch-delay, --threads and --metrics-flush-seconds must not be negative")
     return args
 
 
@@ -186,7 +200,7 @@ def load_checkpoint(artifact: ModelArtifact, path: Path) -> DLRM:
 
 def model_yaml(args: argparse.Namespace) -> dict:
     """TorchServe's per-model settings, plus a ``handler`` section that the handler reads."""
-    handler = {"max_rows_per_request": args.max_rows}
+    handler = {"max_rows_per_request": args.max_rows, "metrics_flush_seconds": args.metrics_flush_seconds}
     if args.threads:
         handler["num_threads"] = args.threads
     return {

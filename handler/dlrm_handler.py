@@ -16,7 +16,7 @@ import orjson
 import torch
 
 from handler.codec import DEFAULT_MAX_ROWS
-from handler.metrics import HandlerMetrics
+from handler.metrics import DEFAULT_FLUSH_SECONDS, HandlerMetrics
 from handler.predictor import DLRMPredictor
 from model_factory.factory import format_summary, summarize
 
@@ -42,7 +42,11 @@ class DLRMHandler:
         self.predictor = DLRMPredictor.from_artifact(
             Path(properties["model_dir"]), device, max_rows=int(settings.get("max_rows_per_request", DEFAULT_MAX_ROWS))
         )
-        self.metrics = HandlerMetrics(context.metrics, context.model_name)
+        self.metrics = HandlerMetrics(
+            context.metrics,
+            context.model_name,
+            flush_seconds=float(settings.get("metrics_flush_seconds", DEFAULT_FLUSH_SECONDS)),
+        )
         provenance = self.predictor.artifact.provenance
         log = logger.warning if not provenance.trained else logger.info
         log("DLRM loaded on %s with %d threads: %s", device, torch.get_num_threads(), provenance.describe())
@@ -54,12 +58,13 @@ class DLRMHandler:
             context.set_response_content_type(0, JSON)
             return [orjson.dumps(self.describe())]
         result = self.predictor.predict_bodies([request_body(request) for request in data])
+        invalid = []
         for index, response in enumerate(result.responses):
             context.set_response_content_type(index, JSON)
-            if response.status != 200:
-                context.set_response_status(response.status, response.error_kind or "", index)
-                self.metrics.record_invalid(response.error_kind or "unknown")
-        self.metrics.record_batch(len(data), result.rows, result.decode_ms, result.forward_ms)
+            if response.error_kind is not None:
+                context.set_response_status(response.status, response.error_kind, index)
+                invalid.append(response.error_kind)
+        self.metrics.record_batch(len(data), result.rows, result.decode_ms, result.forward_ms, invalid)
         return [response.body for response in result.responses]
 
     def describe(self) -> dict[str, Any]:

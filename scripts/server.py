@@ -110,6 +110,8 @@ class TorchServeProcess:
                 "grpc_inference_port": str(ports.grpc_inference),
                 "grpc_management_port": str(ports.grpc_management),
                 "model_store": str(self.model_store),
+                # config.properties names log4j2.xml relative to the repository root; this runs elsewhere
+                "vmargs": f"-Dlog4j.configurationFile={REPO_ROOT / 'log4j2.xml'}",
             }
         )
         properties.update(self.overrides)
@@ -126,6 +128,7 @@ class TorchServeProcess:
             "METRICS_LOCATION": str(self.log_dir),
             "TEMP": str(self.workdir),  # TorchServe keeps its pid file in the temp dir
             "TMPDIR": str(self.workdir),
+            "OMP_WAIT_POLICY": "PASSIVE",  # as `make serve` and the image: idle OpenMP threads yield the CPU
             **self.env,
         }
         env.pop("TS_CONFIG_FILE", None)

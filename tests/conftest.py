@@ -54,6 +54,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--max-rows", str(TEST_MAX_ROWS),
         "--batch-size", str(TEST_BATCH_SIZE),
         "--max-batch-delay", str(TEST_MAX_BATCH_DELAY_MS),
+        "--metrics-flush-seconds", "0",  # counters current after every batch, for the batching tests
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return store

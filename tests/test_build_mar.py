@@ -36,8 +36,8 @@ def test_archive_contents_and_settings(model_store: Path) -> None:
     assert manifest["model"]["handler"] == "dlrm_handler.py"
     assert manifest["model"]["serializedFile"] == "weights.pt"
     assert settings["batchSize"] == 16 and settings["maxBatchDelay"] == 100
-    assert settings["minWorkers"] == settings["maxWorkers"] == 1
-    assert settings["handler"] == {"max_rows_per_request": 64}
+    assert settings["minWorkers"] == settings["maxWorkers"] == 2
+    assert settings["handler"] == {"max_rows_per_request": 64, "metrics_flush_seconds": 0.0}
     assert artifact["provenance"] == {"trained": False, "seed": 3, "checkpoint": None, "metrics": None}
     assert artifact["model"]["embedding_dim"] == 16
 
@@ -101,6 +101,10 @@ def test_help_documents_every_flag() -> None:
     result = subprocess.run(
         [sys.executable, "build_mar.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     )
-    for flag in ("--preset", "--config", "--checkpoint", "--seed", "--output", "--batch-size", "--max-batch-delay",
-                 "--workers", "--threads", "--max-rows", "--response-timeout", "--version"):  # fmt: skip
+    flags = (
+        "--preset", "--config", "--checkpoint", "--seed", "--output", "--version", "--archive-format",
+        "--quantize", "--quantize-table", "--quantize-mlp", "--batch-size", "--max-batch-delay", "--workers",
+        "--threads", "--max-rows", "--response-timeout", "--metrics-flush-seconds",
+    )  # fmt: skip
+    for flag in flags:
         assert flag in result.stdout

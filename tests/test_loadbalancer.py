@@ -265,7 +265,8 @@ def test_kubernetes_manifests_fit_together() -> None:
     assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "2"
     assert resources["requests"]["memory"] == resources["limits"]["memory"]
     env = {variable["name"]: variable["value"] for variable in container["env"]}
-    assert env["DLRM_THREADS"] == resources["limits"]["cpu"], "torch threads match the CPU limit"
+    workers_x_threads = int(env["DLRM_WORKERS"]) * int(env["DLRM_THREADS"])
+    assert workers_x_threads == int(resources["limits"]["cpu"]), "workers x torch threads match the CPU limit"
     assert container["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
     assert container["startupProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
     assert container["readinessProbe"]["exec"]["command"][:2] == ["python", "-c"]
