@@ -44,6 +44,7 @@ LENGTHS_FIELD = "id_list_features.lengths"
 VALUES_FIELD = "id_list_features.values"
 INSTANCES_FIELD = "instances"
 ROW_FIELDS = (DENSE_FIELD, LENGTHS_FIELD, VALUES_FIELD)
+_ROW_FIELD_SET = frozenset(ROW_FIELDS)
 
 DEFAULT_MAX_ROWS = 4096
 # Longest echo of client input in an error body.
@@ -178,12 +179,7 @@ class RequestDecoder:
         return rows
 
     def _decode_rows(self, rows: list, single_row: bool) -> DecodedRequest:
-        dense_rows, length_rows, value_rows = [], [], []
-        for index, row in enumerate(rows):
-            dense, lengths, values = self._row_fields(row, index)
-            dense_rows.append(dense)
-            length_rows.append(lengths)
-            value_rows.append(values)
+        dense_rows, length_rows, value_rows = self._well_formed_fields(rows) or self._checked_fields(rows)
         dense = self._dense_array(dense_rows)
         lengths = np.array(length_rows, dtype=np.int64)
         try:
@@ -273,6 +269,43 @@ class RequestDecoder:
             expected="string of 8 hex digits, empty or null",
             got=value,
         )
+
+    def _well_formed_fields(self, rows: list) -> tuple[list, list, list] | None:
+        """The three columns of ``rows`` if every row is well formed, checked for all rows at once; else None.
+
+        The fast path for valid requests: a few C-speed passes over all rows
+        instead of one Python round of checks per row (4 µs per row: a fifth of a
+        worker's time on 1,024-row requests). Anything it does not accept goes to
+        :meth:`_checked_fields`, which finds the first problem and names it. Ranges
+        (finite dense values, ids within their tables) are checked afterwards, on
+        the arrays, for both paths.
+        """
+        if not all(type(row) is dict and row.keys() == _ROW_FIELD_SET for row in rows):
+            return None
+        dense_rows = [row[DENSE_FIELD] for row in rows]
+        length_rows = [row[LENGTHS_FIELD] for row in rows]
+        value_rows = [row[VALUES_FIELD] for row in rows]
+        well_formed = (
+            set(map(type, chain(dense_rows, length_rows, value_rows))) == {list}
+            and set(map(len, dense_rows)) == {self.num_dense}
+            and set(map(len, length_rows)) == {self.num_sparse}
+            and set(map(type, chain.from_iterable(dense_rows))) <= _NUMBER_TYPES
+            and set(map(type, chain.from_iterable(length_rows))) <= _INT_TYPES
+            and set(map(type, chain.from_iterable(value_rows))) <= _INT_TYPES
+            and min(chain.from_iterable(length_rows)) >= 0
+            and list(map(sum, length_rows)) == list(map(len, value_rows))
+        )
+        return (dense_rows, length_rows, value_rows) if well_formed else None
+
+    def _checked_fields(self, rows: list) -> tuple[list, list, list]:
+        """The three columns of ``rows``, checked row by row: raises on the first malformed row."""
+        dense_rows, length_rows, value_rows = [], [], []
+        for index, row in enumerate(rows):
+            dense, lengths, values = self._row_fields(row, index)
+            dense_rows.append(dense)
+            length_rows.append(lengths)
+            value_rows.append(values)
+        return dense_rows, length_rows, value_rows
 
     def _row_fields(self, row: Any, index: int) -> tuple[list, list, list]:
         """The three lists of one row, checked for presence, JSON type and counts."""
