@@ -7,6 +7,7 @@ outside the archive is imported.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
@@ -51,6 +52,10 @@ class DLRMHandler:
         log = logger.warning if not provenance.trained else logger.info
         log("DLRM loaded on %s with %d threads: %s", device, torch.get_num_threads(), provenance.describe())
         logger.info("model summary:\n%s", format_summary(summarize(self.predictor.model)))
+        # Everything alive now (torch, TorchRec, TorchServe, the model) lives as long as the worker: keep it
+        # out of the cyclic garbage collector, whose full passes over those ~400k objects took 150 ms and
+        # landed on whichever request happened to trigger them (the p99).
+        gc.freeze()
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         assert self.predictor is not None and self.metrics is not None, "initialize() runs before handle()"
