@@ -136,10 +136,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serving.add_argument(
         "--response-timeout", type=int, default=120, help="TorchServe responseTimeout in seconds (default: 120)"
     )
+    serving.add_argument(
+        "--startup-timeout",
+        type=int,
+        default=300,
+        help="TorchServe startupTimeout: seconds a worker may take to load the model; multi-GB tables "
+        "need more than TorchServe's 120 (default: 300)",
+    )
     args = parser.parse_args(argv)
     if args.output.suffix != ".mar":
         parser.error(f"--output must end in .mar, got {args.output}")
-    for flag in ("batch_size", "workers", "max_rows", "response_timeout"):
+    for flag in ("batch_size", "workers", "max_rows", "response_timeout", "startup_timeout"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_batch_delay < 0 or args.threads < 0 or args.metrics_flush_seconds < 0:
@@ -209,6 +216,7 @@ def model_yaml(args: argparse.Namespace) -> dict:
         "batchSize": args.batch_size,
         "maxBatchDelay": args.max_batch_delay,
         "responseTimeout": args.response_timeout,
+        "startupTimeout": args.startup_timeout,
         "handler": handler,
     }
 

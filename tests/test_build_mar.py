@@ -104,7 +104,7 @@ def test_help_documents_every_flag() -> None:
     flags = (
         "--preset", "--config", "--checkpoint", "--seed", "--output", "--version", "--archive-format",
         "--quantize", "--quantize-table", "--quantize-mlp", "--batch-size", "--max-batch-delay", "--workers",
-        "--threads", "--max-rows", "--response-timeout", "--metrics-flush-seconds",
+        "--threads", "--max-rows", "--response-timeout", "--startup-timeout", "--metrics-flush-seconds",
     )  # fmt: skip
     for flag in flags:
         assert flag in result.stdout

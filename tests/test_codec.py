@@ -108,9 +108,13 @@ def test_encode_scores_shapes() -> None:
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "sample_data").glob("*.json")), ids=lambda p: p.name)
-def test_shipped_samples_are_valid_for_the_default_model(path) -> None:
-    request = RequestDecoder(preset(DEFAULT_PRESET), Preprocessing()).decode(path.read_bytes())
+def test_shipped_samples_are_valid_for_their_model(path) -> None:
+    """Every sample decodes for the default model; the reference example's sample for criteo-1tb."""
+    model = "criteo-1tb" if path.name.startswith("reference_") else DEFAULT_PRESET
+    request = RequestDecoder(preset(model), Preprocessing()).decode(path.read_bytes())
     assert request.num_rows >= 1
+    if model == "criteo-1tb":
+        assert request.values[0] == 45_821_459  # exact: float32 would make it 45,821,460
 
 
 def test_raw_row_goes_through_the_shared_preprocessing(decoder: RequestDecoder, small_config: DLRMConfig) -> None:
