@@ -2,13 +2,15 @@
 
 For each option (fp32, fp16/int8/int4 tables, int8 tables + int8 MLPs) and each
 model — the default `small` DLRM trained by `make train`, and the reference
-shape `criteo-kaggle` (seeded random weights) — the run builds the archive with
-build_mar.py and records:
+shape `criteo-kaggle` (seeded random fp32 weights, which the other options
+quantize) — the run builds the archive with build_mar.py and records:
 
 - accuracy on the held-out synthetic rows (trained model only): AUC and its
   change against fp32, and the largest change of any row's click probability;
 - the archive's size;
-- the worker's RSS, all options served side by side by one TorchServe;
+- the worker's RSS, all options served side by side by one TorchServe (fp32 weights are
+  memory-mapped, so their RSS counts only the pages touched so far; quantized tables are
+  read into memory whole);
 - in-process rows/s of the model forward at batch 1, 64 and 1024 with one
   torch thread (a shipped worker's share of 2 cores).
 
@@ -71,18 +73,10 @@ def archive_name(model: str, option: str) -> str:
     return f"{model.split()[0]}-{option.replace('+', '-')}"
 
 
-def build(store: Path, model: str, option: str) -> Path:
+def build(store: Path, model: str, source: list[str], option: str) -> Path:
+    """build_mar.py for ``model`` from ``source`` (its model flags) with ``option``'s quantization flags."""
     archive = store / f"{archive_name(model, option)}.mar"
-    command = [
-        sys.executable,
-        "build_mar.py",
-        *MODELS[model],
-        *OPTIONS[option],
-        "--workers",
-        "1",
-        "--output",
-        str(archive),
-    ]
+    command = [sys.executable, "build_mar.py", *source, *OPTIONS[option], "--workers", "1", "--output", str(archive)]
     subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
     return archive
 
@@ -156,14 +150,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dlrm-quant-") as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
-        for model_name in MODELS:
+        for model_name, source in MODELS.items():
             reference_scores = None
             batches = None
             for option in OPTIONS:
-                archive = build(store, model_name, option)
+                archive = build(store, model_name, source, option)
                 extracted = Path(tmp) / archive.stem
                 with zipfile.ZipFile(archive) as zipped:
                     zipped.extractall(extracted)
+                if option == "fp32" and "--checkpoint" not in source:
+                    # quantize these very weights: a random quantized archive would be another random model
+                    source = [*source, "--checkpoint", str(extracted / "weights.pt")]
                 model, artifact = load_model(extracted)
                 if batches is None:
                     batches = list(read_batches([VALIDATION], 10_000, artifact.model, artifact.preprocessing))
