@@ -111,10 +111,8 @@ def worker_rss(server: TorchServeProcess) -> int:
 
 
 def serve_and_measure(dtype: str, store: Path, workdir: Path, count: int) -> dict:
-    server = TorchServeProcess(store, f"dlrm=dlrm-1tb-{dtype}", workdir)
     started = time.perf_counter()
-    try:
-        server.start()
+    with TorchServeProcess(store, f"dlrm=dlrm-1tb-{dtype}", workdir) as server:
         server.wait_ready(timeout=1800)
         ready = time.perf_counter() - started
         rss_ready = worker_rss(server)
@@ -141,8 +139,6 @@ def serve_and_measure(dtype: str, store: Path, workdir: Path, count: int) -> dic
             "p99_ms": round(float(np.percentile(latencies, 99)), 2),
             "reference_sample": {"status": reference.status_code, "body": reference.json()},
         }
-    finally:
-        server.stop()
 
 
 def markdown(results: list[FullSizeResult], machine: dict) -> str:

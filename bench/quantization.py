@@ -103,9 +103,7 @@ def forward_rows_per_s(model: torch.nn.Module, config, seconds: float) -> dict[i
 
 def served_rss(store: Path, names: list[str], workdir: Path) -> dict[str, float]:
     """Each archive's worker RSS (MiB), all served by one TorchServe, after a first prediction."""
-    server = TorchServeProcess(store, " ".join(f"{name}={name}.mar" for name in names), workdir)
-    try:
-        server.start()
+    with TorchServeProcess(store, " ".join(f"{name}={name}.mar" for name in names), workdir) as server:
         rss = {}
         for name in names:
             server.wait_ready(name)
@@ -115,8 +113,6 @@ def served_rss(store: Path, names: list[str], workdir: Path) -> dict[str, float]
             (pid,) = server.worker_pids(name)
             rss[name] = round(psutil.Process(pid).memory_info().rss / 2**20, 1)
         return rss
-    finally:
-        server.stop()
 
 
 def markdown(results: list[OptionResult]) -> str:

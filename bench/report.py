@@ -250,6 +250,15 @@ def plot(document: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def _plot_p99(axes: Any, xs: list[int], points: list[dict[str, Any]]) -> None:
+    """The DLRM's p99 latency on a right-hand axis of ``axes``."""
+    p99_axes = axes.twinx()
+    p99_axes.plot(xs, [p["latency_ms"]["p99"] for p in points], "rx:", label="dlrm p99")
+    p99_axes.legend(loc="upper right", fontsize=8)
+    p99_axes.set_ylabel("p99 latency (ms)", color="r")
+    p99_axes.set_ylim(bottom=0)
+
+
 def plot_run(plt: Any, result: dict[str, Any]) -> Any:
     figure, (single, instances) = plt.subplots(1, 2, figsize=(13, 5))
     for model, style in (("dlrm", "o-"), ("noop", "s--")):
@@ -263,20 +272,8 @@ def plot_run(plt: Any, result: dict[str, Any]) -> Any:
             instances.plot(
                 [p["rows_per_request"] for p in many], [p["rows_per_s"] for p in many], style, label="dlrm rows/s"
             )
-            p99_axes = single.twinx()
-            p99_axes.plot(
-                [p["concurrency"] for p in singles], [p["latency_ms"]["p99"] for p in singles], "rx:", label="dlrm p99"
-            )
-            p99_axes.legend(loc="upper right", fontsize=8)
-            p99_axes.set_ylabel("p99 latency (ms)", color="r")
-            p99_axes.set_ylim(bottom=0)
-            many_p99 = instances.twinx()
-            many_p99.plot(
-                [p["rows_per_request"] for p in many], [p["latency_ms"]["p99"] for p in many], "rx:", label="dlrm p99"
-            )
-            many_p99.legend(loc="upper right", fontsize=8)
-            many_p99.set_ylabel("p99 latency (ms)", color="r")
-            many_p99.set_ylim(bottom=0)
+            _plot_p99(single, [p["concurrency"] for p in singles], singles)
+            _plot_p99(instances, [p["rows_per_request"] for p in many], many)
     forward = [t for t in result["inprocess"] if t["mode"] == "forward"]
     instances.plot(
         [t["batch"] for t in forward], [t["rows_per_s"] for t in forward], "g^-.", label="in-process forward rows/s"

@@ -320,9 +320,9 @@ def serve(
     profile_stem: str | None = None,
 ) -> tuple[list[PointResult], dict[str, dict[str, float]]]:
     """Serve ``model`` alone in a fresh TorchServe and measure ``points`` (and profiles) against it."""
-    server = TorchServeProcess(store, f"{model}={model}.mar", workdir, overrides=setting.overrides(), env=setting.env())
-    try:
-        server.start()
+    with TorchServeProcess(
+        store, f"{model}={model}.mar", workdir, overrides=setting.overrides(), env=setting.env()
+    ) as server:
         server.wait_ready(model)
         results = []
         for point in points:
@@ -345,8 +345,6 @@ def serve(
                         server, model, point, bodies[point.rows_per_request], workdir, stem, mode.profile_seconds
                     )
         return results, profiles
-    finally:
-        server.stop()
 
 
 def run_setting(

@@ -105,9 +105,7 @@ def soak(duration: int, concurrency: int, warmup: int, workdir: Path) -> dict[st
     build_default_archive(store)
     bodies = request_bodies(criteo_like_rows(preset(DEFAULT_PRESET), DISTINCT_ROWS), 1)
     bodies_file = write_bodies(bodies, workdir / "bodies.jsonl")
-    server = TorchServeProcess(store, "dlrm=dlrm.mar", workdir / "torchserve")
-    try:
-        server.start()
+    with TorchServeProcess(store, "dlrm=dlrm.mar", workdir / "torchserve") as server:
         server.wait_ready()
         url = f"{server.endpoints.inference}/predictions/dlrm"
         answer = post(url, bodies[0])
@@ -123,8 +121,6 @@ def soak(duration: int, concurrency: int, warmup: int, workdir: Path) -> dict[st
             result = run_wrk(url, bodies_file, concurrency, duration)
         other_cores, steal_cores = meter.stop()
         worker_pids_after = server.worker_pids()
-    finally:
-        server.stop()
     errors = result["errors"]
     error_count = errors["status"] + errors["connect"] + errors["read"] + errors["write"] + errors["timeout"]
     start, end = memory.samples[0], memory.samples[-1]

@@ -72,13 +72,9 @@ def served_model(tmp_path_factory: pytest.TempPathFactory, model_store: Path):
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[TorchServeProcess]:
-    instance = TorchServeProcess(model_store, "dlrm=dlrm.mar", tmp_path_factory.mktemp("torchserve"))
-    try:
-        instance.start()
+    with TorchServeProcess(model_store, "dlrm=dlrm.mar", tmp_path_factory.mktemp("torchserve")) as instance:
         instance.wait_ready()
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture()

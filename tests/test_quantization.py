@@ -175,15 +175,11 @@ def test_ids_above_2_to_the_24_hit_their_own_rows(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (store / "served" / TABLES_FILE).write_bytes((store / "dlrm" / TABLES_FILE).read_bytes())  # our edited rows
     (store / "served" / "weights.pt").write_bytes((store / "dlrm" / "weights.pt").read_bytes())
-    server = TorchServeProcess(store, "dlrm=served", tmp_path / "torchserve")
-    try:
-        server.start()
+    with TorchServeProcess(store, "dlrm=served", tmp_path / "torchserve") as server:
         server.wait_ready()
         url = f"{server.endpoints.inference}/predictions/dlrm"
         headers = {"Content-Type": "application/json"}
         served = [requests.post(url, data=body, headers=headers, timeout=30).json()["logit"] for body in bodies]
-    finally:
-        server.stop()
     assert served == pytest.approx(in_process, abs=1e-6)
 
 
@@ -205,9 +201,7 @@ def test_quantized_archives_serve_like_in_process(tmp_path: Path, small_config: 
         result = build_archive(store / f"{name}.mar", "--seed", "5", *flags)
         assert result.returncode == 0, result.stderr
     rows = list(request_rows(*random_inputs(small_config, 16, np.random.default_rng(1), num_indices_per_lookup=3)))
-    server = TorchServeProcess(store, "int8=int8.mar int4=int4 int8mlp=int8mlp", tmp_path / "torchserve")
-    try:
-        server.start()
+    with TorchServeProcess(store, "int8=int8.mar int4=int4 int8mlp=int8mlp", tmp_path / "torchserve") as server:
         for name in builds:
             server.wait_ready(name)
         for name in builds:
@@ -220,8 +214,6 @@ def test_quantized_archives_serve_like_in_process(tmp_path: Path, small_config: 
             assert served == pytest.approx([p["logit"] for p in expected["predictions"]], abs=1e-5)
             description = requests.get(f"{server.endpoints.management}/models/{name}?customized=true").json()[0]
             assert description["customizedMetadata"]["quantization"]["tables"] == builds[name][1]
-    finally:
-        server.stop()
 
 
 def _extracted(archive: Path, tmp_path: Path) -> Path:

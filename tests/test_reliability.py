@@ -111,13 +111,9 @@ def shipped_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def own_server(shipped_store: Path, tmp_path: Path) -> Iterator[TorchServeProcess]:
     """A TorchServe of its own, so that killing its worker leaves the session server alone."""
-    instance = TorchServeProcess(shipped_store, "dlrm=dlrm.mar", tmp_path / "torchserve")
-    try:
-        instance.start()
+    with TorchServeProcess(shipped_store, "dlrm=dlrm.mar", tmp_path / "torchserve") as instance:
         instance.wait_ready()
         yield instance
-    finally:
-        instance.stop()
 
 
 def test_killed_worker_is_replaced_and_no_request_hangs(own_server: TorchServeProcess, record_property) -> None:

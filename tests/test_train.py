@@ -119,9 +119,7 @@ def test_served_raw_rows_equal_offline_scores(
     with torch.no_grad():
         offline = model(batch.dense_features, batch.sparse_features).squeeze(1).numpy()[:40]
 
-    server = TorchServeProcess(store, "dlrm=dlrm.mar", tmp_path / "torchserve")
-    try:
-        server.start()
+    with TorchServeProcess(store, "dlrm=dlrm.mar", tmp_path / "torchserve") as server:
         server.wait_ready()
         url = f"{server.endpoints.inference}/predictions/dlrm"
         single = [requests.post(url, json=row, timeout=30).json()["logit"] for row in rows[:5]]
@@ -138,8 +136,6 @@ def test_served_raw_rows_equal_offline_scores(
             "category_hashing": "hex-mod",
             "missing_category_row": 0,
         }
-    finally:
-        server.stop()
     with zipfile.ZipFile(store / "dlrm.mar") as archive:
         assert json.loads(archive.read("model_config.json"))["provenance"]["metrics"]["auc"] > 0.7
     assert np.isfinite(offline).all()
