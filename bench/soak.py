@@ -1,10 +1,10 @@
-"""Soak test: a long steady load must give no errors and leave the worker's memory flat.
+"""Soak test: a long steady load must give no errors and leave the workers' memory flat.
 
     python -m bench.soak                                   # 10 minutes of single-row requests at concurrency 32
     python -m bench.soak --duration 120 --concurrency 32   # a 2-minute check
 
-Builds the default archive (``build_mar.py`` without options: the archive the image
-ships, batch 32 and 5 ms delay), serves it with the shipped ``config.properties`` on
+Builds the default archive (``build_mar.py`` without options: the shipped serving
+settings, 2 workers and batches of 32 within 1 ms), serves it with the shipped ``config.properties`` on
 free loopback ports (scripts.server), warms up, then keeps ``concurrency`` connections
 busy with single-row requests (bench.workload: Criteo-like rows, ids spread over the
 tables) for ``duration`` seconds.
@@ -14,10 +14,10 @@ loop drives 32 keep-alive connections at the server's full rate for a fraction o
 32 Python client threads would need about a core of their own on a 2-core machine,
 measuring the client as much as the server.
 
-It passes with 0 errors (HTTP status >= 400, socket errors and timeouts) and worker RSS
-growing by less than 5 % from the end of the warm-up to the end of the run. RSS is
+It passes with 0 errors (HTTP status >= 400, socket errors and timeouts) and every
+worker's RSS growing by less than 5 % from the end of the warm-up to the end of the run. RSS is
 measured after the warm-up because the first requests grow the allocator's arenas,
-which is not a leak; it is sampled every 10 s meanwhile, and the worker's pid must not
+which is not a leak; it is sampled every 10 s meanwhile, and the workers' pids must not
 change (a restarted worker would hide a leak). The result goes to
 ``bench/results/soak-<time>.json``; the exit status is 1 when it fails.
 """
@@ -52,16 +52,16 @@ SAMPLE_EVERY_S = 10.0
 @dataclass(frozen=True)
 class MemorySample:
     seconds: float  # since the measured run started
-    worker_rss_mib: float
+    worker_rss_mib: tuple[float, ...]  # one per worker, in the order of their pids
     frontend_rss_mib: float
 
 
 class MemorySampler:
-    """Samples the worker's and the Java frontend's RSS every ``SAMPLE_EVERY_S`` while a run goes on."""
+    """Samples the workers' and the Java frontend's RSS every ``SAMPLE_EVERY_S`` while a run goes on."""
 
-    def __init__(self, server: TorchServeProcess, worker_pid: int) -> None:
+    def __init__(self, server: TorchServeProcess, worker_pids: list[int]) -> None:
         assert server.process is not None, "the server is started"
-        self.worker = psutil.Process(worker_pid)
+        self.workers = [psutil.Process(pid) for pid in worker_pids]
         self.frontend = next(p for p in psutil.Process(server.process.pid).children() if p.name() == "java")
         self.samples: list[MemorySample] = []
         self._stop = threading.Event()
@@ -71,7 +71,7 @@ class MemorySampler:
     def sample(self) -> MemorySample:
         return MemorySample(
             seconds=round(time.monotonic() - self._start, 1),
-            worker_rss_mib=round(self.worker.memory_info().rss / 2**20, 2),
+            worker_rss_mib=tuple(round(worker.memory_info().rss / 2**20, 2) for worker in self.workers),
             frontend_rss_mib=round(self.frontend.memory_info().rss / 2**20, 2),
         )
 
@@ -111,24 +111,24 @@ def soak(duration: int, concurrency: int, warmup: int, workdir: Path) -> dict[st
         answer = post(url, bodies[0])
         if answer.status_code != 200:
             sys.exit(f"the server refused a soak body: {answer.status_code} {answer.text[:300]}")
-        (worker_pid,) = server.worker_pids()
+        worker_pids = sorted(server.worker_pids())
         print(f"warm-up: {warmup} s at concurrency {concurrency}", flush=True)
         run_wrk(url, bodies_file, concurrency, warmup)
         print(f"soak: {duration} s at concurrency {concurrency}", flush=True)
         assert server.process is not None
         meter = CpuMeter(server.process.pid)
-        with MemorySampler(server, worker_pid) as memory:
+        with MemorySampler(server, worker_pids) as memory:
             result = run_wrk(url, bodies_file, concurrency, duration)
         other_cores, steal_cores = meter.stop()
-        worker_pids_after = server.worker_pids()
+        worker_pids_after = sorted(server.worker_pids())
     errors = result["errors"]
     error_count = errors["status"] + errors["connect"] + errors["read"] + errors["write"] + errors["timeout"]
     start, end = memory.samples[0], memory.samples[-1]
-    growth = end.worker_rss_mib / start.worker_rss_mib - 1
+    growth = max(after / before - 1 for before, after in zip(start.worker_rss_mib, end.worker_rss_mib, strict=True))
     seconds = result["duration_us"] / 1e6
     return {
         "kind": "soak",
-        "passed": error_count == 0 and growth < MAX_RSS_GROWTH and worker_pids_after == [worker_pid],
+        "passed": error_count == 0 and growth < MAX_RSS_GROWTH and worker_pids_after == worker_pids,
         "duration_s": round(seconds, 1),
         "warmup_s": warmup,
         "concurrency": concurrency,
@@ -140,7 +140,7 @@ def soak(duration: int, concurrency: int, warmup: int, workdir: Path) -> dict[st
         "worker_rss_mib": {"start": start.worker_rss_mib, "end": end.worker_rss_mib},
         "worker_rss_growth": round(growth, 4),
         "frontend_rss_mib": {"start": start.frontend_rss_mib, "end": end.frontend_rss_mib},
-        "worker_restarted": worker_pids_after != [worker_pid],
+        "worker_restarted": worker_pids_after != worker_pids,
         "memory_timeline": [asdict(sample) for sample in memory.samples],
         "other_cpu_cores": round(other_cores, 2),
         "steal_cores": round(steal_cores, 2),
@@ -168,7 +168,8 @@ def main() -> None:
     print(
         f"{verdict}: {document['requests']} requests in {document['duration_s']} s "
         f"({document['req_per_s']} req/s, p99 {document['latency_ms']['p99']} ms), {document['errors']} errors, "
-        f"worker RSS {rss['start']} -> {rss['end']} MiB ({document['worker_rss_growth']:+.2%}), "
+        f"worker RSS {list(rss['start'])} -> {list(rss['end'])} MiB "
+        f"(largest growth {document['worker_rss_growth']:+.2%}), "
         f"restarted: {document['worker_restarted']}\nresult: {output}"
     )
     sys.exit(0 if document["passed"] else 1)
