@@ -57,11 +57,11 @@ class DLRMPredictor:
         started = time.perf_counter()
         responses: list[Response | None] = [None] * len(bodies)
         valid: list[tuple[int, DecodedRequest]] = []
-        for index, body in enumerate(bodies):
-            try:
-                valid.append((index, self.decoder.decode(body)))
-            except InvalidRequest as error:
-                responses[index] = Response(error.status, encode_error(error), error.kind)
+        for index, decoded in enumerate(self.decoder.decode_many(bodies)):
+            if isinstance(decoded, InvalidRequest):
+                responses[index] = Response(decoded.status, encode_error(decoded), decoded.kind)
+            else:
+                valid.append((index, decoded))
         decoded = time.perf_counter()
         rows = 0
         if valid:

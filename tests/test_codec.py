@@ -4,11 +4,12 @@ import numpy as np
 import orjson
 import pytest
 
-from handler.codec import InvalidRequest, RequestDecoder, encode_error, encode_scores
+from handler.codec import DecodedRequest, InvalidRequest, RequestDecoder, encode_error, encode_scores
 from model_factory.config import DEFAULT_PRESET, DLRMConfig, preset
 from model_factory.features import Preprocessing
 from tests.bad_requests import bad_raw_requests, bad_requests, raw_row, row
 from tests.conftest import REPO_ROOT
+from tests.rows import random_row
 
 MAX_ROWS = 8
 
@@ -134,3 +135,34 @@ def test_raw_instances_and_empty_raw_row(decoder: RequestDecoder) -> None:
     request = decoder.decode(json.dumps({"instances": [raw_row(), raw_row(int_0=5), {"cat_0": None}]}))
     assert request.num_rows == 3 and not request.single_row
     assert request.values[2 * 26 : 3 * 26].tolist() == [0] * 26  # all missing → row 0 of every table
+
+
+def assert_same_request(decoded: DecodedRequest | InvalidRequest, alone: DecodedRequest) -> None:
+    assert isinstance(decoded, DecodedRequest)
+    assert decoded.single_row == alone.single_row
+    for name in ("dense", "lengths", "values"):
+        np.testing.assert_array_equal(getattr(decoded, name), getattr(alone, name))
+
+
+def test_a_batch_of_bodies_decodes_each_body_as_if_alone(decoder: RequestDecoder, small_config: DLRMConfig) -> None:
+    """TorchServe's batch is decoded in one pass; each request still gets exactly its own rows, or its own error."""
+    rng = np.random.default_rng(3)
+    rows = [random_row(small_config, rng) for _ in range(5)]
+    bodies = [
+        json.dumps(rows[0]),
+        json.dumps({"instances": rows[1:3]}),
+        json.dumps(raw_row()),
+        json.dumps(rows[3]),
+    ]
+    for decoded, body in zip(decoder.decode_many(bodies), bodies, strict=True):
+        assert_same_request(decoded, decoder.decode(body))
+
+    # A request that is only wrong in its second row: the combined pass fails, the error still names
+    # that request's own row 1, and the requests around it decode as before.
+    out_of_range = row(**{"id_list_features.values": [0] * 25 + [35]})
+    batch = decoder.decode_many([*bodies[:2], json.dumps({"instances": [rows[4], out_of_range]}), *bodies[2:]])
+    error = batch[2]
+    assert isinstance(error, InvalidRequest)
+    assert (error.kind, error.row, error.field) == ("id_out_of_range", 1, "id_list_features.values")
+    for decoded, body in zip(batch[:2] + batch[3:], bodies, strict=True):
+        assert_same_request(decoded, decoder.decode(body))
