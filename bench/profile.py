@@ -24,7 +24,7 @@ SAMPLE_RATE_HZ = 100
 # metrics are emitted through logging, KJT methods also run inside the model's forward, and so on.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("idle: waiting for the frontend", ("_retrieve_buffer (",)),
-    ("handler metrics", ("HandlerMetrics.", "(ts/metrics/")),
+    ("metrics (TorchServe's PredictionTime line per batch, handler counters)", ("HandlerMetrics.", "(ts/metrics/")),
     ("logging", ("(logging/",)),
     ("forward: embedding lookups", ("SparseArch.forward",)),
     ("forward: bottom MLP", ("DenseArch.forward",)),
@@ -39,6 +39,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("TorchServe worker loop, other", ("(ts/",)),
 )
 OTHER = "other"
+BACKGROUND_THREAD = "Thread._bootstrap ("
 # Seconds of load before sampling starts, so that the profile sees the steady state.
 SETTLE_SECONDS = 2
 
@@ -68,11 +69,16 @@ def stage_of(stack: str) -> str:
 
 
 def breakdown(collapsed: str) -> dict[str, float]:
-    """Share of samples per stage (all samples, idle included), largest first."""
+    """Share of the serving thread's samples per stage (idle included), largest first.
+
+    Stacks of other threads (they start in ``Thread._bootstrap``: the handler's
+    metrics timer, asleep nearly always) are left out, or their idle samples
+    would dilute every stage of the thread that serves the requests.
+    """
     counts: Counter[str] = Counter()
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack:
+        if stack and not stack.startswith(BACKGROUND_THREAD):
             counts[stage_of(stack)] += int(count)
     total = sum(counts.values()) or 1
     return {stage: count / total for stage, count in counts.most_common()}
