@@ -57,11 +57,11 @@ class DLRMPredictor:
         started = time.perf_counter()
         responses: list[Response | None] = [None] * len(bodies)
         valid: list[tuple[int, DecodedRequest]] = []
-        for index, decoded in enumerate(self.decoder.decode_many(bodies)):
-            if isinstance(decoded, InvalidRequest):
-                responses[index] = Response(decoded.status, encode_error(decoded), decoded.kind)
+        for index, request in enumerate(self.decoder.decode_many(bodies)):
+            if isinstance(request, InvalidRequest):
+                responses[index] = Response(request.status, encode_error(request), request.kind)
             else:
-                valid.append((index, decoded))
+                valid.append((index, request))
         decoded = time.perf_counter()
         rows = 0
         if valid:
