@@ -84,7 +84,9 @@ COPY config.properties log4j2.xml /opt/dlrm/
 RUN sed -i 's|^vmargs=-Dlog4j.configurationFile=log4j2.xml$|vmargs=-Dlog4j.configurationFile=/opt/dlrm/log4j2.xml|' \
         /opt/dlrm/config.properties \
     && grep -q '^vmargs=-Dlog4j.configurationFile=/opt/dlrm/log4j2.xml$' /opt/dlrm/config.properties
+# The entry point reads the archive's settings with the handler's own ServingSettings (no torch needed).
 COPY deploy/container/entrypoint.py /opt/dlrm/entrypoint.py
+COPY handler/__init__.py handler/settings.py /opt/dlrm/handler/
 ARG MODEL_ARCHIVE=model_store/dlrm.mar
 RUN --mount=type=bind,target=/context \
     if [ ! -f "/context/$MODEL_ARCHIVE" ]; then \

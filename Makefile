@@ -21,7 +21,7 @@ help:
 	@echo "make stop      stop a TorchServe started from this directory"
 	@echo "make test      run the whole test suite"
 	@echo "make install-gpu / test-gpu   the CUDA build of the dependencies / the tests marked gpu (needs a GPU)"
-	@echo "make lint      ruff over the code"
+	@echo "make lint      ruff and mypy over the code"
 	@echo "make bench     benchmarks: in-process, served and no-op ceilings (bench/results/)"
 	@echo "make test-container  build the container image with Podman, run it and check it (slow)"
 
@@ -56,21 +56,23 @@ test-gpu: install
 	$(PY) -m pytest -m gpu
 
 $(TRAIN_DATA) $(VALIDATION_DATA) &: | $(VENV)/.installed
-	$(PY) -m model_factory.synthetic --output-dir $(DATA_DIR)
+	@echo "Generating planted synthetic Criteo data in $(DATA_DIR)/ (once)"
+	@$(PY) -m training.synthetic --output-dir $(DATA_DIR)
 
 data: install $(TRAIN_DATA)
 
 $(DEFAULT_RUN)/weights.pt: $(TRAIN_DATA) $(VALIDATION_DATA)
-	$(PY) -m model_factory.train --preset small --train $(TRAIN_DATA) --validation $(VALIDATION_DATA) --output $(DEFAULT_RUN) $(TRAIN_ARGS)
+	@echo "Training the default model into $(DEFAULT_RUN)/ (once)"
+	@$(PY) -m training.train --preset small --train $(TRAIN_DATA) --validation $(VALIDATION_DATA) --output $(DEFAULT_RUN) $(TRAIN_ARGS)
 
 train: install $(DEFAULT_RUN)/weights.pt
 
 build: train
-	$(PY) build_mar.py --checkpoint $(DEFAULT_RUN)
+	@echo "Building $(ARCHIVE) from $(DEFAULT_RUN)"
+	@$(PY) build_mar.py --checkpoint $(DEFAULT_RUN)
 
 serve: build
-	@(. $(VENV)/bin/activate && python -m scripts.server wait-ready && echo && echo "DLRM is ready. Try:" && echo '  $(CURL_EXAMPLE)' && echo "Ctrl-C stops the server.") &
-	. $(VENV)/bin/activate && torchserve --start --foreground --ncs --model-store model_store --models dlrm=dlrm.mar
+	@$(PY) -m servers.torchserve serve --model-store model_store --archive dlrm.mar --log-dir logs --example '$(CURL_EXAMPLE)'
 
 stop:
 	. $(VENV)/bin/activate && torchserve --stop
@@ -81,6 +83,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf model_store/*.mar logs .pytest_cache

@@ -40,8 +40,8 @@ import requests
 
 from bench import environment
 from model_factory.config import preset
-from model_factory.synthetic import random_inputs, request_rows
-from scripts.server import REPO_ROOT, TorchServeProcess
+from servers.torchserve import REPO_ROOT, TorchServeProcess
+from training.synthetic import random_inputs, request_rows
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 REFERENCE_SAMPLE = REPO_ROOT / "sample_data" / "reference_sample_data.json"

@@ -22,20 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from bench.workload import criteo_like_rows, request_bodies
-from handler.codec import DEFAULT_MAX_ROWS
 from handler.predictor import DLRMPredictor
+from model_archive.contents import extracted, serving_settings
 from model_factory.features import rows_to_kjt
 
 MODES = ("model", "forward", "handler_instances", "handler_rows")
@@ -57,7 +55,7 @@ def time_calls(
     """Calls, total seconds and median milliseconds per call of ``call`` run for about ``seconds``."""
     for _ in range(warmup):
         call()
-    durations = []
+    durations: list[float] = []
     started = time.perf_counter()
     while len(durations) < min_calls or time.perf_counter() - started < seconds:
         begin = time.perf_counter()
@@ -89,9 +87,9 @@ def measure(predictor: DLRMPredictor, rows: list[dict[str, Any]], batches: list[
 
         calls: dict[str, Callable[[], Any]] = {
             "model": model_only,
-            "forward": lambda decoded=decoded: predictor.forward([decoded]),
-            "handler_instances": lambda body=instances_body: predictor.predict_bodies([body]),
-            "handler_rows": lambda bodies=single_bodies: predictor.predict_bodies(bodies),
+            "forward": partial(predictor.forward, [decoded]),
+            "handler_instances": partial(predictor.predict_bodies, [instances_body]),
+            "handler_rows": partial(predictor.predict_bodies, single_bodies),
         }
         for mode in MODES:
             count, total, p50 = time_calls(calls[mode], seconds)
@@ -101,13 +99,10 @@ def measure(predictor: DLRMPredictor, rows: list[dict[str, Any]], batches: list[
 
 def measure_archive(archive: Path, threads: int, batches: list[int], seconds: float) -> list[Timing]:
     """Timings of the archived model, loaded as the handler loads it, with ``threads`` torch threads."""
-    with tempfile.TemporaryDirectory(prefix="dlrm-bench-model-") as extracted:
-        with zipfile.ZipFile(archive) as mar:
-            mar.extractall(extracted)
-        model_yaml = yaml.safe_load((Path(extracted) / "model-config.yaml").read_text()) or {}
-        max_rows = int((model_yaml.get("handler") or {}).get("max_rows_per_request", DEFAULT_MAX_ROWS))
+    with extracted(archive) as directory:
         torch.set_num_threads(threads)
-        predictor = DLRMPredictor.from_artifact(Path(extracted), torch.device("cpu"), max_rows=max_rows)
+        max_rows = serving_settings(archive).max_rows
+        predictor = DLRMPredictor.from_artifact(directory, torch.device("cpu"), max_rows=max_rows)
         rows = criteo_like_rows(predictor.artifact.model, max(batches))
         return measure(predictor, rows, batches, seconds)
 

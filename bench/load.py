@@ -23,7 +23,7 @@ import psutil
 import requests
 
 from bench.workload import write_bodies
-from scripts.server import TorchServeProcess
+from servers.torchserve import TorchServeProcess
 
 WRK_SCRIPT = Path(__file__).with_name("wrk_post.lua")
 # Requests slower than this count as wrk timeouts (socket errors) instead of latencies.

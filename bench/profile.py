@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.load import Point, run_wrk
 from bench.workload import write_bodies
-from scripts.server import TorchServeProcess
+from servers.torchserve import TorchServeProcess
 
 SAMPLE_RATE_HZ = 100
 # (stage, frame substrings): the first stage with a matching frame takes the sample. Order matters:

@@ -24,7 +24,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,11 +36,12 @@ from torchmetrics.functional.classification import binary_auroc
 
 from bench import environment
 from bench.inprocess import time_calls
-from model_factory.artifact import load_model
-from model_factory.criteo import read_batches
+from model_archive.contents import extracted, read_file
+from model_factory.artifact import WEIGHTS_FILE, load_model
 from model_factory.features import rows_to_kjt
-from model_factory.synthetic import random_inputs
-from scripts.server import REPO_ROOT, TorchServeProcess
+from servers.torchserve import REPO_ROOT, TorchServeProcess
+from training.criteo import read_batches
+from training.synthetic import random_inputs
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 TRAINED_RUN = REPO_ROOT / "runs" / "small-synthetic"
@@ -87,7 +87,7 @@ def scores(model: torch.nn.Module, batches: list) -> torch.Tensor:
 
 
 def forward_rows_per_s(model: torch.nn.Module, config, seconds: float) -> dict[int, float]:
-    speeds = {}
+    speeds: dict[int, float] = {}
     for batch in BATCHES:
         dense, lengths, values = random_inputs(config, batch, np.random.default_rng(batch))
         inputs = (torch.from_numpy(dense), rows_to_kjt(config.sparse_feature_names, lengths, values))
@@ -151,13 +151,13 @@ def main() -> None:
             batches = None
             for option in OPTIONS:
                 archive = build(store, model_name, source, option)
-                extracted = Path(tmp) / archive.stem
-                with zipfile.ZipFile(archive) as zipped:
-                    zipped.extractall(extracted)
                 if option == "fp32" and "--checkpoint" not in source:
                     # quantize these very weights: a random quantized archive would be another random model
-                    source = [*source, "--checkpoint", str(extracted / "weights.pt")]
-                model, artifact = load_model(extracted)
+                    weights = Path(tmp) / f"{archive.stem}-weights.pt"
+                    weights.write_bytes(read_file(archive, WEIGHTS_FILE))
+                    source = [*source, "--checkpoint", str(weights)]
+                with extracted(archive) as directory:
+                    model, artifact = load_model(directory)
                 if batches is None:
                     batches = list(read_batches([VALIDATION], 10_000, artifact.model, artifact.preprocessing))
                     labels = torch.cat([b.labels for b in batches]).long()

@@ -94,7 +94,8 @@ def load_name(point: dict) -> str:
     return f"{rows}, c={point['concurrency']}"
 
 
-def optional(value: float | None, digits: int = 1) -> str:
+def optional(value: Any, digits: int = 1) -> str:
+    """A number for a table cell, or a dash where there is none."""
     return "–" if value is None else f"{value:,.{digits}f}"
 
 

@@ -5,7 +5,7 @@ For each TorchServe setting measured, the run
 1. builds the DLRM archive with ``build_mar.py`` (preset and archive options as given) and a
    no-op archive with the same ``model-config.yaml`` (``bench/noop_handler.py``);
 2. times the serving path in-process (:mod:`bench.inprocess`, ``DLRMPredictor`` from the archive);
-3. serves each archive with ``scripts.server.TorchServeProcess`` (the shipped ``config.properties``
+3. serves each archive with ``servers.torchserve.TorchServeProcess`` (the shipped ``config.properties``
    on free ports) and drives it with wrk (:mod:`bench.load`): single-row requests at several
    concurrencies and ``instances`` bodies of several sizes;
 4. optionally profiles the DLRM worker under load with py-spy (:mod:`bench.profile`).
@@ -35,23 +35,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bench import environment, profile, report
 from bench.load import Point, PointResult, measure_point
 from bench.workload import DISTINCT_ROWS, criteo_like_rows, request_bodies
-from build_mar import archiver_command
-from build_mar import parse_args as build_mar_args
-from handler.dlrm_handler import threads_per_worker
-from model_factory.artifact import read_artifact
-from model_factory.config import DLRMConfig
-from scripts.server import REPO_ROOT, TorchServeProcess
+from handler.settings import ServingSettings
+from model_archive.contents import MODEL_YAML, model_artifact, read_file, serving_settings
+from servers.torchserve import REPO_ROOT, TorchServeProcess, executable
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 NOOP_HANDLER = Path(__file__).with_name("noop_handler.py")
@@ -101,7 +95,7 @@ SETTING_KEYS = {"workers": "workers", "threads": "threads", "batch": "batch_size
 
 
 # build_mar.py's defaults: the shipped settings.
-_BUILD_DEFAULTS = build_mar_args([])
+_SHIPPED = ServingSettings()
 
 
 @dataclass(frozen=True)
@@ -112,10 +106,10 @@ class Setting:
     OMP_WAIT_POLICY=PASSIVE (which ``TorchServeProcess`` sets, like ``make serve`` and the image).
     """
 
-    workers: int = _BUILD_DEFAULTS.workers
-    threads: int = _BUILD_DEFAULTS.threads  # torch threads per worker; 0 = usable cores / workers
-    batch_size: int = _BUILD_DEFAULTS.batch_size
-    max_batch_delay: int = _BUILD_DEFAULTS.max_batch_delay
+    workers: int = _SHIPPED.workers
+    threads: int = _SHIPPED.threads  # torch threads per worker; 0 = usable cores / workers
+    batch_size: int = _SHIPPED.batch_size
+    max_batch_delay: int = _SHIPPED.max_batch_delay_ms
     log_config: str = SHIPPED  # BUILTIN, or a log4j2.xml path, passed to the frontend through vmargs
     omp_wait_policy: str = ""  # OMP_WAIT_POLICY of the workers (and the in-process run); "" = shipped (PASSIVE)
 
@@ -285,13 +279,12 @@ def build_archives(store: Path, preset: str, archive_args: list[str], setting: S
     )
     if completed.returncode != 0:
         sys.exit(f"build_mar.py failed:\n{completed.stdout}\n{completed.stderr}")
-    model_yaml = store / "model-config.yaml"
-    with zipfile.ZipFile(store / "dlrm.mar") as archive:
-        model_yaml.write_bytes(archive.read("model-config.yaml"))
+    model_yaml = store / MODEL_YAML
+    model_yaml.write_bytes(read_file(store / "dlrm.mar", MODEL_YAML))
     subprocess.run(
         [
-            archiver_command(), "--model-name", "noop", "--version", "1.0", "--handler", str(NOOP_HANDLER),
-            "--config-file", str(model_yaml), "--export-path", str(store), "--force",
+            executable("torch-model-archiver"), "--model-name", "noop", "--version", "1.0",
+            "--handler", str(NOOP_HANDLER), "--config-file", str(model_yaml), "--export-path", str(store), "--force",
         ],
         check=True,
     )  # fmt: skip
@@ -361,14 +354,12 @@ def run_setting(
     if built != [setting.build_args()]:  # settings that differ only in logging share archives
         build_archives(store, args.preset, archive_args, setting)
         built[:] = [setting.build_args()]
-    model_yaml = yaml.safe_load((store / "model-config.yaml").read_text())
-    handler_settings = model_yaml.get("handler") or {}
-    threads = threads_per_worker(handler_settings.get("num_threads"), model_yaml.get("minWorkers"))
-    result = SettingResult(setting, setting.label, model_yaml, threads)
+    serving = serving_settings(store / "dlrm.mar")
+    threads = serving.threads_per_worker()
+    result = SettingResult(setting, setting.label, serving.to_model_yaml(), threads)
     print(f"\n== {setting.label}: torch threads per worker {threads}", flush=True)
     result.inprocess = measure_inprocess(store, setting, threads, mode)
-    config = read_artifact_from_archive(store / "dlrm.mar")
-    rows = criteo_like_rows(config, DISTINCT_ROWS)
+    rows = criteo_like_rows(model_artifact(store / "dlrm.mar").model, DISTINCT_ROWS)
     points = points_of(mode, args.instance_concurrency)
     bodies = {point.rows_per_request: request_bodies(rows, point.rows_per_request) for point in points}
     workdir = Path(tempfile.mkdtemp(prefix="ts-", dir=tmp))
@@ -377,14 +368,6 @@ def run_setting(
     noop_points = [point for point in points if point.rows_per_request == 1] if args.sweep else points
     result.noop, _ = serve(store, "noop", setting, noop_points, bodies, mode, Path(tempfile.mkdtemp(dir=tmp)))
     return result
-
-
-def read_artifact_from_archive(archive: Path) -> DLRMConfig:
-    """The model config inside an archive, to generate rows that fit its tables."""
-    with tempfile.TemporaryDirectory(prefix="dlrm-bench-config-") as directory:
-        with zipfile.ZipFile(archive) as mar:
-            mar.extract("model_config.json", directory)
-        return read_artifact(Path(directory)).model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@
 
 Builds the default archive (``build_mar.py`` without options: the shipped serving
 settings, 2 workers and batches of 32 within 1 ms), serves it with the shipped ``config.properties`` on
-free loopback ports (scripts.server), warms up, then keeps ``concurrency`` connections
+free loopback ports (servers.torchserve), warms up, then keeps ``concurrency`` connections
 busy with single-row requests (bench.workload: Criteo-like rows, ids spread over the
 tables) for ``duration`` seconds.
 
@@ -42,7 +42,7 @@ from bench.environment import machine, versions
 from bench.load import CpuMeter, post, run_wrk
 from bench.workload import DISTINCT_ROWS, criteo_like_rows, request_bodies, write_bodies
 from model_factory.config import DEFAULT_PRESET, preset
-from scripts.server import REPO_ROOT, TorchServeProcess
+from servers.torchserve import REPO_ROOT, TorchServeProcess
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MAX_RSS_GROWTH = 0.05

@@ -1,7 +1,7 @@
 """The requests the benchmark sends: Criteo-like rows as JSON bodies in the served formats.
 
 Rows are one-hot (one id per feature, as in the Criteo data sets) with ids drawn
-uniformly from each table (``model_factory.synthetic.random_inputs``, the DLRM
+uniformly from each table (``training.synthetic.random_inputs``, the DLRM
 reference's generator), so lookups spread over the tables instead of hitting
 one cached row. A fixed seed makes every run send the same bytes.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from model_factory.config import DLRMConfig
-from model_factory.synthetic import random_inputs, request_rows
+from training.synthetic import random_inputs, request_rows
 
 SEED = 0
 # Distinct rows per workload: enough that requests vary, few enough to build quickly.

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import orjson
 import torch
 
-from handler.codec import DEFAULT_MAX_ROWS
-from handler.metrics import DEFAULT_FLUSH_SECONDS, HandlerMetrics
+from handler.metrics import HandlerMetrics
 from handler.predictor import DLRMPredictor
+from handler.settings import ServingSettings
 from model_factory.factory import format_summary, summarize
 
 logger = logging.getLogger(__name__)
@@ -35,25 +34,18 @@ class DLRMHandler:
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
-        model_yaml = context.model_yaml_config or {}
-        settings = model_yaml.get("handler") or {}
+        settings = ServingSettings.from_model_yaml(context.model_yaml_config)
         device = select_device(properties.get("gpu_id"))
         if device.type == "cpu":
-            torch.set_num_threads(threads_per_worker(settings.get("num_threads"), model_yaml.get("minWorkers")))
-        self.predictor = DLRMPredictor.from_artifact(
-            Path(properties["model_dir"]), device, max_rows=int(settings.get("max_rows_per_request", DEFAULT_MAX_ROWS))
-        )
-        self.metrics = HandlerMetrics(
-            context.metrics,
-            context.model_name,
-            flush_seconds=float(settings.get("metrics_flush_seconds", DEFAULT_FLUSH_SECONDS)),
-        )
+            torch.set_num_threads(settings.threads_per_worker())
+        self.predictor = DLRMPredictor.from_artifact(Path(properties["model_dir"]), device, max_rows=settings.max_rows)
+        self.metrics = HandlerMetrics(context.metrics, context.model_name, flush_seconds=settings.metrics_flush_seconds)
         provenance = self.predictor.artifact.provenance
         log = logger.warning if not provenance.trained else logger.info
         log("DLRM loaded on %s with %d threads: %s", device, torch.get_num_threads(), provenance.describe())
         logger.info("model summary:\n%s", format_summary(summarize(self.predictor.model)))
         # Everything alive now (torch, TorchRec, TorchServe, the model) lives as long as the worker: keep it
-        # out of the cyclic garbage collector, whose full passes over those ~400k objects took 150 ms and
+        # out of the cyclic garbage collector, whose full passes over those hundreds of thousands of objects
         # landed on whichever request happened to trigger them (the p99).
         gc.freeze()
 
@@ -97,14 +89,3 @@ def select_device(gpu_id: int | str | None) -> torch.device:
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device("cuda", int(gpu_id))
     return torch.device("cpu")
-
-
-def threads_per_worker(configured: int | None, workers: int | None) -> int:
-    """Intra-op threads for one worker: the configured number, else the usable cores split between workers.
-
-    Letting each of several workers use every core oversubscribes the CPU and
-    collapses throughput (measured: 2 workers x 2 threads on 2 cores).
-    """
-    if configured:
-        return int(configured)
-    return max(1, len(os.sched_getaffinity(0)) // max(1, int(workers or 1)))

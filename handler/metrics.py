@@ -6,8 +6,8 @@ TorchServe's built-in request and latency metrics. They are counters, so rates
 and averages come from the scraper: for example
 ``rate(DLRMRows[1m]) / rate(DLRMBatches[1m])`` is the mean rows per forward pass.
 
-Every metric update is a log line the frontend parses, which cost 7% of the
-worker's time at 160 batches/s (py-spy, `make bench --profile`). Increments are
+Every metric update is a log line the frontend parses, a visible share of a
+worker's time under load (README, Performance). Increments are
 therefore summed in the worker and reported at most once per
 ``flush_seconds``: on the first batch after an idle period at once, under load
 once per interval, and what is left when the traffic stops by a timer at the end
@@ -19,13 +19,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from ts.metrics.metric_type_enum import MetricTypes
 
+from handler.settings import DEFAULT_FLUSH_SECONDS
+
 MODEL_DIMENSION = "ModelName"
 KIND_DIMENSION = "Kind"
-DEFAULT_FLUSH_SECONDS = 1.0
 _COUNTERS = {
     "DLRMBatches": "count",
     "DLRMRequests": "count",
@@ -55,7 +57,9 @@ class HandlerMetrics:
         self._lock = threading.Lock()  # the worker thread records, a timer thread may flush
         self._timer: threading.Timer | None = None
 
-    def record_batch(self, requests: int, rows: int, decode_ms: float, forward_ms: float, invalid: list[str]) -> None:
+    def record_batch(
+        self, requests: int, rows: int, decode_ms: float, forward_ms: float, invalid: Sequence[str]
+    ) -> None:
         with self._lock:
             self.pending.update(
                 {

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torchrec.models.dlrm import DLRM
 
-from handler.codec import DEFAULT_MAX_ROWS, DecodedRequest, InvalidRequest, RequestDecoder, encode_error, encode_scores
+from handler.codec import DecodedRequest, RequestDecoder, encode_error, encode_scores
+from handler.errors import ErrorKind, InvalidRequest
+from handler.settings import DEFAULT_MAX_ROWS
 from model_factory.artifact import ModelArtifact, load_model
 from model_factory.features import rows_to_kjt
 
@@ -27,7 +29,7 @@ from model_factory.features import rows_to_kjt
 class Response:
     status: int
     body: bytes
-    error_kind: str | None = None
+    error_kind: ErrorKind | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class DLRMPredictor:
     def predict_bodies(self, bodies: Sequence[Any]) -> BatchResult:
         """One response per body, in order; invalid bodies get their 4xx without affecting the others."""
         started = time.perf_counter()
-        responses: list[Response | None] = [None] * len(bodies)
+        responses: dict[int, Response] = {}
         valid: list[tuple[int, DecodedRequest]] = []
         for index, request in enumerate(self.decoder.decode_many(bodies)):
             if isinstance(request, InvalidRequest):
@@ -73,7 +75,7 @@ class DLRMPredictor:
                 rows = end
         finished = time.perf_counter()
         return BatchResult(
-            responses=responses,  # type: ignore[arg-type]  # every slot was filled above
+            responses=[responses[index] for index in range(len(bodies))],
             rows=rows,
             decode_ms=(decoded - started) * 1e3,
             forward_ms=(finished - decoded) * 1e3,

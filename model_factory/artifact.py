@@ -29,6 +29,7 @@ from model_factory.config import ConfigError, DLRMConfig
 from model_factory.factory import build_dlrm, load_weights
 from model_factory.features import Preprocessing
 from model_factory.quantization import (
+    MlpDtype,
     QuantizationSpec,
     empty_quantized_collection,
     quantize_mlps,
@@ -94,6 +95,14 @@ class ModelArtifact:
             quantization=QuantizationSpec(**data.get("quantization", {})),  # absent: fp32, as checkpoints are
         )
 
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = CONFIG_FILE) -> ModelArtifact:
+        """The artifact a ``model_config.json`` describes; a :class:`ConfigError` naming ``source`` otherwise."""
+        try:
+            return cls.from_dict(json.loads(text))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"cannot read model artifact {source}: {error}") from error
+
 
 def write_artifact(directory: Path, artifact: ModelArtifact, model: DLRM) -> None:
     """Save ``model`` as ``artifact`` says: tables into ``tables.bin`` when quantized, the rest into weights.pt."""
@@ -110,9 +119,10 @@ def write_artifact(directory: Path, artifact: ModelArtifact, model: DLRM) -> Non
 def read_artifact(directory: Path) -> ModelArtifact:
     path = directory / CONFIG_FILE
     try:
-        return ModelArtifact.from_dict(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        text = path.read_text()
+    except OSError as error:
         raise ConfigError(f"cannot read model artifact {path}: {error}") from error
+    return ModelArtifact.from_json(text, source=str(path))
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -133,7 +143,7 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[DLR
         load_dense_weights(model, state, device)
     else:
         load_weights(model, state, device)
-    if artifact.quantization.mlp == "int8":
+    if artifact.quantization.mlp == MlpDtype.INT8:
         if device.type != "cpu":
             raise ConfigError("int8 MLPs (dynamic quantization) run on CPU only: serve this archive on CPU")
         quantize_mlps(model)

@@ -82,12 +82,6 @@ class DLRMConfig:
     def num_sparse_features(self) -> int:
         return len(self.sparse_feature_names)
 
-    @property
-    def interaction_output_dim(self) -> int:
-        """Width of the over-arch input: the dense embedding plus all pairwise dots."""
-        features = self.num_sparse_features + 1
-        return self.embedding_dim + features * (features - 1) // 2
-
     def to_dict(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
@@ -103,9 +97,6 @@ class DLRMConfig:
         if missing:
             raise ConfigError(f"model config is missing required keys {missing}")
         return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> DLRMConfig:

@@ -85,7 +85,7 @@ class Preprocessing:
         """``(rows, 13)`` raw integers as float64 with NaN for missing → float32 model inputs."""
         return np.log1p(np.clip(np.nan_to_num(raw, nan=0.0), 0.0, None)).astype(np.float32)
 
-    def category_rows(self, raw: np.ndarray, num_embeddings: Sequence[int]) -> np.ndarray:
+    def category_rows(self, raw: np.ndarray, num_embeddings: Sequence[int] | np.ndarray) -> np.ndarray:
         """``(rows, 26)`` parsed categories (``MISSING_CATEGORY`` for missing) → table row indices."""
         rows = raw % np.asarray(num_embeddings, dtype=np.int64)
         rows[raw == MISSING_CATEGORY] = self.missing_category_row

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
@@ -39,10 +41,26 @@ from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 from model_factory.config import ConfigError, DLRMConfig
 from model_factory.factory import build_dlrm, embedding_bag_configs, init_weights, table_name
 
-TABLE_DTYPES = ("none", "fp16", "int8", "int4")
-MLP_DTYPES = ("none", "int8")
-_DATA_TYPES = {"fp16": DataType.FP16, "int8": DataType.INT8, "int4": DataType.INT4}
-_TORCH_DTYPES = {"fp16": torch.float16, "int8": torch.qint8, "int4": torch.quint4x2}
+
+class TableDtype(StrEnum):
+    """How the embedding tables are stored: ``none`` keeps fp32."""
+
+    NONE = "none"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class MlpDtype(StrEnum):
+    """How the MLPs' ``Linear`` layers run: ``int8`` is dynamic quantization (CPU only)."""
+
+    NONE = "none"
+    INT8 = "int8"
+
+
+_Enum = TypeVar("_Enum", TableDtype, MlpDtype)
+_DATA_TYPES = {TableDtype.FP16: DataType.FP16, TableDtype.INT8: DataType.INT8, TableDtype.INT4: DataType.INT4}
+_TORCH_DTYPES = {TableDtype.FP16: torch.float16, TableDtype.INT8: torch.qint8, TableDtype.INT4: torch.quint4x2}
 # FBGEMM keeps an fp16 scale and bias in front of every int8/int4 row.
 SCALE_BIAS_BYTES = 4
 # Row alignment of the tables in memory: 4 bytes on CPU (int8 dim 64: 68 instead of
@@ -56,30 +74,39 @@ _CHUNK_BYTES = 64 * 2**20
 class QuantizationSpec:
     """How an archive's model is quantized; recorded in the archive and applied at load."""
 
-    tables: str = "none"
-    per_table: dict[str, str] = field(default_factory=dict)
-    mlp: str = "none"
+    tables: TableDtype = TableDtype.NONE
+    per_table: dict[str, TableDtype] = field(default_factory=dict)
+    mlp: MlpDtype = MlpDtype.NONE
 
     def __post_init__(self) -> None:
-        for name, dtype in {"tables": self.tables, **self.per_table}.items():
-            if dtype not in TABLE_DTYPES:
-                raise ConfigError(f"quantization of {name} must be one of {TABLE_DTYPES}, got {dtype!r}")
-        if self.mlp not in MLP_DTYPES:
-            raise ConfigError(f"MLP quantization must be one of {MLP_DTYPES}, got {self.mlp!r}")
+        """Strings (from JSON or the command line) become the enums; anything else is refused by name."""
+        object.__setattr__(self, "tables", _member(TableDtype, self.tables, "tables"))
+        object.__setattr__(
+            self, "per_table", {name: _member(TableDtype, dtype, name) for name, dtype in self.per_table.items()}
+        )
+        object.__setattr__(self, "mlp", _member(MlpDtype, self.mlp, "the MLPs"))
 
-    def table_dtype(self, feature: str) -> str:
+    def table_dtype(self, feature: str) -> TableDtype:
         return self.per_table.get(feature, self.tables)
 
     def quantizes_tables(self, config: DLRMConfig) -> bool:
-        return any(self.table_dtype(feature) != "none" for feature in config.sparse_feature_names)
+        return any(self.table_dtype(feature) != TableDtype.NONE for feature in config.sparse_feature_names)
 
     def validate_for(self, config: DLRMConfig) -> None:
         unknown = sorted(set(self.per_table) - set(config.sparse_feature_names))
         if unknown:
             raise ConfigError(f"per-table quantization names unknown features {unknown}")
         kinds = {self.table_dtype(feature) for feature in config.sparse_feature_names}
-        if "none" in kinds and len(kinds) > 1:
+        if TableDtype.NONE in kinds and len(kinds) > 1:
             raise ConfigError("quantize every table or none: an fp32 table cannot share a quantized collection")
+
+
+def _member(enum: type[_Enum], value: str, what: str) -> _Enum:
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in enum)
+        raise ConfigError(f"quantization of {what} must be one of {choices}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -89,7 +116,7 @@ class TableLayout:
     name: str
     rows: int
     dim: int
-    dtype: str
+    dtype: TableDtype
     row_bytes: int
     offset: int
 
@@ -176,7 +203,7 @@ def read_tables(collection: QuantEmbeddingBagCollection, layouts: Sequence[Table
             view = views[layout.name]
             for start, end in _row_blocks(layout.rows, layout.row_bytes):
                 block = torch.empty((end - start) * layout.row_bytes, dtype=torch.uint8)
-                if source.readinto(block.numpy()) != block.numel():
+                if source.readinto(block.numpy().data) != block.numel():
                     raise ConfigError(f"{path} ended inside table {layout.name}")
                 view[start:end].copy_(block.view(end - start, layout.row_bytes))
 

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from torchrec.models.dlrm import DLRM
 
+from model_archive.contents import extracted
 from model_factory.artifact import ModelArtifact, Provenance, load_model, write_artifact
 from model_factory.config import DLRMConfig, preset
 from model_factory.factory import build_dlrm, init_weights
-from scripts.server import TorchServeProcess
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The test archive's settings: a long batch delay so that concurrent requests are batched.
-TEST_MAX_ROWS = 64
-TEST_BATCH_SIZE = 16
-TEST_MAX_BATCH_DELAY_MS = 100
+from servers.torchserve import TorchServeProcess
+from tests.archives import TEST_BATCH_SIZE, TEST_MAX_BATCH_DELAY_MS, TEST_MAX_ROWS, build_archive
 
 
 @pytest.fixture(scope="session")
@@ -34,15 +28,6 @@ def artifact_dir(tmp_path_factory: pytest.TempPathFactory, small_config: DLRMCon
     model = init_weights(build_dlrm(small_config), seed=7)
     write_artifact(directory, ModelArtifact(small_config, Provenance(trained=False, seed=7)), model)
     return directory
-
-
-def build_archive(output: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "build_mar.py"), "--output", str(output), *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -61,13 +46,10 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def served_model(tmp_path_factory: pytest.TempPathFactory, model_store: Path):
+def served_model(model_store: Path) -> tuple[DLRM, ModelArtifact]:
     """The model exactly as archived, loaded in-process from the extracted archive."""
-    extracted = tmp_path_factory.mktemp("extracted")
-    with zipfile.ZipFile(model_store / "dlrm.mar") as archive:
-        archive.extractall(extracted)
-    model, artifact = load_model(extracted)
-    return model, artifact
+    with extracted(model_store / "dlrm.mar") as directory:
+        return load_model(directory)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from torchrec.models.dlrm import DLRM
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from model_factory.config import DLRMConfig
+from model_factory.features import DENSE_FEATURE_NAMES, SPARSE_FEATURE_NAMES
+from training.criteo import NUM_FIELDS, NUM_INT, CriteoFormatError
 
 
 def random_row(config: DLRMConfig, rng: np.random.Generator, max_ids: int = 3) -> dict[str, Any]:
@@ -45,3 +47,18 @@ def offline_logits(model: DLRM, config: DLRMConfig, rows: list[dict[str, Any]]) 
     dense = torch.tensor([row["float_features"] for row in rows], dtype=torch.float32)
     with torch.no_grad():
         return model(dense, sparse).squeeze(1).numpy()
+
+
+def raw_request_row(line: str) -> dict[str, int | str]:
+    """One TSV line (label ignored) as the handler's raw-row request: features keyed by name, missing ones absent."""
+    fields = line.rstrip("\r\n").split("\t")
+    if len(fields) != NUM_FIELDS:
+        raise CriteoFormatError(f"expected {NUM_FIELDS} tab-separated fields, got {len(fields)}")
+    row: dict[str, int | str] = {}
+    for name, value in zip(DENSE_FEATURE_NAMES, fields[1 : 1 + NUM_INT], strict=True):
+        if value:
+            row[name] = int(value)
+    for name, value in zip(SPARSE_FEATURE_NAMES, fields[1 + NUM_INT :], strict=True):
+        if value:
+            row[name] = value
+    return row

@@ -1,38 +1,54 @@
 import json
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from handler.settings import ServingSettings
+from model_archive.contents import (
+    MANIFEST,
+    MODEL_YAML,
+    extracted,
+    file_names,
+    model_artifact,
+    read_file,
+    serving_settings,
+)
 from model_factory.config import DLRMConfig
 from model_factory.factory import build_dlrm, init_weights
-from tests.conftest import REPO_ROOT, build_archive
+from servers.torchserve import REPO_ROOT
+from tests.archives import build_archive
 
-EXPECTED_FILES = {
-    "MAR-INF/MANIFEST.json",
-    "dlrm_handler.py",
-    "model-config.yaml",
-    "model_config.json",
-    "weights.pt",
-    "handler/codec.py",
-    "handler/predictor.py",
-    "model_factory/config.py",
-    "model_factory/factory.py",
-}
+# Exactly what a worker needs: the model artifact, TorchServe's files, and the two packages the handler
+# imports (serving code only: no trainer, data reader or benchmark).
+ARTIFACT_FILES = {"MAR-INF/MANIFEST.json", "dlrm_handler.py", "model-config.yaml", "model_config.json", "weights.pt"}
+SERVED_PACKAGES = ("handler", "model_factory")
+
+
+def test_archive_holds_only_serving_code(model_store: Path) -> None:
+    names = file_names(model_store / "dlrm.mar")
+    code = {name for name in names if name.endswith(".py")} - {"dlrm_handler.py"}
+    checkout = {
+        path.relative_to(REPO_ROOT).as_posix()
+        for package in SERVED_PACKAGES
+        for path in (REPO_ROOT / package).glob("*.py")
+    }
+    assert names == ARTIFACT_FILES | checkout
+    assert code == checkout
+    assert not any(name.startswith(("training/", "bench/", "servers/", "tests/")) for name in names)
 
 
 def test_archive_contents_and_settings(model_store: Path) -> None:
-    with zipfile.ZipFile(model_store / "dlrm.mar") as archive:
-        names = set(archive.namelist())
-        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
-        settings = yaml.safe_load(archive.read("model-config.yaml"))
-        artifact = json.loads(archive.read("model_config.json"))
-    assert names >= EXPECTED_FILES
-    assert not any("__pycache__" in name for name in names)
+    archive = model_store / "dlrm.mar"
+    manifest = json.loads(read_file(archive, MANIFEST))
+    settings = yaml.safe_load(read_file(archive, MODEL_YAML))
+    artifact = json.loads(read_file(archive, "model_config.json"))
+    assert serving_settings(archive) == ServingSettings(
+        batch_size=16, max_batch_delay_ms=100, max_rows=64, metrics_flush_seconds=0.0
+    )
     assert manifest["model"]["handler"] == "dlrm_handler.py"
     assert manifest["model"]["serializedFile"] == "weights.pt"
     assert settings["batchSize"] == 16 and settings["maxBatchDelay"] == 100
@@ -44,17 +60,17 @@ def test_archive_contents_and_settings(model_store: Path) -> None:
 
 def test_archive_is_self_contained(model_store: Path, tmp_path: Path) -> None:
     """The handler imports only what the archive carries, not this checkout."""
-    with zipfile.ZipFile(model_store / "dlrm.mar") as archive:
-        archive.extractall(tmp_path / "model")
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
         "import dlrm_handler, handler.codec, model_factory.factory;"
-        "paths = [dlrm_handler.__file__, handler.codec.__file__, model_factory.factory.__file__];"
+        "paths = [m.__file__ for m in sys.modules.values() if m.__name__.split('.')[0] in "
+        "('dlrm_handler', 'handler', 'model_factory', 'training', 'servers', 'model_archive', 'bench')];"
         "assert all(p.startswith(sys.argv[1]) for p in paths), paths"
     )
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", probe, str(tmp_path / "model")], cwd=tmp_path, capture_output=True, text=True
-    )
+    with extracted(model_store / "dlrm.mar") as directory:
+        result = subprocess.run(
+            [sys.executable, "-I", "-c", probe, str(directory)], cwd=tmp_path, capture_output=True, text=True
+        )
     assert result.returncode == 0, result.stderr
 
 
@@ -64,11 +80,11 @@ def test_checkpoint_file_is_archived_as_trained(tmp_path: Path, small_config: DL
     torch.save(state, checkpoint)
     result = build_archive(tmp_path / "out" / "dlrm.mar", "--checkpoint", str(checkpoint))
     assert result.returncode == 0, result.stderr
-    with zipfile.ZipFile(tmp_path / "out" / "dlrm.mar") as archive:
-        artifact = json.loads(archive.read("model_config.json"))
-        archive.extract("weights.pt", tmp_path)
-    assert artifact["provenance"]["trained"] is True
-    assert artifact["provenance"]["checkpoint"] == "trained.pt"
+    archive = tmp_path / "out" / "dlrm.mar"
+    artifact = model_artifact(archive)
+    (tmp_path / "weights.pt").write_bytes(read_file(archive, "weights.pt"))
+    assert artifact.provenance.trained is True
+    assert artifact.provenance.checkpoint == "trained.pt"
     archived = torch.load(tmp_path / "weights.pt", weights_only=True)
     assert all(torch.equal(archived[key], value) for key, value in state.items())
 

@@ -7,8 +7,8 @@ import pytest
 from handler.codec import DecodedRequest, InvalidRequest, RequestDecoder, encode_error, encode_scores
 from model_factory.config import DEFAULT_PRESET, DLRMConfig, preset
 from model_factory.features import Preprocessing
+from servers.torchserve import REPO_ROOT
 from tests.bad_requests import bad_raw_requests, bad_requests, raw_row, row
-from tests.conftest import REPO_ROOT
 from tests.rows import random_row
 
 MAX_ROWS = 8
@@ -82,7 +82,10 @@ def test_instances_keep_row_order(decoder: RequestDecoder) -> None:
 def test_ids_beyond_float32_precision_stay_exact() -> None:
     big = 2**24 + 1  # float32 would round this to 2**24
     config = DLRMConfig(
-        num_embeddings_per_feature=[2**40] * 26, embedding_dim=4, dense_arch_layer_sizes=[4], over_arch_layer_sizes=[1]
+        num_embeddings_per_feature=(2**40,) * 26,
+        embedding_dim=4,
+        dense_arch_layer_sizes=(4,),
+        over_arch_layer_sizes=(1,),
     )
     request = RequestDecoder(config, Preprocessing()).decode(
         json.dumps(row(**{"id_list_features.values": [big] * 25 + [2**40 - 1]}))

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from model_factory.config import DLRMConfig
-from model_factory.criteo import CriteoFormatError, raw_request_row, read_batches, read_raw_rows
 from model_factory.features import Preprocessing
+from tests.rows import raw_request_row
+from training.criteo import CriteoFormatError, read_batches, read_raw_rows
 
 CATS = ["05db9164", "38a947a1", "", "c0d61a5c"] + ["0000000a"] * 22
 LINES = [

@@ -5,7 +5,7 @@ import torch
 from model_factory.config import DLRMConfig, preset
 from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
 from model_factory.features import rows_to_kjt
-from model_factory.synthetic import random_inputs
+from training.synthetic import random_inputs
 
 
 def test_building_on_meta_allocates_nothing() -> None:

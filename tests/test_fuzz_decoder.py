@@ -199,7 +199,21 @@ def valid_payload(rng: np.random.Generator) -> dict[str, Any]:
 
 
 # Edge numbers: around 0 and the small tables' sizes, int64/uint64 limits, float32/float64 limits.
-EDGE_NUMBERS = [-1, 0, 1, 34, 35, 9999, 10000, 2**31, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), -(2**63) - 1]
+EDGE_NUMBERS: list[int | float] = [
+    -1,
+    0,
+    1,
+    34,
+    35,
+    9999,
+    10000,
+    2**31,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    -(2**63),
+    -(2**63) - 1,
+]
 EDGE_NUMBERS += [3.0, -0.0, 0.5, 3.4028234e38, 3.4028236e38, 1e39, 1e300, -1e300, 5e-324]
 NAN_LIKE = ["NaN", "Infinity", "-Infinity", "1", "", "05db9164", "05DB9164", "0x05db91", "05db916g"]
 EXTRA_KEYS = ["instances", "extra", *REFERENCE_KEYS, DENSE_NAMES[3], SPARSE_NAMES[25]]

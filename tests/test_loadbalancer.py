@@ -1,6 +1,6 @@
 """The shipped load balancer (deploy/nginx) in front of two real TorchServe replicas, and the deploy manifests.
 
-nginx runs as a plain foreground process with its own prefix (scripts.loadbalancer),
+nginx runs as a plain foreground process with its own prefix (servers.nginx),
 configured from the same template as the container; only the replica addresses and
 the listening port differ. A replica is killed the hard way (SIGKILL to its whole
 process group: frontend and worker) while clients keep sending predictions.
@@ -24,10 +24,9 @@ import pytest
 import requests
 import yaml
 
-from scripts.load import SteadyLoad
-from scripts.loadbalancer import LISTEN, UPSTREAM, NginxProcess, nginx_path, render_site
-from scripts.server import LOOPBACK, TorchServeProcess, free_port
-from tests.conftest import REPO_ROOT
+from servers.load import SteadyLoad
+from servers.nginx import LISTEN, UPSTREAM, NginxProcess, nginx_path, render_site
+from servers.torchserve import LOOPBACK, REPO_ROOT, TorchServeProcess, free_port
 from tests.test_server import prometheus_counter
 
 # Without nginx these tests are skipped on a workstation, and fail in CI (CI=true), where .ci/run installs it.
@@ -144,6 +143,7 @@ def test_replica_killed_under_load_loses_no_request_and_comes_back(
     with SteadyLoad(f"{balancer.url}/predictions/dlrm", SAMPLE, clients=16) as load:
         load.wait_for(lambda outcomes: sum(o.ok for o in outcomes) >= 100, timeout=60)
         assert handled(victim) > 0
+        assert victim.process is not None
         os.killpg(victim.process.pid, signal.SIGKILL)
         victim.stop()  # reaps the group
         after_kill = len(load.outcomes())
@@ -190,7 +190,7 @@ class WorkerDiesOnce(BaseHTTPRequestHandler):
 def test_worker_died_response_is_sent_again(status: int, tmp_path: Path) -> None:
     """TorchServe answers a batch whose worker died with 507 or 500 "Worker died." (which of the two depends
     on timing, see test_reliability.py); a stand-in replica gives that answer deterministically."""
-    handler = type("Handler", (WorkerDiesOnce,), {"first_status": status, "bodies": []})
+    handler: type[WorkerDiesOnce] = type("Handler", (WorkerDiesOnce,), {"first_status": status, "bodies": []})
     replica = ThreadingHTTPServer((LOOPBACK, 0), handler)
     thread = threading.Thread(target=replica.serve_forever, daemon=True)
     thread.start()

@@ -18,9 +18,8 @@ TORCHSERVE_METRICS_YAML = Path(ts.__file__).parent / "configs" / "metrics.yaml"
 def emitted(caplog: pytest.LogCaptureFixture) -> list[tuple[str, float]]:
     """(metric, value) of every metric line the worker would have sent to the frontend so far."""
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("[METRICS]")]
-    return [
-        (match[1], float(match[2])) for match in (re.match(r"\[METRICS\](\w+)\.\w+:([^|]+)", line) for line in lines)
-    ]
+    matches = [re.match(r"\[METRICS\](\w+)\.\w+:([^|]+)", line) for line in lines]
+    return [(match[1], float(match[2])) for match in matches if match is not None]
 
 
 @pytest.fixture()

@@ -11,27 +11,30 @@ import requests
 import torch
 
 from handler.predictor import DLRMPredictor
+from model_archive.contents import extracted
 from model_factory.artifact import TABLES_FILE, ModelArtifact, Provenance, load_model, write_artifact
 from model_factory.config import ConfigError, DLRMConfig, preset
 from model_factory.factory import build_dlrm, init_weights, summarize
 from model_factory.features import rows_to_kjt
 from model_factory.quantization import (
+    MlpDtype,
     QuantizationSpec,
+    TableDtype,
     quantize_model_tables,
     random_quantized_model,
     table_layouts,
     table_views,
 )
-from model_factory.synthetic import random_inputs, request_rows
-from scripts.server import TorchServeProcess
-from tests.conftest import build_archive
+from servers.torchserve import TorchServeProcess
+from tests.archives import build_archive
+from training.synthetic import random_inputs, request_rows
 
 SPECS = {
-    "fp16": QuantizationSpec("fp16"),
-    "int8": QuantizationSpec("int8"),
-    "int4": QuantizationSpec("int4"),
-    "mixed": QuantizationSpec("int8", per_table={"cat_0": "int4", "cat_5": "fp16"}),
-    "int8+mlp": QuantizationSpec("int8", mlp="int8"),
+    "fp16": QuantizationSpec(TableDtype.FP16),
+    "int8": QuantizationSpec(TableDtype.INT8),
+    "int4": QuantizationSpec(TableDtype.INT4),
+    "mixed": QuantizationSpec(TableDtype.INT8, per_table={"cat_0": TableDtype.INT4, "cat_5": TableDtype.FP16}),
+    "int8+mlp": QuantizationSpec(TableDtype.INT8, mlp=MlpDtype.INT8),
 }
 
 
@@ -44,7 +47,11 @@ def scores(model, config: DLRMConfig, seed: int = 0, rows: int = 64) -> torch.Te
 
 def test_row_layouts_of_the_criteo_1tb_tables() -> None:
     config = preset("criteo-1tb")
-    for dtype, row_bytes, gigabytes in (("int8", 68, 12.10), ("int4", 36, 6.41), ("fp16", 128, 22.78)):
+    for dtype, row_bytes, gigabytes in (
+        (TableDtype.INT8, 68, 12.10),
+        (TableDtype.INT4, 36, 6.41),
+        (TableDtype.FP16, 128, 22.78),
+    ):
         layouts = table_layouts(config, QuantizationSpec(dtype))
         assert {layout.row_bytes for layout in layouts} == {row_bytes}
         total = sum(layout.rows * layout.row_bytes for layout in layouts)
@@ -63,7 +70,7 @@ def test_quantized_artifacts_round_trip_exactly(name: str, small_config: DLRMCon
     original_views = table_views(model.sparse_arch.embedding_bag_collection)
     loaded_views = table_views(loaded.sparse_arch.embedding_bag_collection)
     assert all(torch.equal(original_views[table], loaded_views[table]) for table in original_views)
-    if spec.mlp == "none":
+    if spec.mlp == MlpDtype.NONE:
         assert torch.equal(scores(model.eval(), small_config), scores(loaded, small_config))
 
 
@@ -73,7 +80,7 @@ def test_quantized_scores_stay_close_to_fp32(name: str, tolerance: float, artifa
     reference = scores(fp32, artifact.model)
     model = init_weights(build_dlrm(artifact.model), seed=7)  # the artifact's weights: seed 7 (conftest)
     quantized = quantize_model_tables(model, artifact.model, SPECS[name])
-    if SPECS[name].mlp == "int8":
+    if SPECS[name].mlp == MlpDtype.INT8:
         from model_factory.quantization import quantize_mlps  # noqa: PLC0415
 
         quantize_mlps(quantized)
@@ -82,7 +89,7 @@ def test_quantized_scores_stay_close_to_fp32(name: str, tolerance: float, artifa
 
 
 def test_random_quantized_tables_are_seeded_bounded_and_never_fp32(small_config: DLRMConfig) -> None:
-    spec = QuantizationSpec("int8", per_table={"cat_1": "int4", "cat_2": "fp16"})
+    spec = QuantizationSpec(TableDtype.INT8, per_table={"cat_1": TableDtype.INT4, "cat_2": TableDtype.FP16})
     model = random_quantized_model(small_config, spec, seed=3)
     again = random_quantized_model(small_config, spec, seed=3)
     other = random_quantized_model(small_config, spec, seed=4)
@@ -108,7 +115,7 @@ def test_random_quantized_tables_are_seeded_bounded_and_never_fp32(small_config:
 
 
 def test_summary_measures_int4_tables_where_fbgemm_keeps_them(small_config: DLRMConfig) -> None:
-    model = random_quantized_model(small_config, QuantizationSpec("int4"), seed=0)
+    model = random_quantized_model(small_config, QuantizationSpec(TableDtype.INT4), seed=0)
     sparse = {row.name: row for row in summarize(model)}["sparse_arch"]
     assert sparse.parameters == sum(small_config.num_embeddings_per_feature) * small_config.embedding_dim
     rows = sum(small_config.num_embeddings_per_feature)
@@ -116,7 +123,7 @@ def test_summary_measures_int4_tables_where_fbgemm_keeps_them(small_config: DLRM
 
 
 def test_a_truncated_tables_file_is_refused(small_config: DLRMConfig, tmp_path: Path) -> None:
-    spec = QuantizationSpec("int8")
+    spec = QuantizationSpec(TableDtype.INT8)
     artifact = ModelArtifact(small_config, Provenance(trained=False, seed=0), quantization=spec)
     write_artifact(tmp_path, artifact, random_quantized_model(small_config, spec, seed=0))
     with open(tmp_path / TABLES_FILE, "r+b") as tables:
@@ -127,23 +134,29 @@ def test_a_truncated_tables_file_is_refused(small_config: DLRMConfig, tmp_path: 
 
 def test_mixing_fp32_and_quantized_tables_is_refused(small_config: DLRMConfig) -> None:
     with pytest.raises(ConfigError, match="quantize every table or none"):
-        ModelArtifact(small_config, Provenance(False, 0), quantization=QuantizationSpec(per_table={"cat_0": "int8"}))
+        ModelArtifact(
+            small_config, Provenance(False, 0), quantization=QuantizationSpec(per_table={"cat_0": TableDtype.INT8})
+        )
     with pytest.raises(ConfigError, match="unknown features"):
-        ModelArtifact(small_config, Provenance(False, 0), quantization=QuantizationSpec("int8", {"cat_99": "int4"}))
+        ModelArtifact(
+            small_config,
+            Provenance(False, 0),
+            quantization=QuantizationSpec(TableDtype.INT8, {"cat_99": TableDtype.INT4}),
+        )
 
 
 def test_ids_above_2_to_the_24_hit_their_own_rows(tmp_path: Path) -> None:
     """Ids float32 cannot represent (2**24 + 1 rounds to 2**24) reach distinct rows, served and in-process."""
     big = 2**24
     config = DLRMConfig(
-        num_embeddings_per_feature=[big + 2],
+        num_embeddings_per_feature=(big + 2,),
         embedding_dim=2,
-        dense_arch_layer_sizes=[2],
-        over_arch_layer_sizes=[4, 1],
-        dense_feature_names=["int_0"],
-        sparse_feature_names=["cat_0"],
+        dense_arch_layer_sizes=(2,),
+        over_arch_layer_sizes=(4, 1),
+        dense_feature_names=("int_0",),
+        sparse_feature_names=("cat_0",),
     )
-    spec = QuantizationSpec("int8")
+    spec = QuantizationSpec(TableDtype.INT8)
     model = random_quantized_model(config, spec, seed=0)
     (data, _, _) = model.sparse_arch.embedding_bag_collection._emb_modules[0].split_embedding_weights_with_scale_bias(
         2
@@ -185,7 +198,7 @@ def test_ids_above_2_to_the_24_hit_their_own_rows(tmp_path: Path) -> None:
 
 def _write_config(directory: Path, config: DLRMConfig) -> Path:
     path = directory / "config.json"
-    path.write_text(config.to_json())
+    path.write_text(json.dumps(config.to_dict()))
     return path
 
 
@@ -208,21 +221,12 @@ def test_quantized_archives_serve_like_in_process(tmp_path: Path, small_config: 
             response = requests.post(f"{server.endpoints.inference}/predictions/{name}", json={"instances": rows})
             assert response.status_code == 200, response.text
             served = [p["logit"] for p in response.json()["predictions"]]
-            directory = store / name if (store / name).is_dir() else _extracted(store / f"{name}.mar", tmp_path)
-            predictor = DLRMPredictor.from_artifact(directory, torch.device("cpu"))
+            with extracted(store / f"{name}.mar") as directory:
+                predictor = DLRMPredictor.from_artifact(directory, torch.device("cpu"))
             expected = json.loads(predictor.predict_bodies([json.dumps({"instances": rows})]).responses[0].body)
             assert served == pytest.approx([p["logit"] for p in expected["predictions"]], abs=1e-5)
             description = requests.get(f"{server.endpoints.management}/models/{name}?customized=true").json()[0]
             assert description["customizedMetadata"]["quantization"]["tables"] == builds[name][1]
-
-
-def _extracted(archive: Path, tmp_path: Path) -> Path:
-    import zipfile  # noqa: PLC0415
-
-    directory = tmp_path / archive.stem
-    with zipfile.ZipFile(archive) as zipped:
-        zipped.extractall(directory)
-    return directory
 
 
 @pytest.mark.gpu

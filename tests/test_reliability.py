@@ -27,10 +27,10 @@ import psutil
 import pytest
 import requests
 
-from scripts.load import SteadyLoad
-from scripts.server import LOOPBACK, TorchServeProcess
+from servers.load import SteadyLoad
+from servers.torchserve import LOOPBACK, REPO_ROOT, TorchServeProcess
+from tests.archives import TEST_MAX_ROWS, build_archive
 from tests.bad_requests import bad_requests
-from tests.conftest import REPO_ROOT, TEST_MAX_ROWS, build_archive
 from tests.test_fuzz_decoder import corrupted_body, expected_status, near_valid_body, random_json_body
 
 SAMPLE = (REPO_ROOT / "sample_data" / "sample_data.json").read_bytes()
@@ -177,6 +177,7 @@ def non_loopback_ipv4() -> str | None:
 
 def test_no_port_is_reachable_beyond_loopback(server: TorchServeProcess) -> None:
     ports = server.endpoints.ports
+    assert server.process is not None
     root = psutil.Process(server.process.pid)
     listening = {
         (conn.laddr.ip, conn.laddr.port)

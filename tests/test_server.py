@@ -12,9 +12,9 @@ import pytest
 import requests
 
 from handler.codec import RequestDecoder
-from scripts.server import TorchServeProcess
+from servers.torchserve import REPO_ROOT, TorchServeProcess
+from tests.archives import TEST_MAX_ROWS
 from tests.bad_requests import bad_raw_requests, bad_requests, raw_row, row
-from tests.conftest import REPO_ROOT, TEST_MAX_ROWS
 from tests.rows import offline_logits, random_row
 
 SAMPLE = REPO_ROOT / "sample_data" / "sample_data.json"

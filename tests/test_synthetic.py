@@ -6,9 +6,9 @@ import pytest
 
 from handler.codec import RequestDecoder
 from model_factory.config import DLRMConfig
-from model_factory.criteo import read_raw_rows
 from model_factory.features import Preprocessing
-from model_factory.synthetic import PlantedClickModel, metadata_path, random_inputs, request_rows, write_tsv
+from training.criteo import metadata_path, read_raw_rows
+from training.synthetic import PlantedClickModel, random_inputs, request_rows, write_tsv
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +10,18 @@ import pytest
 import requests
 import torch
 
+from model_archive.contents import model_artifact
 from model_factory.artifact import load_model, read_artifact
 from model_factory.config import DLRMConfig
-from model_factory.criteo import raw_request_row, read_batches
 from model_factory.features import Preprocessing
-from model_factory.synthetic import PlantedClickModel, write_tsv
-from model_factory.train import (
+from servers.torchserve import TorchServeProcess
+from tests.archives import build_archive
+from tests.rows import raw_request_row
+from training.criteo import read_batches
+from training.synthetic import PlantedClickModel, write_tsv
+from training.train import (
     LearningRatePolicy,
+    Loss,
     TrainingConfig,
     init_single_process_group,
     loss_function,
@@ -27,8 +31,6 @@ from model_factory.train import (
     train,
     train_step,
 )
-from scripts.server import TorchServeProcess
-from tests.conftest import build_archive
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_table_updates_are_row_wise(data: dict[str, Path], small_config: DLRMCon
     optimizer = make_optimizer(model, config)
     batch = next(read_batches([data["train"]], 64, small_config, Preprocessing()))
     before = plain_state_dict(model)
-    train_step(model, optimizer, loss_function("bce", 1.0), batch)
+    train_step(model, optimizer, loss_function(Loss.BCE, 1.0), batch)
     after = plain_state_dict(model)
     for feature in ("cat_0", "cat_5", "cat_19"):
         key = f"sparse_arch.embedding_bag_collection.embedding_bags.t_{feature}.weight"
@@ -98,9 +100,9 @@ def test_learning_rate_policy() -> None:
 
 def test_losses() -> None:
     logits, labels = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])
-    bce = loss_function("bce", 3.0)(logits, labels)
-    wbce = loss_function("wbce", 3.0)(logits, labels)
-    mse = loss_function("mse", 3.0)(logits, labels)
+    bce = loss_function(Loss.BCE, 3.0)(logits, labels)
+    wbce = loss_function(Loss.WBCE, 3.0)(logits, labels)
+    mse = loss_function(Loss.MSE, 3.0)(logits, labels)
     assert wbce > bce
     assert mse == pytest.approx(((0.5 - 1) ** 2 + torch.sigmoid(torch.tensor(2.0)).item() ** 2) / 2)
 
@@ -130,12 +132,13 @@ def test_served_raw_rows_equal_offline_scores(
         description = requests.get(f"{server.endpoints.management}/models/dlrm?customized=true", timeout=30).json()
         metadata = description[0]["customizedMetadata"]
         assert metadata["provenance"]["trained"] is True
+        assert artifact.provenance.metrics is not None
         assert metadata["provenance"]["metrics"]["auc"] == artifact.provenance.metrics["auc"]
         assert metadata["preprocessing"] == {
             "dense_transform": "log1p",
             "category_hashing": "hex-mod",
             "missing_category_row": 0,
         }
-    with zipfile.ZipFile(store / "dlrm.mar") as archive:
-        assert json.loads(archive.read("model_config.json"))["provenance"]["metrics"]["auc"] > 0.7
+    archived_metrics = model_artifact(store / "dlrm.mar").provenance.metrics
+    assert archived_metrics is not None and archived_metrics["auc"] > 0.7
     assert np.isfinite(offline).all()

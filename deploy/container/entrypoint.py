@@ -24,55 +24,59 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from handler.settings import ServingSettings, SettingsError
+
 ARCHIVE = Path("/opt/dlrm/model_store/dlrm.mar")
 MANIFEST = "MAR-INF/MANIFEST.json"
-MINIMUM = {"DLRM_WORKERS": 1, "DLRM_THREADS": 1, "DLRM_BATCH_SIZE": 1, "DLRM_MAX_BATCH_DELAY": 0}
+# Each variable and the ServingSettings field it sets.
+VARIABLES = {
+    "DLRM_WORKERS": "workers",
+    "DLRM_THREADS": "threads",
+    "DLRM_BATCH_SIZE": "batch_size",
+    "DLRM_MAX_BATCH_DELAY": "max_batch_delay_ms",
+}
 
 
-def settings_from(environ: Mapping[str, str]) -> dict[str, int]:
-    """The DLRM_* settings present in ``environ``; exits with a message naming a bad one."""
-    settings = {}
-    for name, minimum in MINIMUM.items():
+def overrides_from(environ: Mapping[str, str]) -> dict[str, int]:
+    """The ServingSettings fields that ``environ``'s DLRM_* variables set; exits naming a bad one."""
+    overrides = {}
+    for name, setting in VARIABLES.items():
         text = environ.get(name, "").strip()
         if not text:
             continue
         try:
-            value = int(text)
+            overrides[setting] = int(text)
         except ValueError:
-            value = None
-        if value is None or value < minimum:
-            sys.exit(f"{name} must be an integer >= {minimum}, got {text!r}")
-        settings[name] = value
-    return settings
+            sys.exit(f"{name} must be an integer, got {text!r}")
+    return overrides
 
 
-def apply(model_yaml: dict[str, Any], settings: Mapping[str, int]) -> dict[str, Any]:
-    """``model_yaml`` (the archive's model-config.yaml) with ``settings`` applied."""
-    updated = {**model_yaml, "handler": dict(model_yaml.get("handler") or {})}
-    if "DLRM_WORKERS" in settings:
-        updated["minWorkers"] = updated["maxWorkers"] = settings["DLRM_WORKERS"]
-    if "DLRM_BATCH_SIZE" in settings:
-        updated["batchSize"] = settings["DLRM_BATCH_SIZE"]
-    if "DLRM_MAX_BATCH_DELAY" in settings:
-        updated["maxBatchDelay"] = settings["DLRM_MAX_BATCH_DELAY"]
-    if "DLRM_THREADS" in settings:
-        updated["handler"]["num_threads"] = settings["DLRM_THREADS"]
-    return updated
+def apply(settings: ServingSettings, overrides: Mapping[str, int]) -> ServingSettings:
+    """``settings`` with ``overrides``; exits with the setting's own message when one is out of range."""
+    try:
+        return replace(settings, **overrides)
+    except SettingsError as error:
+        names = {setting: name for name, setting in VARIABLES.items()}
+        variable = next((names[setting] for setting in overrides if str(error).startswith(setting)), "DLRM_*")
+        sys.exit(f"{variable}: {error}")
 
 
-def rewrite_archive(source: Path, destination: Path, settings: Mapping[str, int]) -> dict[str, Any]:
-    """Copy the archive ``source`` to ``destination`` with ``settings`` applied to its model-config.yaml.
+def rewrite_archive(source: Path, destination: Path, overrides: Mapping[str, int]) -> dict[str, Any]:
+    """Copy the archive ``source`` to ``destination`` with ``overrides`` applied to its model-config.yaml.
 
     The other entries are streamed, so a large archive costs disk and time but not memory.
     """
     with zipfile.ZipFile(source) as original, zipfile.ZipFile(destination, "w") as copy:
         config_name = json.loads(original.read(MANIFEST))["model"].get("configFile", "model-config.yaml")
-        model_yaml = apply(yaml.safe_load(original.read(config_name)) or {}, settings)
+        original_yaml = yaml.safe_load(original.read(config_name)) or {}
+        settings = apply(ServingSettings.from_model_yaml(original_yaml), overrides)
+        model_yaml = {**original_yaml, **settings.to_model_yaml()}
         for entry in original.infolist():
             if entry.filename == config_name:
                 copy.writestr(copied_info(entry), yaml.safe_dump(model_yaml, sort_keys=False))
@@ -93,10 +97,10 @@ def copied_info(entry: zipfile.ZipInfo) -> zipfile.ZipInfo:
 
 def main() -> None:
     model_store = ARCHIVE.parent
-    settings = settings_from(os.environ)
-    if settings:
+    overrides = overrides_from(os.environ)
+    if overrides:
         model_store = Path(tempfile.mkdtemp(prefix="dlrm-model-store-"))
-        model_yaml = rewrite_archive(ARCHIVE, model_store / ARCHIVE.name, settings)
+        model_yaml = rewrite_archive(ARCHIVE, model_store / ARCHIVE.name, overrides)
         print(f"serving {ARCHIVE.name} with {json.dumps(model_yaml)}", flush=True)
     command = [
         "torchserve", "--start", "--foreground", "--ncs",

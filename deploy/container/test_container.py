@@ -39,7 +39,7 @@ from pathlib import Path
 
 import requests
 
-from scripts.server import REPO_ROOT, free_port
+from servers.torchserve import REPO_ROOT, free_port
 
 CACHE = REPO_ROOT / ".cache" / "containers"
 CONTAINERS_CONF = """\

@@ -7,7 +7,7 @@ containers and for the tests, which run :class:`NginxProcess` (nginx in the
 foreground with its own prefix, pid file, logs and temporary files, never the
 system's nginx service) in front of real TorchServe instances.
 
-    python -m scripts.loadbalancer render --upstream 10.0.0.5:8080 --upstream 10.0.0.6:8080 --listen 8000
+    python -m servers.nginx render --upstream 10.0.0.5:8080 --upstream 10.0.0.6:8080 --listen 8000
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts.server import LOOPBACK, free_port
+from servers.torchserve import LOOPBACK, free_port
 
 SITE_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "dlrm.conf.template"
 UPSTREAM = "${DLRM_UPSTREAM}"

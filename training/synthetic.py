@@ -27,14 +27,13 @@ import torch
 from torchmetrics.classification import BinaryAUROC
 
 from model_factory.config import CRITEO_1TB_NUM_EMBEDDINGS, DLRMConfig
-from model_factory.criteo import NUM_CAT, NUM_INT, RawRows
+from training.criteo import NUM_CAT, NUM_INT, RawRows, metadata_path
 
 MAX_VOCABULARY = 2_000
 ZIPF_EXPONENT = 1.1
 TARGET_CTR = 0.25
 INTERACTION_DIM = 4
 DEFAULT_INTERACTION_SCALE = 0.2
-METADATA_SUFFIX = ".meta.json"
 
 
 @dataclass(frozen=True)
@@ -183,10 +182,6 @@ def write_tsv(path: Path, rows: int, model: PlantedClickModel, seed: int, chunk_
     }
     metadata_path(path).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
-
-
-def metadata_path(path: Path) -> Path:
-    return path.with_name(path.name + METADATA_SUFFIX)
 
 
 def random_inputs(

@@ -5,7 +5,8 @@ working directory (config, logs, pid file) and runs in its own process group, so
 that stopping it also stops its Java frontend and Python workers, even when a
 test fails halfway.
 
-    python -m scripts.server wait-ready                 # wait for dlrm on the default ports
+    python -m servers.torchserve serve        # serve model_store/dlrm.mar on the shipped ports until Ctrl-C
+    python -m servers.torchserve wait-ready   # wait for dlrm on the default ports
 """
 
 from __future__ import annotations
@@ -86,18 +87,16 @@ class TorchServeProcess:
         ports: Ports | None = None,
         overrides: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
     ) -> None:
         self.model_store = model_store.resolve()
         self.models = models
         self.workdir = workdir.resolve()
+        self.log_dir = (log_dir or self.workdir / "logs").resolve()
         self.endpoints = Endpoints(ports=ports or Ports.free())
         self.overrides = overrides or {}
         self.env = env or {}
         self.process: subprocess.Popen | None = None
-
-    @property
-    def log_dir(self) -> Path:
-        return self.workdir / "logs"
 
     def write_config(self) -> Path:
         ports = self.endpoints.ports
@@ -217,14 +216,37 @@ def executable(name: str) -> str:
     return str(beside_python) if beside_python.exists() else name
 
 
+def serve(model_store: Path, model: str, archive: str, log_dir: Path, example: str) -> None:
+    """Serve one archive on the shipped ports, TorchServe's output in ``log_dir``, until Ctrl-C."""
+    print(f"starting TorchServe: its logs go to {log_dir}/", flush=True)
+    try:
+        with TorchServeProcess(model_store, f"{model}={archive}", log_dir, ports=Ports(), log_dir=log_dir) as server:
+            server.wait_ready(model)
+            print(f"\n{model} is ready on {server.endpoints.inference}. Try:\n  {example}\nCtrl-C stops the server.")
+            assert server.process is not None
+            code = server.process.wait()
+            sys.exit(f"TorchServe exited with {code}:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        print("\nstopped")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="serve an archive on the shipped ports until Ctrl-C")
+    run.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
+    run.add_argument("--model", default="dlrm", help="model name in the URLs")
+    run.add_argument("--archive", default="dlrm.mar", help="archive in the model store")
+    run.add_argument("--log-dir", type=Path, default=Path("logs"), help="where TorchServe's logs and output go")
+    run.add_argument("--example", default="", help="a command to suggest once the model is ready")
     wait = commands.add_parser("wait-ready", help="wait until a model's worker is READY")
     wait.add_argument("--management", default=Endpoints().management, help="management API base URL")
     wait.add_argument("--model", default="dlrm")
     wait.add_argument("--timeout", type=float, default=180.0)
     args = parser.parse_args()
+    if args.command == "serve":
+        serve(args.model_store, args.model, args.archive, args.log_dir, args.example)
+        return
     deadline = time.monotonic() + args.timeout
     while not model_ready(args.management, args.model):
         if time.monotonic() > deadline:

@@ -1,6 +1,6 @@
 """Train a DLRM on Criteo-format TSV files and write a model artifact that build_mar.py archives.
 
-    python -m model_factory.train --preset small \\
+    python -m training.train --preset small \\
         --train data/synthetic/train.tsv --validation data/synthetic/validation.tsv --output runs/small
 
 Embedding tables train with TorchRec's fused, row-wise optimizers: the table
@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import torch
@@ -32,7 +35,9 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -42,13 +47,27 @@ from tqdm import tqdm
 
 from model_factory.artifact import ModelArtifact, Provenance, write_artifact
 from model_factory.config import DEFAULT_PRESET, PRESETS, DLRMConfig, preset
-from model_factory.criteo import read_batches
 from model_factory.factory import build_dlrm, load_weights, table_name
 from model_factory.features import Preprocessing
-from model_factory.synthetic import metadata_path
+from training.criteo import metadata_path, read_batches
 
-LOSSES = ("bce", "mse", "wbce")
-OPTIMIZERS = ("adagrad", "sgd")
+# Share of each device's memory the planner keeps free for everything but the tables.
+STORAGE_RESERVATION = 0.15
+
+
+class Optimizer(StrEnum):
+    """Row-wise Adagrad (fused, per table row) or SGD for the tables; the same algorithm for the MLPs."""
+
+    ADAGRAD = "adagrad"
+    SGD = "sgd"
+
+
+class Loss(StrEnum):
+    """``bce`` on logits, ``wbce`` with clicks weighted, ``mse`` on probabilities (the DLRM reference's losses)."""
+
+    BCE = "bce"
+    WBCE = "wbce"
+    MSE = "mse"
 
 
 @dataclass(frozen=True)
@@ -77,9 +96,9 @@ class TrainingConfig:
     epochs: int = 1
     batch_size: int = 1024
     learning_rate: float = 0.05
-    optimizer: str = "adagrad"
+    optimizer: Optimizer = Optimizer.ADAGRAD
     schedule: LearningRatePolicy = LearningRatePolicy()
-    loss: str = "bce"
+    loss: Loss = Loss.BCE
     positive_weight: float = 3.0
     seed: int = 0
     progress: bool = True
@@ -94,7 +113,7 @@ def init_single_process_group() -> None:
 def sharded_model(config: TrainingConfig) -> DistributedModelParallel:
     torch.manual_seed(config.seed)
     model = build_dlrm(config.model)
-    if config.optimizer == "adagrad":
+    if config.optimizer == Optimizer.ADAGRAD:
         apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.parameters(), {"lr": config.learning_rate})
     else:
         apply_optimizer_in_backward(torch.optim.SGD, model.sparse_arch.parameters(), {"lr": config.learning_rate})
@@ -104,13 +123,22 @@ def sharded_model(config: TrainingConfig) -> DistributedModelParallel:
         sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=[EmbeddingComputeKernel.FUSED.value]
     )
     constraints = {table_name(feature): fused for feature in config.model.sparse_feature_names}
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints)
+    topology = TopologyFactory.create_topology(TrainerConfig(world_size=1), kernel_config=KernelConfig("cpu"))
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=constraints,
+        # A fixed share: TorchRec's default heuristic warns that it misjudges models built on meta, as ours is.
+        storage_reservation=FixedPercentageStorageReservation(STORAGE_RESERVATION),
+    )
     plan = planner.collective_plan(model, None, dist.GroupMember.WORLD)
-    return DistributedModelParallel(module=model, device=torch.device("cpu"), plan=plan)
+    with warnings.catch_warnings():
+        # TorchRec 1.8 passes DDP's deprecated `broadcast_buffers` itself; nothing a caller can change.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedModelParallel(module=model, device=torch.device("cpu"), plan=plan)
 
 
 def make_optimizer(model: DistributedModelParallel, config: TrainingConfig) -> CombinedOptimizer:
-    dense_class = torch.optim.Adagrad if config.optimizer == "adagrad" else torch.optim.SGD
+    dense_class = torch.optim.Adagrad if config.optimizer == Optimizer.ADAGRAD else torch.optim.SGD
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(model.named_parameters())),
         lambda params: dense_class(params, lr=config.learning_rate),
@@ -118,14 +146,14 @@ def make_optimizer(model: DistributedModelParallel, config: TrainingConfig) -> C
     return CombinedOptimizer([model.fused_optimizer, dense])
 
 
-def loss_function(name: str, positive_weight: float) -> nn.Module:
-    if name == "bce":
-        return nn.BCEWithLogitsLoss()
-    if name == "wbce":
-        return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_weight))
-    if name == "mse":
-        return _ProbabilityMSE()
-    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+def loss_function(loss: Loss, positive_weight: float) -> nn.Module:
+    match loss:
+        case Loss.BCE:
+            return nn.BCEWithLogitsLoss()
+        case Loss.WBCE:
+            return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_weight))
+        case Loss.MSE:
+            return _ProbabilityMSE()
 
 
 class _ProbabilityMSE(nn.Module):
@@ -148,12 +176,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn
 def plain_state_dict(model: DistributedModelParallel) -> dict[str, torch.Tensor]:
     """The sharded model's weights as an ordinary ``DLRM`` state dict (tables gathered to full tensors)."""
     plain = {}
-    for key, value in model.state_dict().items():
-        if hasattr(value, "local_shards"):  # a ShardedTensor: one process holds every shard
-            full = torch.empty(value.size(), dtype=value.dtype)
-            value.gather(dst=0, out=full)
-            value = full
-        plain[key] = value.detach().clone()
+    with warnings.catch_warnings():
+        # TorchRec 1.8's sharded tables are ShardedTensors, which PyTorch deprecates in favour of DTensor.
+        warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+        for key, value in model.state_dict().items():
+            if hasattr(value, "local_shards"):  # a ShardedTensor: one process holds every shard
+                full = torch.empty(value.size(), dtype=value.dtype)
+                value.gather(dst=0, out=full)
+                value = full
+            plain[key] = value.detach().clone()
     return plain
 
 
@@ -254,14 +285,17 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     parser.add_argument("--learning-rate", type=float, default=0.05, help="base learning rate (default: 0.05)")
     parser.add_argument(
         "--optimizer",
-        choices=OPTIMIZERS,
-        default="adagrad",
+        type=Optimizer,
+        choices=list(Optimizer),
+        default=Optimizer.ADAGRAD,
         help="row-wise Adagrad or SGD for the tables, the same for the MLPs (default: adagrad)",
     )
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default: 0)")
     parser.add_argument("--decay-start", type=int, default=0, help="step where polynomial decay starts (default: 0)")
     parser.add_argument("--decay-steps", type=int, default=0, help="steps of decay to zero; 0 = no decay (default: 0)")
-    parser.add_argument("--loss", choices=LOSSES, default="bce", help="bce, mse (on probabilities) or wbce")
+    parser.add_argument(
+        "--loss", type=Loss, choices=list(Loss), default=Loss.BCE, help="bce, mse (on probabilities) or wbce"
+    )
     parser.add_argument("--positive-weight", type=float, default=3.0, help="weight of clicks for wbce (default: 3.0)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
@@ -287,8 +321,17 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    metrics = train(parse_args(argv))
-    print(json.dumps(metrics, indent=2))
+    # PyTorch logs a notice about its own is_fx_tracing() the first time TorchRec's modules call it.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    config = parse_args(argv)
+    metrics = train(config)
+    planted = f" (planted {metrics['planted_auc']:.4f})" if "planted_auc" in metrics else ""
+    print(
+        f"validation AUC {metrics['auc']:.4f}{planted}, log loss {metrics['logloss']:.4f}, "
+        f"accuracy {metrics['accuracy']:.4f} on {metrics['validation_rows']:,.0f} rows; "
+        f"trained on {metrics['rows_seen']:,.0f} rows in {metrics['train_seconds']:.0f} s\n"
+        f"wrote {config.output}/ (metrics.json has every figure)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ from torchrec.datasets.utils import Batch
 
 from model_factory.config import DLRMConfig
 from model_factory.features import (
-    DENSE_FEATURE_NAMES,
-    SPARSE_FEATURE_NAMES,
     CategoryFormatError,
     Preprocessing,
     parse_categories,
@@ -38,6 +36,8 @@ NUM_INT = 13
 NUM_CAT = 26
 NUM_FIELDS = 1 + NUM_INT + NUM_CAT
 _CHUNK_LINES = 65_536
+# A data file may have a JSON description beside it (synthetic files record their planted AUC there).
+METADATA_SUFFIX = ".meta.json"
 _DECIMAL = re.compile(r"-?[0-9]+")
 _DECIMAL_COLUMN = re.compile(r"(?:-?[0-9]*\t)*-?[0-9]*")
 
@@ -56,6 +56,11 @@ class RawRows:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def metadata_path(path: Path) -> Path:
+    """Where the description of the data file ``path`` is: ``train.tsv`` → ``train.tsv.meta.json``."""
+    return path.with_name(path.name + METADATA_SUFFIX)
 
 
 def open_text(path: Path) -> TextIO:
@@ -120,21 +125,6 @@ def _parse_integer_column(
 
 def _is_int64(text: str) -> bool:
     return bool(_DECIMAL.fullmatch(text)) and -(2**63) <= int(text) < 2**63
-
-
-def raw_request_row(line: str) -> dict[str, int | str]:
-    """One TSV line (label ignored) as the handler's raw-row request: features keyed by name, missing ones absent."""
-    fields = line.rstrip("\r\n").split("\t")
-    if len(fields) != NUM_FIELDS:
-        raise CriteoFormatError(f"expected {NUM_FIELDS} tab-separated fields, got {len(fields)}")
-    row: dict[str, int | str] = {}
-    for name, value in zip(DENSE_FEATURE_NAMES, fields[1 : 1 + NUM_INT], strict=True):
-        if value:
-            row[name] = int(value)
-    for name, value in zip(SPARSE_FEATURE_NAMES, fields[1 + NUM_INT :], strict=True):
-        if value:
-            row[name] = value
-    return row
 
 
 def read_raw_rows(paths: Iterable[Path], chunk_lines: int = _CHUNK_LINES) -> Iterator[RawRows]:

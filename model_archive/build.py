@@ -1,0 +1,177 @@
+"""Build a TorchServe model archive of a DLRM with ``torch-model-archiver``.
+
+The archive holds the model artifact (``model_config.json``, ``weights.pt`` and,
+for quantized tables, ``tables.bin``), the handler and the packages it imports
+(``handler``, ``model_factory``: nothing else of this repository), and
+``model-config.yaml`` with the :class:`~handler.settings.ServingSettings`.
+Weights come from a trained checkpoint or, without one, from a seeded random
+initialisation that the archive records as untrained.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+
+import yaml
+from torchrec.models.dlrm import DLRM
+
+import handler
+import model_factory
+from handler.settings import ServingSettings
+from model_archive.contents import MODEL_YAML, unzipped_path
+from model_factory.artifact import (
+    CONFIG_FILE,
+    TABLES_FILE,
+    WEIGHTS_FILE,
+    ModelArtifact,
+    Provenance,
+    load_state_dict,
+    read_artifact,
+    write_artifact,
+)
+from model_factory.config import DEFAULT_PRESET, ConfigError, DLRMConfig, preset
+from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
+from model_factory.quantization import QuantizationSpec, quantize_model_tables, random_quantized_model, table_layouts
+from servers.torchserve import executable
+
+# The packages a worker imports, copied whole into every archive.
+SERVED_PACKAGES = (Path(handler.__file__).parent, Path(model_factory.__file__).parent)
+HANDLER_FILE = Path(handler.__file__).parent / "dlrm_handler.py"
+DEFAULT_OUTPUT = Path("model_store/dlrm.mar")
+
+
+class ArchiveFormat(StrEnum):
+    """``default``: a zipped ``.mar``; ``no-archive``: a directory that TorchServe serves in place."""
+
+    ZIPPED = "default"
+    UNZIPPED = "no-archive"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything ``build_mar.py`` can be told; the defaults are what ``python build_mar.py`` builds.
+
+    The model's shape comes from ``config_file``, else from a checkpoint directory,
+    else from ``preset``. ``checkpoint`` is a trainer output directory or a
+    ``state_dict`` file; without one the weights are random from ``seed``.
+    """
+
+    preset: str | None = None
+    config_file: Path | None = None
+    checkpoint: Path | None = None
+    seed: int = 0
+    output: Path = DEFAULT_OUTPUT
+    version: str = "1.0"
+    archive_format: ArchiveFormat = ArchiveFormat.ZIPPED
+    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
+    serving: ServingSettings = field(default_factory=ServingSettings)
+
+    def __post_init__(self) -> None:
+        if self.output.suffix != ".mar":
+            raise ConfigError(f"the output must end in .mar, got {self.output}")
+        if self.preset is not None and self.config_file is not None:
+            raise ConfigError("give a preset or a config file, not both")
+
+    @property
+    def archive_path(self) -> Path:
+        """The ``.mar`` file, or the directory of an unzipped archive."""
+        return unzipped_path(self.output) if self.archive_format == ArchiveFormat.UNZIPPED else self.output
+
+    def model_config(self) -> DLRMConfig:
+        if self.config_file is not None:
+            return DLRMConfig.from_json(self.config_file.read_text())
+        return preset(self.preset or DEFAULT_PRESET)
+
+
+def write_model_artifact(options: BuildOptions, directory: Path) -> ModelArtifact:
+    """Write the artifact to archive into ``directory``: from a checkpoint or seeded random weights, quantized."""
+    quantization = options.quantization
+    checkpoint = options.checkpoint
+    if checkpoint is not None and checkpoint.is_dir():
+        if options.preset or options.config_file:
+            raise ConfigError("a checkpoint directory carries its own model config: drop --preset/--config")
+        trained = read_artifact(checkpoint)
+        if trained.quantized_tables:
+            raise ConfigError(f"{checkpoint} is already quantized: archive the fp32 checkpoint the trainer wrote")
+        artifact = replace(trained, quantization=quantization)
+        model = load_checkpoint(artifact, checkpoint / WEIGHTS_FILE)
+    elif checkpoint is not None:
+        provenance = Provenance(trained=True, checkpoint=checkpoint.name)
+        artifact = ModelArtifact(model=options.model_config(), provenance=provenance, quantization=quantization)
+        model = load_checkpoint(artifact, checkpoint)
+    else:
+        provenance = Provenance(trained=False, seed=options.seed)
+        artifact = ModelArtifact(model=options.model_config(), provenance=provenance, quantization=quantization)
+        if artifact.quantized_tables:  # created quantized: the fp32 tables never exist
+            model = random_quantized_model(artifact.model, quantization, seed=options.seed)
+        else:
+            model = init_weights(build_dlrm(artifact.model), seed=options.seed)
+    write_artifact(directory, artifact, model)
+    return artifact
+
+
+def load_checkpoint(artifact: ModelArtifact, path: Path) -> DLRM:
+    """The checkpoint's fp32 model, quantized as ``artifact`` asks; a clear error for unsafe or mismatched files."""
+    try:
+        model = load_weights(build_dlrm(artifact.model), load_state_dict(path))
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        raise ConfigError(f"cannot load checkpoint {path}: {error}") from error
+    if artifact.quantized_tables:
+        model = quantize_model_tables(model, artifact.model, artifact.quantization)
+    return model
+
+
+def copy_packages(destination: Path) -> None:
+    """The Python packages the handler imports, so the archive needs nothing from this checkout."""
+    for package in SERVED_PACKAGES:
+        shutil.copytree(package, destination / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def build_archive(options: BuildOptions) -> tuple[Path, ModelArtifact]:
+    """Run torch-model-archiver over a staged artifact; returns the archive (file or directory) and its model."""
+    output = options.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    unzipped = options.archive_format == ArchiveFormat.UNZIPPED
+    # Staged beside the output, so a large tables file is moved (renamed), never copied, into an unzipped archive.
+    with tempfile.TemporaryDirectory(prefix=".dlrm-staging-", dir=output.parent) as tmp:
+        staging = Path(tmp)
+        artifact = write_model_artifact(options, staging / "artifact")
+        copy_packages(staging / "code")
+        model_yaml = staging / MODEL_YAML
+        model_yaml.write_text(yaml.safe_dump(options.serving.to_model_yaml(), sort_keys=False))
+        tables = staging / "artifact" / TABLES_FILE
+        extra_files = [staging / "artifact" / CONFIG_FILE, staging / "code"]
+        if tables.exists() and not unzipped:
+            extra_files.append(tables)
+        command = [
+            executable("torch-model-archiver"),
+            "--model-name", output.stem,
+            "--version", options.version,
+            "--handler", str(HANDLER_FILE),
+            "--serialized-file", str(staging / "artifact" / WEIGHTS_FILE),
+            "--extra-files", ",".join(str(path) for path in extra_files),
+            "--config-file", str(model_yaml),
+            "--export-path", str(output.parent),
+            "--archive-format", options.archive_format.value,
+            "--force",
+        ]  # fmt: skip
+        subprocess.run(command, check=True)
+        if tables.exists() and unzipped:
+            tables.rename(options.archive_path / TABLES_FILE)
+    return options.archive_path, artifact
+
+
+def describe(artifact: ModelArtifact) -> str:
+    """What was archived: the model summary, the stored table size and where the weights came from."""
+    lines = [format_summary(summarize(build_dlrm(artifact.model)))]
+    if artifact.quantized_tables:
+        stored = sum(layout.rows * layout.row_bytes for layout in table_layouts(artifact.model, artifact.quantization))
+        lines.append(f"tables stored quantized ({artifact.quantization.tables}): {stored / 2**30:.2f} GiB")
+    lines.append(f"weights: {artifact.provenance.describe()}")
+    return "\n".join(lines)

@@ -1,1 +1,0 @@
-"""Operational helpers shared by the Makefile, tests and benchmarks."""

@@ -1,0 +1,1 @@
+"""Real TorchServe and nginx processes on loopback ports, and client load, for `make serve`, tests and benchmarks."""
