@@ -76,7 +76,7 @@ def measure(predictor: DLRMPredictor, rows: list[dict[str, Any]], batches: list[
     for batch in batches:
         single_bodies = request_bodies(rows[:batch], 1)
         instances_body = request_bodies(rows[:batch], batch)[0]
-        decoded = predictor.decoder.decode(instances_body)
+        decoded = predictor.decoder.decode(instances_body).rows
         dense = torch.from_numpy(decoded.dense)
         sparse = rows_to_kjt(predictor.artifact.model.sparse_feature_names, decoded.lengths, decoded.values)
         check_valid(predictor, instances_body, *single_bodies)

@@ -16,7 +16,7 @@ import orjson
 import torch
 
 from handler.metrics import HandlerMetrics
-from handler.predictor import DLRMPredictor
+from handler.predictor import DLRMPredictor, Request
 from handler.settings import ServingSettings
 from model_factory.factory import format_summary, summarize
 
@@ -38,7 +38,13 @@ class DLRMHandler:
         device = select_device(properties.get("gpu_id"))
         if device.type == "cpu":
             torch.set_num_threads(settings.threads_per_worker())
-        self.predictor = DLRMPredictor.from_artifact(Path(properties["model_dir"]), device, max_rows=settings.max_rows)
+        self.predictor = DLRMPredictor.from_artifact(
+            Path(properties["model_dir"]),
+            device,
+            max_rows=settings.max_rows,
+            name=context.model_name,
+            version=str(context.manifest.get("model", {}).get("modelVersion", "")),
+        )
         self.metrics = HandlerMetrics(context.metrics, context.model_name, flush_seconds=settings.metrics_flush_seconds)
         provenance = self.predictor.artifact.provenance
         log = logger.warning if not provenance.trained else logger.info
@@ -54,10 +60,12 @@ class DLRMHandler:
         if context.get_request_header(0, "describe") == "True":
             context.set_response_content_type(0, JSON)
             return [orjson.dumps(self.describe())]
-        result = self.predictor.predict_bodies([request_body(request) for request in data])
+        result = self.predictor.predict([request_of(context, index, request) for index, request in enumerate(data)])
         invalid = []
         for index, response in enumerate(result.responses):
-            context.set_response_content_type(index, JSON)
+            context.set_response_content_type(index, response.content_type)
+            for name, value in response.headers.items():
+                context.set_response_header(index, name, value)
             if response.error_kind is not None:
                 context.set_response_status(response.status, response.error_kind, index)
                 invalid.append(response.error_kind)
@@ -82,6 +90,18 @@ def request_body(request: dict[str, Any]) -> Any:
         if request.get(key) is not None:
             return request[key]
     return None
+
+
+def request_of(context: Any, index: int, data: dict[str, Any]) -> Request:
+    """One request of the batch with its HTTP headers, names lower-cased (TorchServe keeps the client's spelling).
+
+    TorchServe's gRPC service passes no HTTP header at all, where an HTTP request
+    with a body always has some (``Content-Length`` at least).
+    """
+    headers = {
+        name.lower(): value for name, value in context.get_all_request_header(index).items() if isinstance(value, str)
+    }
+    return Request(request_body(data), headers, grpc=not headers)
 
 
 def select_device(gpu_id: int | str | None) -> torch.device:

@@ -33,6 +33,9 @@ class ErrorKind(StrEnum):
     ID_OUT_OF_RANGE = "id_out_of_range"
     EMPTY_INSTANCES = "empty_instances"
     TOO_MANY_ROWS = "too_many_rows"
+    WRONG_DATATYPE = "wrong_datatype"
+    WRONG_SHAPE = "wrong_shape"
+    INVALID_BINARY = "invalid_binary"
 
 
 # Every kind is a client error; the exceptions to 400 say why.
@@ -67,14 +70,16 @@ class InvalidRequest(Exception):
     def status(self) -> int:
         return HTTP_STATUS[self.kind]
 
-    def to_body(self) -> dict[str, Any]:
-        """The JSON error body.
+    def to_body(self, oip: bool = False) -> dict[str, Any]:
+        """The JSON error body; ``oip`` adds the Open Inference Protocol's own ``error`` key first.
 
         ``expected`` and ``got`` echo client input, so anything but a plain JSON
         scalar that orjson can encode (an integer beyond 64 bits, a nested value)
         is sent back as a short string: the error response itself must never fail.
         """
-        body: dict[str, Any] = {"code": self.status, "type": str(self.kind), "message": shorten(self.message)}
+        message = shorten(self.message)
+        body: dict[str, Any] = {"error": message} if oip else {}
+        body |= {"code": self.status, "type": str(self.kind), "message": message}
         for key in ("field", "row", "expected", "got"):
             value = getattr(self, key)
             if value is not None:

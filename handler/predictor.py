@@ -1,16 +1,18 @@
-"""The serving path without TorchServe: request bodies in, HTTP status and JSON bytes out.
+"""The serving path without TorchServe: requests in, HTTP status, headers and body out.
 
-``DLRMPredictor`` decodes every request of a batch, runs all valid rows in one
-forward pass and splits the scores back per request. The TorchServe handler is
-a thin adapter over it, and benchmarks and tests call it directly to measure
-or check exactly what the server runs.
+``DLRMPredictor`` decodes every request of a TorchServe batch in its own wire
+format (JSON rows, or the Open Inference Protocol over REST or gRPC), runs all
+valid rows in one forward pass and answers each request in its format, invalid
+ones with their own 4xx. The TorchServe handler is a thin adapter over it, and
+benchmarks and tests call it directly to measure or check exactly what a worker
+runs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +20,42 @@ import numpy as np
 import torch
 from torchrec.models.dlrm import DLRM
 
-from handler.codec import DecodedRequest, RequestDecoder, encode_error, encode_scores
+from handler import oip
 from handler.errors import ErrorKind, InvalidRequest
+from handler.json_rows import RequestDecoder, RowsRequest, encode_error, parse_json
+from handler.rows import FeatureRows, concatenate
 from handler.settings import DEFAULT_MAX_ROWS
 from model_factory.artifact import ModelArtifact, load_model
 from model_factory.features import rows_to_kjt
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request's body and HTTP headers (names lower-cased), as TorchServe hands them to a worker.
+
+    ``grpc``: it came through TorchServe's OIP gRPC service (``ModelInfer``). TorchServe
+    marks the requests of its REST routes with an ``explain`` header, and those of
+    ``/predictions`` also with ``url_path``: ``explain`` alone means ``/v2/.../infer``.
+    """
+
+    body: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
+    grpc: bool = False
+
+    @property
+    def is_oip(self) -> bool:
+        oip_route = "explain" in self.headers and "url_path" not in self.headers
+        return self.grpc or oip_route or oip.HEADER_LENGTH in self.headers
 
 
 @dataclass(frozen=True)
 class Response:
     status: int
     body: bytes
+    content_type: str = JSON
+    headers: Mapping[str, str] = field(default_factory=dict)
     error_kind: ErrorKind | None = None
 
 
@@ -43,51 +70,93 @@ class BatchResult:
 
 
 class DLRMPredictor:
-    def __init__(self, model: DLRM, artifact: ModelArtifact, device: torch.device, max_rows: int = DEFAULT_MAX_ROWS):
+    def __init__(
+        self,
+        model: DLRM,
+        artifact: ModelArtifact,
+        device: torch.device,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        name: str = "dlrm",
+        version: str = "1.0",
+    ) -> None:
         self.model = model
         self.artifact = artifact
         self.device = device
         self.decoder = RequestDecoder(artifact.model, artifact.preprocessing, max_rows=max_rows)
+        self.oip = oip.OipCodec(artifact.model, artifact.preprocessing, self.decoder.validator, name, version)
 
     @classmethod
-    def from_artifact(cls, directory: Path, device: torch.device, max_rows: int = DEFAULT_MAX_ROWS) -> DLRMPredictor:
+    def from_artifact(
+        cls, directory: Path, device: torch.device, max_rows: int = DEFAULT_MAX_ROWS, **names: str
+    ) -> DLRMPredictor:
         model, artifact = load_model(directory, device)
-        return cls(model, artifact, device, max_rows)
+        return cls(model, artifact, device, max_rows, **names)
 
     def predict_bodies(self, bodies: Sequence[Any]) -> BatchResult:
-        """One response per body, in order; invalid bodies get their 4xx without affecting the others."""
+        """:meth:`predict` for bodies without headers (JSON rows, or OIP JSON)."""
+        return self.predict([Request(body) for body in bodies])
+
+    def predict(self, requests: Sequence[Request]) -> BatchResult:
+        """One response per request, in order; invalid requests get their 4xx without affecting the others."""
         started = time.perf_counter()
+        decoded: dict[int, RowsRequest | oip.OipRequest] = {}
         responses: dict[int, Response] = {}
-        valid: list[tuple[int, DecodedRequest]] = []
-        for index, request in enumerate(self.decoder.decode_many(bodies)):
-            if isinstance(request, InvalidRequest):
-                responses[index] = Response(request.status, encode_error(request), request.kind)
-            else:
-                valid.append((index, request))
-        decoded = time.perf_counter()
+        json_rows: list[tuple[int, Any]] = []
+        for index, request in enumerate(requests):
+            as_oip = request.is_oip
+            try:
+                if as_oip:
+                    decoded[index] = self.oip.decode(request.body, request.headers.get(oip.HEADER_LENGTH))
+                    continue
+                payload = parse_json(request.body)
+                as_oip = isinstance(payload, dict) and "inputs" in payload
+                if as_oip:
+                    decoded[index] = self.oip.decode(payload)
+                else:
+                    json_rows.append((index, payload))
+            except InvalidRequest as error:
+                responses[index] = self._error(error, request, as_oip)
+        if json_rows:
+            for (index, _), result in zip(
+                json_rows, self.decoder.decode_many([payload for _, payload in json_rows]), strict=True
+            ):
+                if isinstance(result, InvalidRequest):
+                    responses[index] = self._error(result, requests[index], as_oip=False)
+                else:
+                    decoded[index] = result
+        decoded_at = time.perf_counter()
         rows = 0
-        if valid:
-            logits, scores = self.forward([request for _, request in valid])
-            for index, request in valid:
-                end = rows + request.num_rows
-                body = encode_scores(logits[rows:end].tolist(), scores[rows:end].tolist(), request.single_row)
-                responses[index] = Response(200, body)
+        if decoded:
+            order = sorted(decoded)
+            logits, scores = self.forward([decoded[index].rows for index in order])
+            for index in order:
+                end = rows + decoded[index].num_rows
+                responses[index] = self._answer(decoded[index], logits[rows:end], scores[rows:end])
                 rows = end
         finished = time.perf_counter()
         return BatchResult(
-            responses=[responses[index] for index in range(len(bodies))],
+            responses=[responses[index] for index in range(len(requests))],
             rows=rows,
-            decode_ms=(decoded - started) * 1e3,
-            forward_ms=(finished - decoded) * 1e3,
+            decode_ms=(decoded_at - started) * 1e3,
+            forward_ms=(finished - decoded_at) * 1e3,
         )
 
-    def forward(self, requests: Sequence[DecodedRequest]) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and click probabilities for all rows of ``requests``, in one forward pass."""
-        dense = np.concatenate([request.dense for request in requests])
-        lengths = np.concatenate([request.lengths for request in requests])
-        values = np.concatenate([request.values for request in requests])
-        sparse = rows_to_kjt(self.artifact.model.sparse_feature_names, lengths, values)
+    def _answer(self, request: RowsRequest | oip.OipRequest, logits: np.ndarray, scores: np.ndarray) -> Response:
+        if isinstance(request, RowsRequest):
+            return Response(200, request.response(logits, scores))
+        encoded = self.oip.encode(request, logits, scores)
+        return Response(200, encoded.body, encoded.content_type, encoded.headers)
+
+    def _error(self, error: InvalidRequest, request: Request, as_oip: bool) -> Response:
+        body = self.oip.encode_error(error, grpc=request.grpc) if as_oip else encode_error(error)
+        return Response(error.status, body, error_kind=error.kind)
+
+    def forward(self, parts: Sequence[FeatureRows]) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and click probabilities for all rows of ``parts``, in one forward pass."""
+        rows = concatenate(parts)
+        sparse = rows_to_kjt(self.artifact.model.sparse_feature_names, rows.lengths, rows.values)
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(dense).to(self.device), sparse.to(self.device)).squeeze(1).float()
+            dense = torch.from_numpy(np.require(rows.dense, requirements="W"))  # binary inputs may be read-only
+            logits = self.model(dense.to(self.device), sparse.to(self.device)).squeeze(1).float()
             scores = torch.sigmoid(logits)
         return logits.cpu().numpy(), scores.cpu().numpy()

@@ -62,7 +62,7 @@ def test_archive_is_self_contained(model_store: Path, tmp_path: Path) -> None:
     """The handler imports only what the archive carries, not this checkout."""
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import dlrm_handler, handler.codec, model_factory.factory;"
+        "import dlrm_handler, handler.json_rows, model_factory.factory;"
         "paths = [m.__file__ for m in sys.modules.values() if m.__name__.split('.')[0] in "
         "('dlrm_handler', 'handler', 'model_factory', 'training', 'servers', 'model_archive', 'bench')];"
         "assert all(p.startswith(sys.argv[1]) for p in paths), paths"

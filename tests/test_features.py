@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 import torch
 
-from model_factory.features import DENSE_FEATURE_NAMES, SPARSE_FEATURE_NAMES, rows_to_kjt
+from model_factory.features import DENSE_FEATURE_NAMES, SPARSE_FEATURE_NAMES, feature_major, rows_to_kjt
 
 
 def test_schema_uses_torchrec_criteo_names() -> None:
@@ -26,3 +27,21 @@ def test_single_row_needs_no_reordering() -> None:
     kjt = rows_to_kjt(["a", "b", "c"], np.array([[2, 0, 1]]), np.array([7, 8, 9]))
     assert kjt.values().tolist() == [7, 8, 9]
     assert kjt.lengths().tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (2, 2), (7, 5), (64, 26)])
+@pytest.mark.parametrize("max_ids", [1, 3])
+def test_feature_major_matches_a_per_feature_gather(shape: tuple[int, int], max_ids: int) -> None:
+    rng = np.random.default_rng(shape[0] * 10 + max_ids)
+    lengths = rng.integers(0 if max_ids > 1 else 1, max_ids + 1, size=shape)
+    values = rng.integers(0, 1000, size=int(lengths.sum()))
+    per_row = np.split(values, np.cumsum(lengths.sum(axis=1))[:-1])
+    expected = [
+        v
+        for feature in range(shape[1])
+        for row, ids in enumerate(per_row)
+        for v in np.split(ids, np.cumsum(lengths[row])[:-1])[feature]
+    ]
+    kjt_lengths, kjt_values = feature_major(lengths, values)
+    assert kjt_values.tolist() == expected
+    assert kjt_lengths.tolist() == lengths.T.ravel().tolist()

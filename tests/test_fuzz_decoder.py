@@ -26,7 +26,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handler.codec import DecodedRequest, InvalidRequest, RequestDecoder, encode_error
+from handler.errors import InvalidRequest
+from handler.json_rows import RequestDecoder, RowsRequest, encode_error
 from model_factory.config import preset
 from model_factory.features import Preprocessing
 from tests.rows import random_row
@@ -148,11 +149,12 @@ def check(body: bytes) -> None:
     check_invariants(request, orjson.loads(body))
 
 
-def check_invariants(request: DecodedRequest, payload: dict) -> None:
+def check_invariants(decoded: RowsRequest, payload: dict) -> None:
+    request = decoded.rows
     rows = payload.get("instances", [payload])
     n = len(rows)
-    assert request.single_row == ("instances" not in payload)
-    assert request.num_rows == n
+    assert decoded.single_row == ("instances" not in payload)
+    assert decoded.num_rows == n
     assert request.dense.shape == (n, NUM_DENSE) and request.dense.dtype == np.float32
     assert np.isfinite(request.dense).all()
     assert request.lengths.shape == (n, NUM_SPARSE) and request.lengths.dtype == np.int64

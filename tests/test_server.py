@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from handler.codec import RequestDecoder
+from handler.json_rows import RequestDecoder
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from tests.archives import TEST_MAX_ROWS
 from tests.bad_requests import bad_raw_requests, bad_requests, raw_row, row
@@ -71,8 +71,8 @@ def test_raw_rows_are_scored_like_their_preprocessed_form(predict, served_model)
     raw = raw_row(int_1=None, cat_3="")
     decoded = RequestDecoder(artifact.model, artifact.preprocessing).decode(raw)
     reference = row(
-        float_features=decoded.dense[0].tolist(),
-        **{"id_list_features.lengths": [1] * 26, "id_list_features.values": decoded.values.tolist()},
+        float_features=decoded.rows.dense[0].tolist(),
+        **{"id_list_features.lengths": [1] * 26, "id_list_features.values": decoded.rows.values.tolist()},
     )
     raw_response = predict(json.dumps({"instances": [raw, raw_row()]}).encode())
     assert raw_response.status_code == 200, raw_response.text

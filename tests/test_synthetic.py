@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from handler.codec import RequestDecoder
+from handler.json_rows import RequestDecoder
 from model_factory.config import DLRMConfig
 from model_factory.features import Preprocessing
 from training.criteo import metadata_path, read_raw_rows
@@ -63,5 +63,5 @@ def test_request_rows_are_valid_requests(small_config: DLRMConfig) -> None:
     dense, lengths, values = random_inputs(small_config, 20, np.random.default_rng(3), num_indices_per_lookup=2)
     rows = list(request_rows(dense, lengths, values))
     decoded = RequestDecoder(small_config, Preprocessing()).decode({"instances": rows})
-    np.testing.assert_array_equal(decoded.values, values)
-    np.testing.assert_array_equal(decoded.lengths, lengths)
+    np.testing.assert_array_equal(decoded.rows.values, values)
+    np.testing.assert_array_equal(decoded.rows.lengths, lengths)

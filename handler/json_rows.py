@@ -1,7 +1,9 @@
-"""The request/response contract of the DLRM endpoint: decode, validate, encode.
+"""The JSON row formats of ``POST /predictions/dlrm``: decode, validate, encode.
 
-Plain Python and NumPy, no TorchServe: the handler calls it, unit tests call it
-directly.
+Plain Python and NumPy, no TorchServe: the predictor calls it, unit tests call it
+directly. The shared rules (finite values, lengths, id ranges) are
+:class:`~handler.rows.RowValidator`'s; this module checks what only JSON rows
+can get wrong (types, keys, counts per row).
 
 Request bodies (JSON):
 
@@ -21,23 +23,25 @@ Request bodies (JSON):
 - several rows: ``{"instances": [row, ...]}`` (all rows in the format of the first).
 
 Responses: ``{"score": p, "logit": z}`` for one row, ``{"predictions": [...]}``
-in request order for ``instances``. Invalid input raises :class:`InvalidRequest`,
-which carries the HTTP status and a JSON body naming the field, the row, what
-was expected and what was received. Nothing is coerced: ids must be JSON
-integers (never floats or strings), dense values finite numbers.
+in request order for ``instances``. Invalid input raises
+:class:`~handler.errors.InvalidRequest`, which carries the HTTP status and a JSON
+body naming the field, the row, what was expected and what was received.
+Nothing is coerced: ids must be JSON integers (never floats or strings), dense
+values finite numbers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import chain, pairwise
+from itertools import chain
 from typing import Any
 
 import numpy as np
 import orjson
 
 from handler.errors import ErrorKind, InvalidRequest, fits_int64, json_type
+from handler.rows import FeatureRows, FieldNames, RowValidator, preprocessed, split
 from handler.settings import DEFAULT_MAX_ROWS
 from model_factory.config import DLRMConfig
 from model_factory.features import CategoryFormatError, Preprocessing, parse_categories
@@ -48,6 +52,7 @@ VALUES_FIELD = "id_list_features.values"
 INSTANCES_FIELD = "instances"
 ROW_FIELDS = (DENSE_FIELD, LENGTHS_FIELD, VALUES_FIELD)
 _ROW_FIELD_SET = frozenset(ROW_FIELDS)
+FIELD_NAMES = FieldNames(dense=DENSE_FIELD, lengths=LENGTHS_FIELD, values=VALUES_FIELD)
 
 
 _NUMBER_TYPES: frozenset[type] = frozenset({int, float})
@@ -57,55 +62,43 @@ _RAW_CATEGORY_TYPES: frozenset[type] = frozenset({str, type(None)})
 
 
 @dataclass(frozen=True)
-class DecodedRequest:
-    """The rows of one request as arrays, in the row-major layout of the request.
+class RowsRequest:
+    """The rows of one JSON request, and whether it was one row rather than ``instances``."""
 
-    ``dense`` is ``(rows, num_dense)`` float32, ``lengths`` ``(rows, num_sparse)``
-    int64 and ``values`` all ids of all rows concatenated, int64.
-    """
-
-    dense: np.ndarray
-    lengths: np.ndarray
-    values: np.ndarray
+    rows: FeatureRows
     single_row: bool
 
     @property
     def num_rows(self) -> int:
-        return self.dense.shape[0]
+        return self.rows.num_rows
 
-    def split(self, row_counts: Sequence[int], single_rows: Sequence[bool]) -> list[DecodedRequest]:
-        """Consecutive requests of ``row_counts`` rows each (views of these arrays, no copies)."""
-        row_bounds = np.cumsum([0, *row_counts])
-        id_bounds = np.concatenate(([0], np.cumsum(self.lengths.sum(axis=1))))[row_bounds].tolist()
-        rows = row_bounds.tolist()
-        return [
-            DecodedRequest(self.dense[start:end], self.lengths[start:end], self.values[first:last], single_row)
-            for (start, end), (first, last), single_row in zip(
-                pairwise(rows), pairwise(id_bounds), single_rows, strict=True
-            )
-        ]
+    def response(self, logits: np.ndarray, scores: np.ndarray) -> bytes:
+        return encode_scores(logits, scores, self.single_row)
 
 
 class RequestDecoder:
-    """Decodes and validates request bodies for one model configuration."""
+    """Decodes and validates JSON row bodies for one model configuration."""
 
     def __init__(self, config: DLRMConfig, preprocessing: Preprocessing, max_rows: int = DEFAULT_MAX_ROWS) -> None:
         self.config = config
         self.preprocessing = preprocessing
-        self.max_rows = max_rows
+        self.validator = RowValidator(config, max_rows)
         self.num_dense = config.num_dense_features
         self.num_sparse = config.num_sparse_features
-        self.table_sizes = np.asarray(config.num_embeddings_per_feature, dtype=np.int64)
         self.raw_fields = frozenset(config.dense_feature_names + config.sparse_feature_names)
 
-    def decode(self, body: bytes | bytearray | str | dict | list | None) -> DecodedRequest:
+    @property
+    def max_rows(self) -> int:
+        return self.validator.max_rows
+
+    def decode(self, body: bytes | bytearray | str | dict | list | None) -> RowsRequest:
         """One request body's rows as arrays; raises :class:`InvalidRequest` when anything is wrong."""
         (result,) = self.decode_many([body])
         if isinstance(result, InvalidRequest):
             raise result
         return result
 
-    def decode_many(self, bodies: Sequence[Any]) -> list[DecodedRequest | InvalidRequest]:
+    def decode_many(self, bodies: Sequence[Any]) -> list[RowsRequest | InvalidRequest]:
         """Each body decoded as :meth:`decode` would, its error in its place when it is invalid.
 
         The rows of all model-input bodies (the reference format) are checked and
@@ -115,7 +108,7 @@ class RequestDecoder:
         decode finds a problem, the bodies are decoded one by one, so that each
         error names its own request's row and the valid requests still pass.
         """
-        results: dict[int, DecodedRequest | InvalidRequest] = {}
+        results: dict[int, RowsRequest | InvalidRequest] = {}
         model_inputs: list[tuple[int, list, bool]] = []  # (body index, rows, single row)
         for index, body in enumerate(bodies):
             try:
@@ -133,9 +126,10 @@ class RequestDecoder:
             combined = (
                 _decoded_or_error(self._decode_rows, list(chain.from_iterable(row_lists)), False) if several else None
             )
-            pieces: list[DecodedRequest | InvalidRequest]
-            if isinstance(combined, DecodedRequest):
-                pieces = [*combined.split([len(rows) for rows in row_lists], single_rows)]
+            pieces: list[RowsRequest | InvalidRequest]
+            if isinstance(combined, RowsRequest):
+                parts = split(combined.rows, [len(rows) for rows in row_lists])
+                pieces = [RowsRequest(part, single) for part, single in zip(parts, single_rows, strict=True)]
             else:
                 pieces = [
                     _decoded_or_error(self._decode_rows, rows, single_row)
@@ -180,25 +174,10 @@ class RequestDecoder:
                 expected="array",
                 got=json_type(rows),
             )
-        if not rows:
-            raise InvalidRequest(
-                ErrorKind.EMPTY_INSTANCES,
-                f"{INSTANCES_FIELD!r} is empty: send between 1 and {self.max_rows} rows",
-                field=INSTANCES_FIELD,
-                expected=f"1..{self.max_rows} rows",
-                got=0,
-            )
-        if len(rows) > self.max_rows:
-            raise InvalidRequest(
-                ErrorKind.TOO_MANY_ROWS,
-                f"{INSTANCES_FIELD!r} has {len(rows)} rows, more than the limit of {self.max_rows}: split the request",
-                field=INSTANCES_FIELD,
-                expected=f"at most {self.max_rows} rows",
-                got=len(rows),
-            )
+        self.validator.check_row_count(len(rows), INSTANCES_FIELD)
         return rows
 
-    def _decode_rows(self, rows: list, single_row: bool) -> DecodedRequest:
+    def _decode_rows(self, rows: list, single_row: bool) -> RowsRequest:
         dense_rows, length_rows, value_rows = self._well_formed_fields(rows) or self._checked_fields(rows)
         dense = self._dense_array(dense_rows)
         lengths = np.array(length_rows, dtype=np.int64)
@@ -206,10 +185,10 @@ class RequestDecoder:
             values = np.fromiter(chain.from_iterable(value_rows), dtype=np.int64, count=int(lengths.sum()))
         except OverflowError:
             raise self._first_overflowing_id(value_rows) from None
-        self._check_id_ranges(lengths, values)
-        return DecodedRequest(dense=dense, lengths=lengths, values=values, single_row=single_row)
+        self.validator.check_ids(lengths, values, VALUES_FIELD)
+        return RowsRequest(FeatureRows(dense=dense, lengths=lengths, values=values), single_row)
 
-    def _decode_raw_rows(self, rows: list, single_row: bool) -> DecodedRequest:
+    def _decode_raw_rows(self, rows: list, single_row: bool) -> RowsRequest:
         """Raw Criteo rows → the same arrays as the reference format, through the archive's preprocessing."""
         dense_names, sparse_names = self.config.dense_feature_names, self.config.sparse_feature_names
         raw_ints: list[list[int | None]] = []
@@ -268,16 +247,9 @@ class RequestDecoder:
         except CategoryFormatError as error:
             row, position = divmod(error.index, self.num_sparse)
             raise self._invalid_category(row, position, error.value) from None
-        dense = self.preprocessing.dense(
-            np.array([[np.nan if v is None else float(v) for v in ints] for ints in raw_ints], dtype=np.float64)
-        )
-        category_rows = self.preprocessing.category_rows(parsed.reshape(len(rows), self.num_sparse), self.table_sizes)
-        return DecodedRequest(
-            dense=dense,
-            lengths=np.ones_like(category_rows),
-            values=category_rows.ravel(),
-            single_row=single_row,
-        )
+        dense = np.array([[np.nan if v is None else float(v) for v in ints] for ints in raw_ints], dtype=np.float64)
+        parsed_rows = parsed.reshape(len(rows), self.num_sparse)
+        return RowsRequest(preprocessed(self.preprocessing, self.validator.table_sizes, dense, parsed_rows), single_row)
 
     def _invalid_category(self, row: int, position: int, value: Any) -> InvalidRequest:
         name = self.config.sparse_feature_names[position]
@@ -455,39 +427,13 @@ class RequestDecoder:
         for row, values in enumerate(value_rows):
             for position, value in enumerate(values):
                 if not fits_int64(value):
-                    return self._out_of_range(row, position, value, feature=None)
+                    return self.validator.out_of_range(row, position, value, None, VALUES_FIELD)
         raise AssertionError("an id overflowed int64 but none was found")
-
-    def _check_id_ranges(self, lengths: np.ndarray, values: np.ndarray) -> None:
-        feature_of_id = np.repeat(np.tile(np.arange(self.num_sparse), lengths.shape[0]), lengths.ravel())
-        bad = np.flatnonzero((values < 0) | (values >= self.table_sizes[feature_of_id]))
-        if bad.size:
-            first = int(bad[0])
-            row_ends = np.cumsum(lengths.sum(axis=1))
-            row = int(np.searchsorted(row_ends, first, side="right"))
-            position = first - (int(row_ends[row - 1]) if row else 0)
-            raise self._out_of_range(row, position, int(values[first]), feature=int(feature_of_id[first]))
-
-    def _out_of_range(self, row: int, position: int, value: int, feature: int | None) -> InvalidRequest:
-        if feature is None:
-            where, expected = "", "integer in [0, table size) that fits int64"
-        else:
-            size = int(self.table_sizes[feature])
-            name = self.config.sparse_feature_names[feature]
-            where, expected = f" for feature {name} (table of {size} rows)", f"integer in [0, {size})"
-        return InvalidRequest(
-            ErrorKind.ID_OUT_OF_RANGE,
-            f"row {row}: {VALUES_FIELD}[{position}] = {value} is out of range{where}",
-            field=VALUES_FIELD,
-            row=row,
-            expected=expected,
-            got=value,
-        )
 
 
 def _decoded_or_error(
-    decode: Callable[[list, bool], DecodedRequest], rows: list, single_row: bool
-) -> DecodedRequest | InvalidRequest:
+    decode: Callable[[list, bool], RowsRequest], rows: list, single_row: bool
+) -> RowsRequest | InvalidRequest:
     try:
         return decode(rows, single_row)
     except InvalidRequest as error:
@@ -510,8 +456,11 @@ def parse_json(body: bytes | bytearray | str | dict | list | None) -> Any:
         raise InvalidRequest(ErrorKind.INVALID_JSON, f"the request body is not valid JSON: {error}") from None
 
 
-def encode_scores(logits: list[float], scores: list[float], single_row: bool) -> bytes:
-    predictions = [{"score": score, "logit": logit} for score, logit in zip(scores, logits, strict=True)]
+def encode_scores(logits: np.ndarray, scores: np.ndarray, single_row: bool) -> bytes:
+    """``{"score": p, "logit": z}``, or ``{"predictions": [...]}`` of those, in row order."""
+    predictions = [
+        {"score": score, "logit": logit} for score, logit in zip(scores.tolist(), logits.tolist(), strict=True)
+    ]
     return orjson.dumps(predictions[0] if single_row else {"predictions": predictions})
 
 

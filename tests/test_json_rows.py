@@ -4,7 +4,8 @@ import numpy as np
 import orjson
 import pytest
 
-from handler.codec import DecodedRequest, InvalidRequest, RequestDecoder, encode_error, encode_scores
+from handler.errors import InvalidRequest
+from handler.json_rows import RequestDecoder, RowsRequest, encode_error, encode_scores
 from model_factory.config import DEFAULT_PRESET, DLRMConfig, preset
 from model_factory.features import Preprocessing
 from servers.torchserve import REPO_ROOT
@@ -61,22 +62,22 @@ def test_decodes_one_row_exactly(decoder: RequestDecoder) -> None:
         json.dumps(row(**{"id_list_features.lengths": lengths, "id_list_features.values": values}))
     )
     assert request.single_row and request.num_rows == 1
-    assert request.dense.dtype == np.float32 and request.dense.shape == (1, 13)
-    assert request.lengths.tolist() == [lengths]
-    assert request.values.dtype == np.int64 and request.values.tolist() == values
+    assert request.rows.dense.dtype == np.float32 and request.rows.dense.shape == (1, 13)
+    assert request.rows.lengths.tolist() == [lengths]
+    assert request.rows.values.dtype == np.int64 and request.rows.values.tolist() == values
 
 
 def test_accepts_bytes_str_and_parsed_bodies(decoder: RequestDecoder) -> None:
     value = row()
     decoded = [decoder.decode(body) for body in (json.dumps(value).encode(), json.dumps(value), value)]
-    assert all(np.array_equal(d.values, decoded[0].values) for d in decoded)
+    assert all(np.array_equal(d.rows.values, decoded[0].rows.values) for d in decoded)
 
 
 def test_instances_keep_row_order(decoder: RequestDecoder) -> None:
     rows = [row(float_features=[float(i)] * 13) for i in range(5)]
     request = decoder.decode(json.dumps({"instances": rows}))
     assert not request.single_row
-    assert request.dense[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert request.rows.dense[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
 def test_ids_beyond_float32_precision_stay_exact() -> None:
@@ -90,12 +91,12 @@ def test_ids_beyond_float32_precision_stay_exact() -> None:
     request = RequestDecoder(config, Preprocessing()).decode(
         json.dumps(row(**{"id_list_features.values": [big] * 25 + [2**40 - 1]}))
     )
-    assert request.values.tolist() == [big] * 25 + [2**40 - 1]
+    assert request.rows.values.tolist() == [big] * 25 + [2**40 - 1]
 
 
 def test_integers_are_accepted_as_dense_values(decoder: RequestDecoder) -> None:
     request = decoder.decode(json.dumps(row(float_features=[1] * 13)))
-    assert request.dense.tolist() == [[1.0] * 13]
+    assert request.rows.dense.tolist() == [[1.0] * 13]
 
 
 def test_huge_integer_dense_value_is_non_finite(decoder: RequestDecoder) -> None:
@@ -105,8 +106,11 @@ def test_huge_integer_dense_value_is_non_finite(decoder: RequestDecoder) -> None
 
 
 def test_encode_scores_shapes() -> None:
-    assert orjson.loads(encode_scores([0.0], [0.5], single_row=True)) == {"score": 0.5, "logit": 0.0}
-    assert orjson.loads(encode_scores([0.0, 1.0], [0.5, 0.7], single_row=False)) == {
+    assert orjson.loads(encode_scores(np.array([0.0]), np.array([0.5]), single_row=True)) == {
+        "score": 0.5,
+        "logit": 0.0,
+    }
+    assert orjson.loads(encode_scores(np.array([0.0, 1.0]), np.array([0.5, 0.7]), single_row=False)) == {
         "predictions": [{"score": 0.5, "logit": 0.0}, {"score": 0.7, "logit": 1.0}]
     }
 
@@ -118,7 +122,7 @@ def test_shipped_samples_are_valid_for_their_model(path) -> None:
     request = RequestDecoder(preset(model), Preprocessing()).decode(path.read_bytes())
     assert request.num_rows >= 1
     if model == "criteo-1tb":
-        assert request.values[0] == 45_821_459  # exact: float32 would make it 45,821,460
+        assert request.rows.values[0] == 45_821_459  # exact: float32 would make it 45,821,460
 
 
 def test_raw_row_goes_through_the_shared_preprocessing(decoder: RequestDecoder, small_config: DLRMConfig) -> None:
@@ -126,25 +130,25 @@ def test_raw_row_goes_through_the_shared_preprocessing(decoder: RequestDecoder, 
     del body["cat_3"]  # absent means missing, like null and ""
     request = decoder.decode(json.dumps(body))
     assert request.single_row and request.num_rows == 1
-    np.testing.assert_allclose(request.dense[0, :4], [0.0, 0.0, 0.0, np.log(10)], rtol=1e-6)
-    np.testing.assert_allclose(request.dense[0, 4], np.log1p(4), rtol=1e-6)
-    assert request.lengths.tolist() == [[1] * 26]
-    assert request.values[:4].tolist() == [0x05DB9164 % 10_000, 0, 0, 0]
+    np.testing.assert_allclose(request.rows.dense[0, :4], [0.0, 0.0, 0.0, np.log(10)], rtol=1e-6)
+    np.testing.assert_allclose(request.rows.dense[0, 4], np.log1p(4), rtol=1e-6)
+    assert request.rows.lengths.tolist() == [[1] * 26]
+    assert request.rows.values[:4].tolist() == [0x05DB9164 % 10_000, 0, 0, 0]
     expected_cat_4 = (0x05DB9164 + 4) % small_config.num_embeddings_per_feature[4]
-    assert request.values[4] == expected_cat_4
+    assert request.rows.values[4] == expected_cat_4
 
 
 def test_raw_instances_and_empty_raw_row(decoder: RequestDecoder) -> None:
     request = decoder.decode(json.dumps({"instances": [raw_row(), raw_row(int_0=5), {"cat_0": None}]}))
     assert request.num_rows == 3 and not request.single_row
-    assert request.values[2 * 26 : 3 * 26].tolist() == [0] * 26  # all missing → row 0 of every table
+    assert request.rows.values[2 * 26 : 3 * 26].tolist() == [0] * 26  # all missing → row 0 of every table
 
 
-def assert_same_request(decoded: DecodedRequest | InvalidRequest, alone: DecodedRequest) -> None:
-    assert isinstance(decoded, DecodedRequest)
+def assert_same_request(decoded: RowsRequest | InvalidRequest, alone: RowsRequest) -> None:
+    assert isinstance(decoded, RowsRequest)
     assert decoded.single_row == alone.single_row
     for name in ("dense", "lengths", "values"):
-        np.testing.assert_array_equal(getattr(decoded, name), getattr(alone, name))
+        np.testing.assert_array_equal(getattr(decoded.rows, name), getattr(alone.rows, name))
 
 
 def test_a_batch_of_bodies_decodes_each_body_as_if_alone(decoder: RequestDecoder, small_config: DLRMConfig) -> None:

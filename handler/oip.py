@@ -1,0 +1,563 @@
+"""The Open Inference Protocol (KServe v2) for the DLRM: tensors in, ``score`` and ``logit`` out.
+
+TorchServe 0.12 routes ``POST /v2/models/{model}/infer`` (REST) and gRPC
+``ModelInfer`` to the handler; the gRPC service hands over the request as the
+same JSON, built from the typed ``contents``. One request is columnar:
+
+==================  ===============  ==================  ==========================================
+input               datatype         shape               what
+==================  ===============  ==================  ==========================================
+``dense_features``  FP32             ``[N, 13]``         dense features, transformed as in training
+``sparse_lengths``  INT32 or INT64   ``[N, 26]``         ids per row and feature (0 and >1 allowed)
+``sparse_ids``      INT64            ``[total]``         the ids, row-major: row 0's ``cat_0`` ids,
+                                                         its ``cat_1`` ids, ..., then row 1's
+``int_features``    BYTES            ``[N, 13]``         raw Criteo rows instead: decimal integers,
+``cat_features``    BYTES            ``[N, 26]``         8 hex digits; ``""`` is missing
+==================  ===============  ==================  ==========================================
+
+Outputs ``score`` (click probability) and ``logit``, FP32 ``[N]``: both unless
+the request's ``outputs`` names some; as raw bytes when the request asks
+(``"parameters": {"binary_data_output": true}``, or ``binary_data`` per output).
+Tensors travel as JSON ``data`` or, with the binary data extension, as raw
+little-endian bytes after a JSON header whose length the
+``Inference-Header-Content-Length`` header gives (``binary_data_size`` per input).
+
+Errors are the JSON rows' error bodies with OIP's ``error`` key first.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import orjson
+
+from handler.errors import ErrorKind, InvalidRequest, json_type
+from handler.rows import FeatureRows, FieldNames, RowValidator, preprocessed
+from model_factory.config import DLRMConfig
+from model_factory.features import CategoryFormatError, Preprocessing, parse_categories
+
+DENSE_INPUT = "dense_features"
+LENGTHS_INPUT = "sparse_lengths"
+IDS_INPUT = "sparse_ids"
+RAW_INTS_INPUT = "int_features"
+RAW_CATEGORIES_INPUT = "cat_features"
+MODEL_INPUTS = (DENSE_INPUT, LENGTHS_INPUT, IDS_INPUT)
+RAW_INPUTS = (RAW_INTS_INPUT, RAW_CATEGORIES_INPUT)
+SCORE_OUTPUT = "score"
+LOGIT_OUTPUT = "logit"
+OUTPUTS = (SCORE_OUTPUT, LOGIT_OUTPUT)
+FIELD_NAMES = FieldNames(dense=DENSE_INPUT, lengths=LENGTHS_INPUT, values=IDS_INPUT)
+# The binary data extension's header: the length of the JSON part of the body.
+HEADER_LENGTH = "inference-header-content-length"
+JSON_CONTENT_TYPE = "application/json"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+
+# Little-endian element types of the datatypes the inputs accept; BYTES elements are length-prefixed.
+_NUMPY_TYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8")}
+_ALLOWED_DATATYPES = {
+    DENSE_INPUT: ("FP32",),
+    LENGTHS_INPUT: ("INT32", "INT64"),
+    IDS_INPUT: ("INT64",),
+    RAW_INTS_INPUT: ("BYTES",),
+    RAW_CATEGORIES_INPUT: ("BYTES",),
+}
+_JSON_TYPES: dict[str, frozenset[type]] = {
+    "FP32": frozenset({int, float}),
+    "INT32": frozenset({int}),
+    "INT64": frozenset({int}),
+    "BYTES": frozenset({str}),
+}
+_TOP_LEVEL_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
+_TENSOR_KEYS = frozenset({"name", "datatype", "shape", "parameters", "data"})
+_BYTES_PREFIX = np.dtype("<u4")
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input as received: its data as a flat NumPy array (numbers) or list of strings (BYTES)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray | list[str]
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """Which outputs a request wants, and which of them as raw bytes."""
+
+    names: tuple[str, ...] = OUTPUTS
+    binary: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Encoded:
+    body: bytes
+    content_type: str
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class OipRequest:
+    """The rows of one OIP request, and how to answer it."""
+
+    id: str
+    rows: FeatureRows
+    outputs: OutputRequest
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.num_rows
+
+
+class OipCodec:
+    """Decodes OIP requests into validated rows and encodes scores as OIP responses, for one model."""
+
+    def __init__(
+        self, config: DLRMConfig, preprocessing: Preprocessing, validator: RowValidator, name: str, version: str
+    ) -> None:
+        self.config = config
+        self.preprocessing = preprocessing
+        self.validator = validator
+        self.name = name
+        self.version = version
+        self.num_dense = config.num_dense_features
+        self.num_sparse = config.num_sparse_features
+
+    # ------------------------------------------------------------------ requests
+
+    def decode(self, body: bytes | bytearray | dict, header_length: str | None = None) -> OipRequest:
+        """One request: a JSON body, an already-parsed one, or a binary-extension body with its header length."""
+        payload, binary = _split_body(body, header_length)
+        if not isinstance(payload, dict):
+            raise InvalidRequest(
+                ErrorKind.INVALID_BODY,
+                f"an inference request must be a JSON object, got {json_type(payload)}",
+                expected="object",
+                got=json_type(payload),
+            )
+        unknown = sorted(payload.keys() - _TOP_LEVEL_KEYS)
+        if unknown:
+            raise InvalidRequest(
+                ErrorKind.UNKNOWN_FIELD,
+                f"unknown key {unknown[0]!r} in the request; it has {sorted(_TOP_LEVEL_KEYS)}",
+                field=unknown[0],
+            )
+        request_id = payload.get("id", "")
+        if not isinstance(request_id, str):
+            raise _wrong_type("id", "string", request_id)
+        tensors = self._tensors(payload.get("inputs"), binary)
+        outputs = _output_request(payload.get("parameters"), payload.get("outputs"))
+        return OipRequest(id=request_id, rows=self._rows(tensors), outputs=outputs)
+
+    def _tensors(self, inputs: Any, binary: memoryview | None) -> dict[str, Tensor]:
+        if inputs is None:
+            raise InvalidRequest(ErrorKind.MISSING_FIELD, "the request has no 'inputs'", field="inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise InvalidRequest(
+                ErrorKind.WRONG_TYPE,
+                f"'inputs' must be a non-empty array of tensors, got {json_type(inputs)}",
+                field="inputs",
+                expected="non-empty array",
+                got=json_type(inputs),
+            )
+        tensors: dict[str, Tensor] = {}
+        offset = 0
+        for described in inputs:
+            tensor, offset = self._tensor(described, binary, offset)
+            if tensor.name in tensors:
+                raise InvalidRequest(
+                    ErrorKind.UNKNOWN_FIELD, f"input {tensor.name!r} is given twice", field=tensor.name
+                )
+            tensors[tensor.name] = tensor
+        if binary is not None and offset != len(binary):
+            raise InvalidRequest(
+                ErrorKind.INVALID_BINARY,
+                f"the body has {len(binary)} bytes after the JSON header but the inputs' binary_data_size "
+                f"add up to {offset}",
+                field="binary_data_size",
+                expected=offset,
+                got=len(binary),
+            )
+        return tensors
+
+    def _tensor(self, described: Any, binary: memoryview | None, offset: int) -> tuple[Tensor, int]:
+        """One input tensor, with its data from JSON or from ``binary`` at ``offset``; and the next offset."""
+        if not isinstance(described, dict):
+            raise _wrong_type("inputs", "object", described)
+        name = described.get("name")
+        if name not in _ALLOWED_DATATYPES:
+            known = ", ".join(MODEL_INPUTS + RAW_INPUTS)
+            field = name if isinstance(name, str) else "name"
+            raise InvalidRequest(
+                ErrorKind.UNKNOWN_FIELD, f"unknown input {name!r}: the inputs are {known}", field=field, got=name
+            )
+        unknown = sorted(described.keys() - _TENSOR_KEYS)
+        if unknown:
+            raise InvalidRequest(
+                ErrorKind.UNKNOWN_FIELD, f"input {name!r} has an unknown key {unknown[0]!r}", field=name
+            )
+        datatype = described.get("datatype")
+        if datatype not in _ALLOWED_DATATYPES[name]:
+            allowed = " or ".join(_ALLOWED_DATATYPES[name])
+            raise InvalidRequest(
+                ErrorKind.WRONG_DATATYPE,
+                f"input {name!r} must have datatype {allowed}, got {datatype!r}",
+                field=name,
+                expected=allowed,
+                got=datatype,
+            )
+        shape = _shape(name, described.get("shape"))
+        size = math.prod(shape)
+        parameters = described.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise _wrong_type(f"{name}.parameters", "object", parameters)
+        binary_size = parameters.get("binary_data_size")
+        if binary_size is not None:
+            if "data" in described:
+                raise InvalidRequest(
+                    ErrorKind.INVALID_BINARY,
+                    f"input {name!r} has both 'data' and a binary_data_size: send one",
+                    field=name,
+                )
+            if binary is None:
+                raise InvalidRequest(
+                    ErrorKind.INVALID_BINARY,
+                    f"input {name!r} has a binary_data_size but the request has no "
+                    "Inference-Header-Content-Length header",
+                    field=name,
+                )
+            if type(binary_size) is not int or binary_size < 0:
+                raise _wrong_type(f"{name}.parameters.binary_data_size", "integer >= 0", binary_size)
+            end = offset + binary_size
+            if end > len(binary):
+                raise InvalidRequest(
+                    ErrorKind.INVALID_BINARY,
+                    f"input {name!r} needs {binary_size} bytes from offset {offset} of the binary data, "
+                    f"but only {len(binary) - offset} are left: the body is truncated",
+                    field=name,
+                    expected=binary_size,
+                    got=len(binary) - offset,
+                )
+            return Tensor(name, datatype, shape, _binary_data(name, datatype, binary[offset:end], size)), end
+        if "data" not in described:
+            raise InvalidRequest(
+                ErrorKind.MISSING_FIELD, f"input {name!r} has neither 'data' nor a binary_data_size", field=name
+            )
+        return Tensor(name, datatype, shape, _json_data(name, datatype, described["data"], size)), offset
+
+    def _rows(self, tensors: dict[str, Tensor]) -> FeatureRows:
+        given = set(tensors)
+        names = MODEL_INPUTS if given & set(MODEL_INPUTS) or not given & set(RAW_INPUTS) else RAW_INPUTS
+        extra = sorted(given - set(names))
+        if extra:
+            raise InvalidRequest(
+                ErrorKind.UNKNOWN_FIELD,
+                f"input {extra[0]!r} cannot be combined with {', '.join(names)}: send model inputs "
+                f"({', '.join(MODEL_INPUTS)}) or raw rows ({', '.join(RAW_INPUTS)})",
+                field=extra[0],
+            )
+        missing = [name for name in names if name not in tensors]
+        if missing:
+            raise InvalidRequest(ErrorKind.MISSING_FIELD, f"the request lacks input {missing[0]!r}", field=missing[0])
+        if names == RAW_INPUTS:
+            return self._raw_rows(tensors[RAW_INTS_INPUT], tensors[RAW_CATEGORIES_INPUT])
+        dense, lengths, ids = (tensors[name] for name in MODEL_INPUTS)
+        rows = dense.shape[0] if dense.shape else 0
+        self.validator.check_row_count(rows, DENSE_INPUT)
+        _check_shape(dense, (rows, self.num_dense))
+        _check_shape(lengths, (rows, self.num_sparse))
+        if len(ids.shape) != 1:
+            raise _shape_error(ids, "[total]")
+        features = FeatureRows(
+            dense=np.asarray(dense.data).reshape(dense.shape),
+            lengths=np.asarray(lengths.data, dtype=np.int64).reshape(lengths.shape),
+            values=np.asarray(ids.data),
+        )
+        return self.validator.check(features, FIELD_NAMES)
+
+    def _raw_rows(self, ints: Tensor, categories: Tensor) -> FeatureRows:
+        rows = ints.shape[0] if ints.shape else 0
+        self.validator.check_row_count(rows, RAW_INTS_INPUT)
+        _check_shape(ints, (rows, self.num_dense))
+        _check_shape(categories, (rows, self.num_sparse))
+        assert isinstance(ints.data, list) and isinstance(categories.data, list)  # BYTES tensors
+        raw_ints = np.full(len(ints.data), np.nan)
+        for index, text in enumerate(ints.data):
+            if text:
+                if not _DECIMAL.fullmatch(text) or not -(2**63) <= int(text) < 2**63:
+                    row, position = divmod(index, self.num_dense)
+                    raise InvalidRequest(
+                        ErrorKind.NON_INTEGER,
+                        f"row {row}: {RAW_INTS_INPUT}[{position}] ({self.config.dense_feature_names[position]}) "
+                        f"must be a decimal integer within int64 or empty, got {text!r}",
+                        field=RAW_INTS_INPUT,
+                        row=row,
+                        expected="decimal integer or empty",
+                        got=text,
+                    )
+                raw_ints[index] = int(text)
+        try:
+            parsed = parse_categories(categories.data)
+        except CategoryFormatError as error:
+            row, position = divmod(error.index, self.num_sparse)
+            raise InvalidRequest(
+                ErrorKind.INVALID_CATEGORY,
+                f"row {row}: {RAW_CATEGORIES_INPUT}[{position}] ({self.config.sparse_feature_names[position]}) "
+                f"must be 8 hex digits (like '05db9164') or empty, got {error.value!r}",
+                field=RAW_CATEGORIES_INPUT,
+                row=row,
+                expected="string of 8 hex digits or empty",
+                got=error.value,
+            ) from None
+        return preprocessed(
+            self.preprocessing,
+            self.validator.table_sizes,
+            raw_ints.reshape(rows, self.num_dense),
+            parsed.reshape(rows, self.num_sparse),
+        )
+
+    # ------------------------------------------------------------------ responses
+
+    def encode(self, request: OipRequest, logits: np.ndarray, scores: np.ndarray) -> Encoded:
+        """The OIP response: JSON tensors, or a JSON header followed by the binary ones."""
+        values = {SCORE_OUTPUT: scores.astype("<f4", copy=False), LOGIT_OUTPUT: logits.astype("<f4", copy=False)}
+        outputs: list[dict[str, Any]] = []
+        chunks: list[bytes] = []
+        for name in request.outputs.names:
+            output: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": [len(values[name])]}
+            if name in request.outputs.binary:
+                raw = values[name].tobytes()
+                output["parameters"] = {"binary_data_size": len(raw)}
+                chunks.append(raw)
+            else:
+                output["data"] = values[name]
+            outputs.append(output)
+        header = orjson.dumps(
+            {"model_name": self.name, "model_version": self.version, "id": request.id, "outputs": outputs},
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+        if not chunks:
+            return Encoded(header, JSON_CONTENT_TYPE, {})
+        return Encoded(
+            b"".join([header, *chunks]), BINARY_CONTENT_TYPE, {"Inference-Header-Content-Length": str(len(header))}
+        )
+
+    def encode_error(self, error: InvalidRequest, grpc: bool) -> bytes:
+        """An error body; over gRPC, a response TorchServe 0.12 can convert, the error as an ``error`` output.
+
+        TorchServe's gRPC service turns every answer of the handler into a
+        ``ModelInferResponse`` whatever its status, and fails on one without
+        ``id``, ``model_name``, ``model_version`` and ``outputs``.
+        """
+        body = error.to_body(oip=True)
+        if not grpc:
+            return orjson.dumps(body)
+        error_output = {"name": "error", "datatype": "BYTES", "shape": [1], "data": [orjson.dumps(body).decode()]}
+        return orjson.dumps(
+            {"model_name": self.name, "model_version": self.version, "id": "", "outputs": [error_output]}
+        )
+
+
+def _split_body(body: bytes | bytearray | dict, header_length: str | None) -> tuple[Any, memoryview | None]:
+    """The JSON part of a body, parsed, and the binary part (None without the binary data extension)."""
+    if isinstance(body, dict):
+        return body, None
+    if header_length is None:
+        return _parse_json(body), None
+    length = header_length.strip()
+    if not length.isdigit() or int(length) > len(body):
+        raise InvalidRequest(
+            ErrorKind.INVALID_BINARY,
+            f"Inference-Header-Content-Length must be the byte length of the JSON header, at most the body's "
+            f"{len(body)} bytes, got {header_length!r}",
+            field="Inference-Header-Content-Length",
+            expected=f"integer in [0, {len(body)}]",
+            got=header_length,
+        )
+    view = memoryview(body)
+    return _parse_json(view[: int(length)]), view[int(length) :]
+
+
+def _parse_json(text: bytes | bytearray | memoryview) -> Any:
+    if not len(text):
+        raise InvalidRequest(
+            ErrorKind.EMPTY_BODY,
+            "the request has no body: send an inference request as JSON",
+            expected="application/json body",
+        )
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise InvalidRequest(ErrorKind.INVALID_JSON, f"the request's JSON is not valid: {error}") from None
+
+
+def _shape(name: str, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise InvalidRequest(
+            ErrorKind.WRONG_SHAPE,
+            f"input {name!r} needs a shape, an array of integers >= 0, got {shape!r}",
+            field=name,
+            expected="array of integers >= 0",
+            got=json_type(shape) if not isinstance(shape, list) else str(shape),
+        )
+    return tuple(shape)
+
+
+def _check_shape(tensor: Tensor, expected: tuple[int, ...]) -> None:
+    if tensor.shape != expected:
+        raise _shape_error(tensor, str(list(expected)))
+
+
+def _shape_error(tensor: Tensor, expected: str) -> InvalidRequest:
+    return InvalidRequest(
+        ErrorKind.WRONG_SHAPE,
+        f"input {tensor.name!r} must have shape {expected}, got {list(tensor.shape)}",
+        field=tensor.name,
+        expected=expected,
+        got=str(list(tensor.shape)),
+    )
+
+
+def _json_data(name: str, datatype: str, data: Any, size: int) -> np.ndarray | list[str]:
+    """A tensor's JSON ``data`` (flat, or nested as its shape), type-checked and flattened."""
+    if not isinstance(data, list):
+        raise _wrong_type(f"{name}.data", "array", data)
+    if data and type(data[0]) is list:  # nested rows: flatten one level at a time
+        while data and type(data[0]) is list:
+            if not all(type(item) is list for item in data):
+                raise _wrong_type(f"{name}.data", "array nested as the shape", data)
+            data = list(chain.from_iterable(data))
+    if len(data) != size:
+        raise InvalidRequest(
+            ErrorKind.WRONG_COUNT,
+            f"input {name!r} has {len(data)} values but its shape holds {size}",
+            field=name,
+            expected=size,
+            got=len(data),
+        )
+    allowed = _JSON_TYPES[datatype]
+    if not set(map(type, data)) <= allowed:
+        position, bad = next((i, v) for i, v in enumerate(data) if type(v) not in allowed)
+        what = {"FP32": "number", "BYTES": "string"}.get(datatype, "integer")
+        raise InvalidRequest(
+            ErrorKind.NON_NUMERIC if datatype == "FP32" else ErrorKind.NON_INTEGER,
+            f"{name}.data[{position}] must be a JSON {what}, got {json_type(bad)} {bad!r}",
+            field=name,
+            expected=what,
+            got=bad,
+        )
+    if datatype == "BYTES":
+        return data
+    if datatype == "FP32":
+        return _float32(name, data)
+    try:
+        return np.array(data, dtype=_NUMPY_TYPES[datatype])
+    except OverflowError:
+        limit = 2**31 if datatype == "INT32" else 2**63
+        position = next(i for i, value in enumerate(data) if not -limit <= value < limit)
+        raise InvalidRequest(
+            ErrorKind.ID_OUT_OF_RANGE if name == IDS_INPUT else ErrorKind.NON_INTEGER,
+            f"{name}.data[{position}] = {data[position]} does not fit {datatype}",
+            field=name,
+            expected=f"integer that fits {datatype}",
+            got=str(data[position]),
+        ) from None
+
+
+def _float32(name: str, data: list) -> np.ndarray:
+    """FP32 values; anything beyond float32 becomes infinite here and is refused as non-finite later."""
+    try:
+        wide = np.array(data, dtype=np.float64)
+    except OverflowError:  # a JSON integer beyond float64
+        wide = np.array([v if abs(v) <= 1e308 else math.inf for v in data], dtype=np.float64)
+    with np.errstate(over="ignore"):
+        return wide.astype(np.float32)
+
+
+def _binary_data(name: str, datatype: str, raw: memoryview, size: int) -> np.ndarray | list[str]:
+    """A tensor's raw little-endian bytes as a (read-only, zero-copy) array, or BYTES elements as strings."""
+    if datatype == "BYTES":
+        return _bytes_elements(name, raw, size)
+    itemsize = _NUMPY_TYPES[datatype].itemsize
+    if len(raw) != size * itemsize:
+        raise InvalidRequest(
+            ErrorKind.INVALID_BINARY,
+            f"input {name!r} of shape holding {size} {datatype} values needs {size * itemsize} bytes, "
+            f"its binary_data_size is {len(raw)}",
+            field=name,
+            expected=size * itemsize,
+            got=len(raw),
+        )
+    return np.frombuffer(raw, dtype=_NUMPY_TYPES[datatype])
+
+
+def _bytes_elements(name: str, raw: memoryview, size: int) -> list[str]:
+    """BYTES elements: each a 4-byte little-endian length, then that many bytes (UTF-8 text here)."""
+    elements, offset = [], 0
+    for _ in range(size):
+        if offset + 4 > len(raw):
+            break
+        (length,) = np.frombuffer(raw[offset : offset + 4], dtype=_BYTES_PREFIX)
+        start, offset = offset + 4, offset + 4 + int(length)
+        if offset > len(raw):
+            break
+        try:
+            elements.append(bytes(raw[start:offset]).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidRequest(
+                ErrorKind.INVALID_BINARY, f"input {name!r} element {len(elements)} is not UTF-8 text", field=name
+            ) from None
+    if len(elements) != size or offset != len(raw):
+        raise InvalidRequest(
+            ErrorKind.INVALID_BINARY,
+            f"input {name!r} must hold {size} length-prefixed BYTES elements in exactly its binary_data_size "
+            f"({len(raw)} bytes)",
+            field=name,
+            expected=size,
+            got=len(elements),
+        )
+    return elements
+
+
+def _output_request(parameters: Any, outputs: Any) -> OutputRequest:
+    if parameters is not None and not isinstance(parameters, dict):
+        raise _wrong_type("parameters", "object", parameters)
+    all_binary = bool((parameters or {}).get("binary_data_output", False))
+    if outputs is None:
+        return OutputRequest(OUTPUTS, frozenset(OUTPUTS) if all_binary else frozenset())
+    if not isinstance(outputs, list) or not outputs:
+        raise _wrong_type("outputs", "non-empty array of {name, parameters}", outputs)
+    names, binary = [], set()
+    for output in outputs:
+        name = output.get("name") if isinstance(output, dict) else None
+        if name not in OUTPUTS:
+            raise InvalidRequest(
+                ErrorKind.UNKNOWN_FIELD,
+                f"unknown output {name!r}: the outputs are {', '.join(OUTPUTS)}",
+                field="outputs",
+                got=name if isinstance(name, str) else json_type(output),
+            )
+        output_parameters = output.get("parameters") or {}
+        if not isinstance(output_parameters, dict):
+            raise _wrong_type(f"outputs.{name}.parameters", "object", output_parameters)
+        names.append(name)
+        if output_parameters.get("binary_data", all_binary):
+            binary.add(name)
+    return OutputRequest(tuple(dict.fromkeys(names)), frozenset(binary))
+
+
+def _wrong_type(field: str, expected: str, value: Any) -> InvalidRequest:
+    return InvalidRequest(
+        ErrorKind.WRONG_TYPE,
+        f"{field!r} must be {expected}, got {json_type(value)}",
+        field=field,
+        expected=expected,
+        got=json_type(value),
+    )

@@ -1,0 +1,187 @@
+"""The validation core every wire format decodes into: rows of model inputs as arrays.
+
+A wire format (``json_rows``, ``oip``) turns a request into :class:`FeatureRows`
+and checks what only it can see (JSON types, tensor datatypes and shapes);
+:class:`RowValidator` then checks what every format shares: the row count,
+finite dense values, non-negative lengths that add up to the ids, and ids
+within their tables. Errors name the field as the client's format spells it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+
+from handler.errors import ErrorKind, InvalidRequest
+from model_factory.config import DLRMConfig
+from model_factory.features import Preprocessing
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """Model inputs of ``N`` rows in the row-major layout of requests.
+
+    ``dense``: ``(N, num_dense)`` float32. ``lengths``: ``(N, num_sparse)`` int64,
+    ``lengths[r, f]`` ids of feature ``f`` in row ``r``. ``values``: the ids,
+    ``(lengths.sum(),)`` int64, row 0's ids of feature 0, then of feature 1, ...,
+    then row 1's.
+    """
+
+    dense: np.ndarray
+    lengths: np.ndarray
+    values: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return self.dense.shape[0]
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """How a wire format names the three inputs, for error messages."""
+
+    dense: str
+    lengths: str
+    values: str
+
+
+class RowValidator:
+    """The checks shared by every format, vectorised over all rows of a request."""
+
+    def __init__(self, config: DLRMConfig, max_rows: int) -> None:
+        self.config = config
+        self.max_rows = max_rows
+        self.table_sizes = np.asarray(config.num_embeddings_per_feature, dtype=np.int64)
+
+    def check_row_count(self, rows: int, field: str) -> None:
+        if rows == 0:
+            raise InvalidRequest(
+                ErrorKind.EMPTY_INSTANCES,
+                f"{field!r} has no rows: send between 1 and {self.max_rows}",
+                field=field,
+                expected=f"1..{self.max_rows} rows",
+                got=0,
+            )
+        if rows > self.max_rows:
+            raise InvalidRequest(
+                ErrorKind.TOO_MANY_ROWS,
+                f"{field!r} has {rows} rows, more than the limit of {self.max_rows}: split the request",
+                field=field,
+                expected=f"at most {self.max_rows} rows",
+                got=rows,
+            )
+
+    def check(self, rows: FeatureRows, names: FieldNames) -> FeatureRows:
+        """``rows`` if every shared rule holds; else the first problem as :class:`InvalidRequest`."""
+        self.check_row_count(rows.num_rows, names.dense)
+        self.check_dense(rows.dense, names.dense)
+        self.check_lengths(rows.lengths, rows.values.size, names)
+        self.check_ids(rows.lengths, rows.values, names.values)
+        return rows
+
+    @staticmethod
+    def check_dense(dense: np.ndarray, field: str) -> None:
+        bad = np.argwhere(~np.isfinite(dense))
+        if bad.size:
+            row, position = (int(i) for i in bad[0])
+            raise InvalidRequest(
+                ErrorKind.NON_FINITE,
+                f"row {row}: {field}[{position}] = {dense[row, position]} is not a finite float32 value",
+                field=field,
+                row=row,
+                expected="finite number within float32 range (|x| < 3.4e38)",
+                got=str(dense[row, position]),
+            )
+
+    @staticmethod
+    def check_lengths(lengths: np.ndarray, num_ids: int, names: FieldNames) -> None:
+        negative = np.argwhere(lengths < 0)
+        if negative.size:
+            row, position = (int(i) for i in negative[0])
+            raise InvalidRequest(
+                ErrorKind.NEGATIVE_LENGTH,
+                f"row {row}: {names.lengths}[{position}] is negative",
+                field=names.lengths,
+                row=row,
+                expected="integer >= 0",
+                got=int(lengths[row, position]),
+            )
+        total = int(lengths.sum())
+        if total != num_ids:
+            raise InvalidRequest(
+                ErrorKind.LENGTH_MISMATCH,
+                f"{names.values!r} has {num_ids} ids but {names.lengths!r} adds up to {total}",
+                field=names.values,
+                expected=total,
+                got=num_ids,
+            )
+
+    def check_ids(self, lengths: np.ndarray, ids: np.ndarray, field: str) -> None:
+        """Every id is in ``[0, rows)`` of its feature's table; the first one that is not is named."""
+        if lengths.shape[1] and ids.size == lengths.size and (lengths == 1).all():  # one id per feature
+            bad = np.flatnonzero((ids < 0) | (ids >= np.tile(self.table_sizes, lengths.shape[0])))
+        else:
+            feature_of_id = np.repeat(np.tile(np.arange(lengths.shape[1]), lengths.shape[0]), lengths.ravel())
+            bad = np.flatnonzero((ids < 0) | (ids >= self.table_sizes[feature_of_id]))
+        if not bad.size:
+            return
+        first = int(bad[0])
+        row_ends = np.cumsum(lengths.sum(axis=1))
+        row = int(np.searchsorted(row_ends, first, side="right"))
+        position = first - (int(row_ends[row - 1]) if row else 0)
+        segment_ends = np.cumsum(lengths[row])
+        feature = int(np.searchsorted(segment_ends, position, side="right"))
+        raise self.out_of_range(row, position, int(ids[first]), feature, field)
+
+    def out_of_range(self, row: int, position: int, value: int, feature: int | None, field: str) -> InvalidRequest:
+        if feature is None:
+            where, expected = "", "integer in [0, table size) that fits int64"
+        else:
+            size = int(self.table_sizes[feature])
+            name = self.config.sparse_feature_names[feature]
+            where, expected = f" for feature {name} (table of {size} rows)", f"integer in [0, {size})"
+        return InvalidRequest(
+            ErrorKind.ID_OUT_OF_RANGE,
+            f"row {row}: {field}[{position}] = {value} is out of range{where}",
+            field=field,
+            row=row,
+            expected=expected,
+            got=value,
+        )
+
+
+def concatenate(parts: Sequence[FeatureRows]) -> FeatureRows:
+    """The rows of several requests, in order, as one batch for one forward pass."""
+    if len(parts) == 1:
+        return parts[0]
+    return FeatureRows(
+        dense=np.concatenate([part.dense for part in parts]),
+        lengths=np.concatenate([part.lengths for part in parts]),
+        values=np.concatenate([part.values for part in parts]),
+    )
+
+
+def split(rows: FeatureRows, row_counts: Sequence[int]) -> list[FeatureRows]:
+    """Consecutive pieces of ``row_counts`` rows each: views of ``rows``' arrays, no copies."""
+    row_bounds = np.cumsum([0, *row_counts])
+    id_bounds = np.concatenate(([0], np.cumsum(rows.lengths.sum(axis=1))))[row_bounds].tolist()
+    return [
+        FeatureRows(rows.dense[start:end], rows.lengths[start:end], rows.values[first:last])
+        for (start, end), (first, last) in zip(pairwise(row_bounds.tolist()), pairwise(id_bounds), strict=True)
+    ]
+
+
+def preprocessed(
+    preprocessing: Preprocessing, table_sizes: np.ndarray, raw_ints: np.ndarray, categories: np.ndarray
+) -> FeatureRows:
+    """Raw Criteo rows → model inputs through the archive's preprocessing, exactly as in training.
+
+    ``raw_ints``: ``(N, num_dense)`` float64 with NaN for missing; ``categories``:
+    ``(N, num_sparse)`` parsed hex values (``MISSING_CATEGORY`` for missing). Every
+    row gets one id per feature.
+    """
+    rows = preprocessing.category_rows(categories, table_sizes)
+    return FeatureRows(dense=preprocessing.dense(raw_ints), lengths=np.ones_like(rows), values=rows.ravel())
