@@ -6,10 +6,15 @@ a TorchServe worker runs per batch:
 
 - ``model``: the DLRM forward alone, on a prebuilt dense tensor and KeyedJaggedTensor;
 - ``forward``: ``DLRMPredictor.forward`` on decoded rows (building the KJT, forward, sigmoid);
-- ``handler_instances``: ``predict_bodies`` on one JSON ``instances`` body of ``batch`` rows
+- ``handler_instances``: ``predict`` on one JSON ``instances`` body of ``batch`` rows
   (decode, forward, encode: a request of that many rows);
-- ``handler_rows``: ``predict_bodies`` on ``batch`` single-row JSON bodies (what TorchServe hands
-  the worker for a batch of that many single-row requests).
+- ``handler_rows``: ``predict`` on ``batch`` single-row JSON bodies (what TorchServe hands
+  the worker for a batch of that many single-row requests);
+- ``handler_oip_json``, ``handler_oip_binary``: ``predict`` on one Open Inference Protocol
+  request of ``batch`` rows, JSON tensors or binary tensors (binary outputs).
+
+The codec's cost per row is a handler mode's time per call minus the model's, divided by
+the rows (``bench.report``).
 
 It runs as its own process, so that environment variables read when the OpenMP
 runtime starts (``OMP_WAIT_POLICY``) can be set as they are for the workers:
@@ -31,12 +36,12 @@ from typing import Any
 
 import torch
 
-from bench.workload import criteo_like_rows, request_bodies
-from handler.predictor import DLRMPredictor
+from bench.workload import Body, Inputs, Protocol, criteo_like_inputs, request_bodies
+from handler.predictor import DLRMPredictor, Request
 from model_archive.contents import extracted, serving_settings
 from model_factory.features import rows_to_kjt
 
-MODES = ("model", "forward", "handler_instances", "handler_rows")
+MODES = ("model", "forward", "handler_instances", "handler_rows", "handler_oip_json", "handler_oip_binary")
 
 
 @dataclass(frozen=True)
@@ -64,22 +69,30 @@ def time_calls(
     return len(durations), sum(durations), statistics.median(durations) * 1e3
 
 
-def check_valid(predictor: DLRMPredictor, *bodies: bytes) -> None:
+def check_valid(predictor: DLRMPredictor, requests: list[Request]) -> None:
     """Timing 4xx answers would measure the wrong path: every benchmark body must be served."""
-    for response in predictor.predict_bodies(bodies).responses:
+    for response in predictor.predict(requests).responses:
         if response.status != 200:
             raise RuntimeError(f"benchmark body refused with {response.status}: {response.body[:300]!r}")
 
 
-def measure(predictor: DLRMPredictor, rows: list[dict[str, Any]], batches: list[int], seconds: float) -> list[Timing]:
+def as_request(body: Body) -> Request:
+    """A body as TorchServe hands it to the worker: header names lower-cased."""
+    return Request(body.data, {name.lower(): value for name, value in body.headers.items()})
+
+
+def measure(
+    predictor: DLRMPredictor, inputs: Inputs, batches: list[int], seconds: float, modes: tuple[str, ...] = MODES
+) -> list[Timing]:
     timings = []
     for batch in batches:
-        single_bodies = request_bodies(rows[:batch], 1)
-        instances_body = request_bodies(rows[:batch], batch)[0]
-        decoded = predictor.decoder.decode(instances_body).rows
+        single_rows = [as_request(body) for body in request_bodies(inputs, 1)[:batch]]
+        instances, oip_json, oip_binary = ([as_request(request_bodies(inputs, batch, p)[0])] for p in Protocol)
+        for requests in (single_rows, instances, oip_json, oip_binary):
+            check_valid(predictor, requests)
+        decoded = predictor.decoder.decode(instances[0].body).rows
         dense = torch.from_numpy(decoded.dense)
         sparse = rows_to_kjt(predictor.artifact.model.sparse_feature_names, decoded.lengths, decoded.values)
-        check_valid(predictor, instances_body, *single_bodies)
 
         def model_only(dense: torch.Tensor = dense, sparse: Any = sparse) -> None:
             with torch.inference_mode():
@@ -88,23 +101,26 @@ def measure(predictor: DLRMPredictor, rows: list[dict[str, Any]], batches: list[
         calls: dict[str, Callable[[], Any]] = {
             "model": model_only,
             "forward": partial(predictor.forward, [decoded]),
-            "handler_instances": partial(predictor.predict_bodies, [instances_body]),
-            "handler_rows": partial(predictor.predict_bodies, single_bodies),
+            "handler_instances": partial(predictor.predict, instances),
+            "handler_rows": partial(predictor.predict, single_rows),
+            "handler_oip_json": partial(predictor.predict, oip_json),
+            "handler_oip_binary": partial(predictor.predict, oip_binary),
         }
-        for mode in MODES:
+        for mode in modes:
             count, total, p50 = time_calls(calls[mode], seconds)
             timings.append(Timing(mode, batch, count, total, p50, batch * count / total))
     return timings
 
 
-def measure_archive(archive: Path, threads: int, batches: list[int], seconds: float) -> list[Timing]:
+def measure_archive(
+    archive: Path, threads: int, batches: list[int], seconds: float, modes: tuple[str, ...] = MODES
+) -> list[Timing]:
     """Timings of the archived model, loaded as the handler loads it, with ``threads`` torch threads."""
     with extracted(archive) as directory:
         torch.set_num_threads(threads)
         max_rows = serving_settings(archive).max_rows
         predictor = DLRMPredictor.from_artifact(directory, torch.device("cpu"), max_rows=max_rows)
-        rows = criteo_like_rows(predictor.artifact.model, max(batches))
-        return measure(predictor, rows, batches, seconds)
+        return measure(predictor, criteo_like_inputs(predictor.artifact.model, max(batches)), batches, seconds, modes)
 
 
 def main() -> None:
@@ -113,9 +129,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, required=True, help="torch threads, as in a worker")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256, 1024])
     parser.add_argument("--seconds", type=float, default=3.0, help="per batch size and mode")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time (default: all)")
     parser.add_argument("--output", type=Path, help="write the timings here as JSON")
     args = parser.parse_args()
-    timings = measure_archive(args.archive, args.threads, args.batches, args.seconds)
+    timings = measure_archive(args.archive, args.threads, args.batches, args.seconds, tuple(args.modes))
     for timing in timings:
         print(
             f"in-process {timing.mode:<18} batch {timing.batch:>5}: {timing.rows_per_s:>9,.0f} rows/s, "

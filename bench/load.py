@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.workload import write_bodies
+from bench.workload import Body, Protocol, write_bodies
 from servers.torchserve import TorchServeProcess
 
 WRK_SCRIPT = Path(__file__).with_name("wrk_post.lua")
@@ -36,15 +36,18 @@ PROMETHEUS_SAMPLE = re.compile(r"^(\w+)(?:\{[^}]*\})? ([0-9.eE+-]+)$")
 
 @dataclass(frozen=True)
 class Point:
-    """A load point: ``rows_per_request`` 1 is the single-row format, more is an ``instances`` body."""
+    """A load point: ``rows_per_request`` 1 is the single-row format, more is an ``instances`` body
+    (or, with an OIP ``protocol``, one inference request of that many rows)."""
 
     rows_per_request: int
     concurrency: int
+    protocol: Protocol = Protocol.ROWS
 
     @property
     def name(self) -> str:
         kind = "single row" if self.rows_per_request == 1 else f"{self.rows_per_request} rows"
-        return f"{kind}, c={self.concurrency}"
+        via = "" if self.protocol == Protocol.ROWS else f" {self.protocol}"
+        return f"{kind}{via}, c={self.concurrency}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class PointResult:
     model: str
     rows_per_request: int
     concurrency: int
+    protocol: str
     seconds: float
     requests: int
     req_per_s: float
@@ -65,15 +69,23 @@ class PointResult:
     other_cpu_cores: float
     steal_cores: float
     loadavg_1m: float
+    # Cores' worth of CPU each part took during the point: TorchServe's Java frontend, its workers, wrk.
+    frontend_cpu_cores: float = 0.0
+    workers_cpu_cores: float = 0.0
+    loadgen_cpu_cores: float = 0.0
 
 
 class CpuMeter:
-    """CPU seconds the whole machine spent busy, minus what TorchServe, wrk and this process spent."""
+    """CPU seconds the whole machine spent busy, minus what TorchServe, wrk and this process spent;
+    and what the frontend, the workers and wrk each took."""
 
-    def __init__(self, server_pid: int) -> None:
+    def __init__(self, server_pid: int, worker_pids: list[int]) -> None:
         root = psutil.Process(server_pid)
         self.processes = [root, *root.children(recursive=True)]
+        self.workers = [process for process in self.processes if process.pid in worker_pids]
+        self.frontend = [process for process in self.processes if process.name() == "java"]
         self.start = self._sample()
+        self.parts_start = self._parts()
 
     @staticmethod
     def _machine() -> tuple[float, float]:
@@ -98,11 +110,29 @@ class CpuMeter:
         busy, steal = self._machine()
         return time.monotonic(), busy, steal, self._ours()
 
-    def stop(self) -> tuple[float, float]:
-        """Cores' worth of CPU that other processes used, and that the hypervisor stole, since the start."""
+    def _parts(self) -> tuple[float, float, float]:
+        """CPU seconds of the frontend, the workers, and wrk (this process's waited-for children)."""
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return _cpu_seconds(self.frontend), _cpu_seconds(self.workers), usage.ru_utime + usage.ru_stime
+
+    def stop(self) -> tuple[float, float, tuple[float, float, float]]:
+        """Cores' worth of CPU that other processes used and the hypervisor stole since the start, and the
+        frontend's, workers' and wrk's."""
         end = self._sample()
         wall, busy, steal, ours = (b - a for a, b in zip(self.start, end, strict=True))
-        return max(0.0, busy - ours) / wall, steal / wall
+        frontend, workers, loadgen = (b - a for a, b in zip(self.parts_start, self._parts(), strict=True))
+        return max(0.0, busy - ours) / wall, steal / wall, (frontend / wall, workers / wall, loadgen / wall)
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        total += times.user + times.system
+    return total
 
 
 def run_wrk(url: str, bodies: Path, concurrency: int, seconds: int) -> dict:
@@ -128,32 +158,32 @@ def handler_counters(metrics_url: str) -> dict[str, float]:
     return counters
 
 
-def post(url: str, body: bytes) -> requests.Response:
-    return requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=WRK_TIMEOUT_S)
+def post(url: str, body: Body) -> requests.Response:
+    return requests.post(url, data=body.data, headers=body.headers, timeout=WRK_TIMEOUT_S)
 
 
 def measure_point(
     server: TorchServeProcess,
     model: str,
     point: Point,
-    bodies: list[bytes],
+    bodies: list[Body],
     workdir: Path,
     seconds: int,
     warmup_seconds: int,
 ) -> PointResult:
     """One wrk run of ``seconds`` after a warm-up run, against a server whose ``model`` is READY."""
-    url = f"{server.endpoints.inference}/predictions/{model}"
+    url = server.endpoints.inference + point.protocol.path(model)
     answer = post(url, bodies[0])
     if answer.status_code != 200:
         raise RuntimeError(f"{model} refused a benchmark body ({point.name}): {answer.status_code} {answer.text[:300]}")
-    bodies_file = write_bodies(bodies, workdir / f"bodies-{point.rows_per_request}.jsonl")
+    bodies_file = write_bodies(bodies, workdir / f"bodies-{point.rows_per_request}-{point.protocol}.bin")
     if warmup_seconds:
         run_wrk(url, bodies_file, point.concurrency, warmup_seconds)
     assert server.process is not None, "the server is started"
     before = handler_counters(server.endpoints.metrics)
-    meter = CpuMeter(server.process.pid)
+    meter = CpuMeter(server.process.pid, server.worker_pids(model))
     result = run_wrk(url, bodies_file, point.concurrency, seconds)
-    other_cores, steal_cores = meter.stop()
+    other_cores, steal_cores, (frontend_cores, workers_cores, loadgen_cores) = meter.stop()
     after = handler_counters(server.endpoints.metrics)
     rss = [psutil.Process(pid).memory_info().rss / 2**20 for pid in server.worker_pids(model)]
     delta = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in HANDLER_COUNTERS}
@@ -164,6 +194,7 @@ def measure_point(
         model=model,
         rows_per_request=point.rows_per_request,
         concurrency=point.concurrency,
+        protocol=str(point.protocol),
         seconds=duration,
         requests=result["requests"],
         req_per_s=result["requests"] / duration,
@@ -179,4 +210,7 @@ def measure_point(
         other_cpu_cores=other_cores,
         steal_cores=steal_cores,
         loadavg_1m=os.getloadavg()[0],
+        frontend_cpu_cores=frontend_cores,
+        workers_cpu_cores=workers_cores,
+        loadgen_cpu_cores=loadgen_cores,
     )

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.load import Point, run_wrk
-from bench.workload import write_bodies
+from bench.workload import Body, write_bodies
 from servers.torchserve import TorchServeProcess
 
 SAMPLE_RATE_HZ = 100
@@ -85,15 +85,15 @@ def breakdown(collapsed: str) -> dict[str, float]:
 
 
 def profile_under_load(
-    server: TorchServeProcess, model: str, point: Point, bodies: list[bytes], workdir: Path, stem: Path, seconds: int
+    server: TorchServeProcess, model: str, point: Point, bodies: list[Body], workdir: Path, stem: Path, seconds: int
 ) -> dict[str, float]:
     """Flame graph (``stem``.svg) and stage shares (from ``stem``.txt) of the first worker while wrk drives ``point``.
 
     py-spy runs outside the measured points: sampling pauses the worker briefly at every sample.
     """
-    url = f"{server.endpoints.inference}/predictions/{model}"
+    url = server.endpoints.inference + point.protocol.path(model)
     pid = server.worker_pids(model)[0]
-    bodies_file = write_bodies(bodies, workdir / "profile-bodies.jsonl")
+    bodies_file = write_bodies(bodies, workdir / "profile-bodies.bin")
     with ThreadPoolExecutor(max_workers=1) as pool:
         load = pool.submit(run_wrk, url, bodies_file, point.concurrency, 2 * seconds + 2 * SETTLE_SECONDS + 5)
         time.sleep(SETTLE_SECONDS)

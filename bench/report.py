@@ -19,20 +19,35 @@ TARGET_P99_MS = 50.0
 TARGET_ROWS = 256
 TARGET_INPROCESS_RATIO = 0.70
 TARGET_OVERHEAD_MS = 1.5
+# The targets of issue 12: codec cost per row in-process, one thread (µs), and large binary OIP requests served.
+CODEC_TARGETS_US = {"handler_oip_binary": 0.3, "handler_oip_json": 2.0, "handler_instances": 4.0, "handler_rows": 8.0}
+TARGET_OIP_ROWS = 1024
+TARGET_OIP_RATIO = 0.8
 
 INPROCESS_COLUMNS = {
     "model": "model forward",
     "forward": "predictor.forward (KJT + model)",
     "handler_instances": "handler, one instances body",
     "handler_rows": "handler, single-row bodies",
+    "handler_oip_json": "handler, OIP JSON",
+    "handler_oip_binary": "handler, OIP binary",
 }
 
 
-def find_point(points: list[dict], rows: int, concurrency: int | None = None) -> dict | None:
+def find_point(points: list[dict], rows: int, concurrency: int | None = None, protocol: str = "rows") -> dict | None:
     for point in points:
-        if point["rows_per_request"] == rows and concurrency in (None, point["concurrency"]):
+        same_load = point["rows_per_request"] == rows and concurrency in (None, point["concurrency"])
+        if same_load and point.get("protocol", "rows") == protocol:
             return point
     return None
+
+
+def codec_us_per_row(timings: list[dict], mode: str, batch: int) -> float | None:
+    """A handler mode's time per call minus the model forward's, per row: what decoding and encoding cost."""
+    handler, model = find_timing(timings, mode, batch), find_timing(timings, "model", batch)
+    if handler is None or model is None:
+        return None
+    return (1 / handler["rows_per_s"] - 1 / model["rows_per_s"]) * 1e6
 
 
 def find_timing(timings: list[dict], mode: str, batch: int) -> dict | None:
@@ -80,6 +95,35 @@ def ratios(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "target": f"<= {TARGET_OVERHEAD_MS} ms",
             "met": value <= TARGET_OVERHEAD_MS,
         }
+    binary = find_point(result["served"], TARGET_OIP_ROWS, protocol="oip_binary")
+    ceiling = find_timing(result.get("inprocess_all_threads", []), "model", TARGET_OIP_ROWS)
+    if binary and ceiling:
+        value = binary["rows_per_s"] / ceiling["rows_per_s"]
+        cpu = (
+            f"; CPU (cores): frontend {binary.get('frontend_cpu_cores', 0):.2f}, workers "
+            f"{binary.get('workers_cpu_cores', 0):.2f}, wrk {binary.get('loadgen_cpu_cores', 0):.2f}"
+        )
+        found["oip_binary_vs_model"] = {
+            "what": f"{TARGET_OIP_ROWS}-row OIP binary, c={binary['concurrency']}: served rows/s / in-process model "
+            f"forward rows/s with all workers' threads in one process",
+            "value": value,
+            "detail": f"{binary['rows_per_s']:,.0f} / {ceiling['rows_per_s']:,.0f} rows/s{cpu}",
+            "target": f">= {TARGET_OIP_RATIO}",
+            "met": value >= TARGET_OIP_RATIO,
+        }
+    for mode, target in CODEC_TARGETS_US.items():
+        batches = [32] if mode == "handler_rows" else [256, 1024, 4096]
+        values = {batch: codec_us_per_row(result["inprocess"], mode, batch) for batch in batches}
+        measured = {batch: value for batch, value in values.items() if value is not None}
+        if measured:
+            worst = max(measured.values())
+            found[f"codec_{mode}"] = {
+                "what": f"codec µs per row, {INPROCESS_COLUMNS[mode]} (handler - model forward, one thread)",
+                "value": worst,
+                "detail": ", ".join(f"batch {batch}: {value:.2f}" for batch, value in measured.items()),
+                "target": f"<= {target}",
+                "met": worst <= target,
+            }
     return found
 
 
@@ -91,7 +135,9 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def load_name(point: dict) -> str:
     rows = "single row" if point["rows_per_request"] == 1 else f"{point['rows_per_request']} rows"
-    return f"{rows}, c={point['concurrency']}"
+    protocol = point.get("protocol", "rows")
+    via = "" if protocol == "rows" else f" {protocol.replace('_', ' ').replace('oip', 'OIP')}"
+    return f"{rows}{via}, c={point['concurrency']}"
 
 
 def optional(value: Any, digits: int = 1) -> str:
@@ -114,12 +160,16 @@ def point_row(point: dict) -> list[str]:
         optional(point["handler_ms_per_batch"], 2),
         ", ".join(f"{rss:,.0f}" for rss in point["worker_rss_mib"]),
         f"{point['other_cpu_cores']:.2f}",
+        " / ".join(
+            f"{point.get(key, 0.0):.2f}" for key in ("frontend_cpu_cores", "workers_cpu_cores", "loadgen_cpu_cores")
+        ),
     ]
 
 
 POINT_HEADER = [
     "model", "load", "req/s", "rows/s", "p50 ms", "p99 ms", "p99.9 ms", "errors (HTTP >= 400 / socket)",
     "rows per forward", "handler ms per batch", "worker RSS MiB", "other CPU load (cores)",
+    "CPU frontend / workers / wrk (cores)",
 ]  # fmt: skip
 
 
@@ -181,6 +231,16 @@ def setting_sections(result: dict[str, Any]) -> list[str]:
             row.append("–" if timing is None else f"{timing['rows_per_s']:,.0f} ({timing['p50_ms']:.2f} ms)")
         rows.append(row)
     lines += [table(["batch", *INPROCESS_COLUMNS.values()], rows)]
+    codec_rows = [
+        [str(batch), *(optional(codec_us_per_row(result["inprocess"], mode, batch), 2) for mode in CODEC_TARGETS_US)]
+        for batch in batches
+        if batch > 1
+    ]
+    lines += [
+        "### Codec cost per row in-process (µs: handler time per call - model forward time per call, ÷ rows)",
+        "",
+        table(["batch", *(f"{INPROCESS_COLUMNS[mode]} (<= {t})" for mode, t in CODEC_TARGETS_US.items())], codec_rows),
+    ]
     lines += [
         "### Served through TorchServe",
         "",
@@ -265,15 +325,18 @@ def plot_run(plt: Any, result: dict[str, Any]) -> Any:
     for model, style in (("dlrm", "o-"), ("noop", "s--")):
         points = [p for p in result["served"] + result["noop"] if p["model"] == model]
         singles = [p for p in points if p["rows_per_request"] == 1]
-        many = [p for p in points if p["rows_per_request"] > 1]
         single.plot(
             [p["concurrency"] for p in singles], [p["req_per_s"] for p in singles], style, label=f"{model} req/s"
         )
         if model == "dlrm":
-            instances.plot(
-                [p["rows_per_request"] for p in many], [p["rows_per_s"] for p in many], style, label="dlrm rows/s"
-            )
             _plot_p99(single, [p["concurrency"] for p in singles], singles)
+            for protocol, marker in (("rows", style), ("oip_json", "d-"), ("oip_binary", "v-")):
+                many = [p for p in points if p["rows_per_request"] > 1 and p.get("protocol", "rows") == protocol]
+                if many:
+                    label = "instances" if protocol == "rows" else protocol.replace("oip_", "OIP ")
+                    xs = [p["rows_per_request"] for p in many]
+                    instances.plot(xs, [p["rows_per_s"] for p in many], marker, label=f"dlrm rows/s, {label}")
+            many = [p for p in points if p["rows_per_request"] > 1 and p.get("protocol", "rows") == "rows"]
             _plot_p99(instances, [p["rows_per_request"] for p in many], many)
     forward = [t for t in result["inprocess"] if t["mode"] == "forward"]
     instances.plot(
@@ -281,7 +344,7 @@ def plot_run(plt: Any, result: dict[str, Any]) -> Any:
     )
     single.set(xscale="log", xlabel="concurrent connections (single-row requests)", ylabel="requests/s")
     single.set_title(f"single-row requests ({result['label']})", fontsize=9)
-    instances.set(xscale="log", xlabel="rows per request (instances) / batch (in-process)", ylabel="rows/s")
+    instances.set(xscale="log", xlabel="rows per request / batch (in-process)", ylabel="rows/s")
     instances.set_title("rows per request", fontsize=9)
     for axes in (single, instances):
         axes.legend(loc="upper left", fontsize=8)

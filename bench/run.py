@@ -42,7 +42,7 @@ from typing import Any
 
 from bench import environment, profile, report
 from bench.load import Point, PointResult, measure_point
-from bench.workload import DISTINCT_ROWS, criteo_like_rows, request_bodies
+from bench.workload import DISTINCT_ROWS, Body, Protocol, criteo_like_inputs, request_bodies
 from handler.settings import ServingSettings
 from model_archive.contents import MODEL_YAML, model_artifact, read_file, serving_settings
 from servers.torchserve import REPO_ROOT, TorchServeProcess, executable
@@ -64,6 +64,7 @@ class Mode:
     profile_seconds: int
     concurrencies: tuple[int, ...]
     instance_rows: tuple[int, ...]
+    oip_rows: tuple[int, ...]  # rows per Open Inference Protocol request (JSON and binary tensors)
     inprocess_batches: tuple[int, ...]
 
 
@@ -75,6 +76,7 @@ MODES = {
         profile_seconds=5,
         concurrencies=(1, 32),
         instance_rows=(256,),
+        oip_rows=(1024,),
         inprocess_batches=(1, 256),
     ),
     "full": Mode(
@@ -84,7 +86,8 @@ MODES = {
         profile_seconds=20,
         concurrencies=(1, 8, 32),
         instance_rows=(64, 256, 1024),
-        inprocess_batches=(1, 32, 256, 1024),
+        oip_rows=(256, 1024),
+        inprocess_batches=(1, 32, 256, 1024, 4096),
     ),
 }
 
@@ -186,6 +189,8 @@ class SettingResult:
     model_yaml: dict[str, Any]
     threads_per_worker: int
     inprocess: list[dict[str, Any]] = field(default_factory=list)
+    # The model forward with the threads of all workers together: the ceiling for large OIP requests.
+    inprocess_all_threads: list[dict[str, Any]] = field(default_factory=list)
     served: list[PointResult] = field(default_factory=list)
     noop: list[PointResult] = field(default_factory=list)
     profiles: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -262,9 +267,15 @@ def chosen_settings(args: argparse.Namespace) -> list[Setting]:
 
 
 def points_of(mode: Mode, instance_concurrency: int) -> list[Point]:
-    return [Point(1, concurrency) for concurrency in mode.concurrencies] + [
-        Point(rows, instance_concurrency) for rows in mode.instance_rows
-    ]
+    return (
+        [Point(1, concurrency) for concurrency in mode.concurrencies]
+        + [Point(rows, instance_concurrency) for rows in mode.instance_rows]
+        + [
+            Point(rows, instance_concurrency, protocol)
+            for protocol in (Protocol.OIP_JSON, Protocol.OIP_BINARY)
+            for rows in mode.oip_rows
+        ]
+    )
 
 
 def build_archives(store: Path, preset: str, archive_args: list[str], setting: Setting) -> None:
@@ -290,13 +301,15 @@ def build_archives(store: Path, preset: str, archive_args: list[str], setting: S
     )  # fmt: skip
 
 
-def measure_inprocess(store: Path, setting: Setting, threads: int, mode: Mode) -> list[dict[str, Any]]:
-    """In-process timings of the archived model, in a process with the workers' environment and threads."""
+def measure_inprocess(
+    store: Path, setting: Setting, threads: int, batches: tuple[int, ...], seconds: float, modes: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """In-process timings of the archived model, in a process with the workers' environment and ``threads``."""
     output = store / "inprocess.json"
     command = [
         sys.executable, "-m", "bench.inprocess", str(store / "dlrm.mar"), "--threads", str(threads),
-        "--batches", *map(str, mode.inprocess_batches), "--seconds", str(mode.inprocess_seconds),
-        "--output", str(output),
+        "--batches", *map(str, batches), "--seconds", str(seconds), "--output", str(output),
+        *(["--modes", *modes] if modes else []),
     ]  # fmt: skip
     subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **setting.env()}, check=True)
     return json.loads(output.read_text())
@@ -307,7 +320,7 @@ def serve(
     model: str,
     setting: Setting,
     points: list[Point],
-    bodies: dict[int, list[bytes]],
+    bodies: dict[Point, list[Body]],
     mode: Mode,
     workdir: Path,
     profile_stem: str | None = None,
@@ -319,9 +332,7 @@ def serve(
         server.wait_ready(model)
         results = []
         for point in points:
-            result = measure_point(
-                server, model, point, bodies[point.rows_per_request], workdir, mode.load_seconds, mode.warmup_seconds
-            )
+            result = measure_point(server, model, point, bodies[point], workdir, mode.load_seconds, mode.warmup_seconds)
             print(
                 f"{model} {point.name:<20} {result.req_per_s:>8,.0f} req/s {result.rows_per_s:>9,.0f} rows/s "
                 f"p50 {result.latency_ms['p50']:7.1f} ms p99 {result.latency_ms['p99']:7.1f} ms "
@@ -335,7 +346,7 @@ def serve(
                 if point.concurrency > 1:
                     stem = Path(f"{profile_stem}-{point.rows_per_request}rows-c{point.concurrency}")
                     profiles[point.name] = profile.profile_under_load(
-                        server, model, point, bodies[point.rows_per_request], workdir, stem, mode.profile_seconds
+                        server, model, point, bodies[point], workdir, stem, mode.profile_seconds
                     )
         return results, profiles
 
@@ -358,10 +369,14 @@ def run_setting(
     threads = serving.threads_per_worker()
     result = SettingResult(setting, setting.label, serving.to_model_yaml(), threads)
     print(f"\n== {setting.label}: torch threads per worker {threads}", flush=True)
-    result.inprocess = measure_inprocess(store, setting, threads, mode)
-    rows = criteo_like_rows(model_artifact(store / "dlrm.mar").model, DISTINCT_ROWS)
+    result.inprocess = measure_inprocess(store, setting, threads, mode.inprocess_batches, mode.inprocess_seconds)
+    if mode.oip_rows:
+        result.inprocess_all_threads = measure_inprocess(
+            store, setting, threads * serving.workers, mode.oip_rows, mode.inprocess_seconds, modes=("model",)
+        )
+    inputs = criteo_like_inputs(model_artifact(store / "dlrm.mar").model, DISTINCT_ROWS)
     points = points_of(mode, args.instance_concurrency)
-    bodies = {point.rows_per_request: request_bodies(rows, point.rows_per_request) for point in points}
+    bodies = {point: request_bodies(inputs, point.rows_per_request, point.protocol) for point in points}
     workdir = Path(tempfile.mkdtemp(prefix="ts-", dir=tmp))
     profile_stem = str(output_dir / f"profile-{index}") if args.profile else None
     result.served, result.profiles = serve(store, "dlrm", setting, points, bodies, mode, workdir, profile_stem)
@@ -374,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     mode = MODES[args.mode]
     if args.sweep:  # the points the targets need, for every setting
-        mode = replace(mode, concurrencies=(1, 32), instance_rows=(256,), inprocess_batches=(1, 256))
+        mode = replace(mode, concurrencies=(1, 32), instance_rows=(256,), oip_rows=(), inprocess_batches=(1, 256))
     kind = "sweep" if args.sweep else "run"
     started = datetime.now(UTC)
     output_dir = args.output_dir or RESULTS_DIR / f"{started:%Y%m%d-%H%M%S}-{kind}-{args.mode}"

@@ -40,7 +40,7 @@ import psutil
 
 from bench.environment import machine, versions
 from bench.load import CpuMeter, post, run_wrk
-from bench.workload import DISTINCT_ROWS, criteo_like_rows, request_bodies, write_bodies
+from bench.workload import DISTINCT_ROWS, criteo_like_inputs, request_bodies, write_bodies
 from model_factory.config import DEFAULT_PRESET, preset
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 
@@ -103,8 +103,8 @@ def build_default_archive(store: Path) -> Path:
 def soak(duration: int, concurrency: int, warmup: int, workdir: Path) -> dict[str, Any]:
     store = workdir / "model_store"
     build_default_archive(store)
-    bodies = request_bodies(criteo_like_rows(preset(DEFAULT_PRESET), DISTINCT_ROWS), 1)
-    bodies_file = write_bodies(bodies, workdir / "bodies.jsonl")
+    bodies = request_bodies(criteo_like_inputs(preset(DEFAULT_PRESET), DISTINCT_ROWS), 1)
+    bodies_file = write_bodies(bodies, workdir / "bodies.bin")
     with TorchServeProcess(store, "dlrm=dlrm.mar", workdir / "torchserve") as server:
         server.wait_ready()
         url = f"{server.endpoints.inference}/predictions/dlrm"
@@ -116,10 +116,10 @@ def soak(duration: int, concurrency: int, warmup: int, workdir: Path) -> dict[st
         run_wrk(url, bodies_file, concurrency, warmup)
         print(f"soak: {duration} s at concurrency {concurrency}", flush=True)
         assert server.process is not None
-        meter = CpuMeter(server.process.pid)
+        meter = CpuMeter(server.process.pid, worker_pids)
         with MemorySampler(server, worker_pids) as memory:
             result = run_wrk(url, bodies_file, concurrency, duration)
-        other_cores, steal_cores = meter.stop()
+        other_cores, steal_cores, _ = meter.stop()
         worker_pids_after = sorted(server.worker_pids())
     errors = result["errors"]
     error_count = errors["status"] + errors["connect"] + errors["read"] + errors["write"] + errors["timeout"]

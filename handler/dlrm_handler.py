@@ -66,8 +66,9 @@ class DLRMHandler:
             context.set_response_content_type(index, response.content_type)
             for name, value in response.headers.items():
                 context.set_response_header(index, name, value)
+            if response.status != 200:
+                context.set_response_status(response.status, response.error_kind or "internal_error", index)
             if response.error_kind is not None:
-                context.set_response_status(response.status, response.error_kind, index)
                 invalid.append(response.error_kind)
         self.metrics.record_batch(len(data), result.rows, result.decode_ms, result.forward_ms, invalid)
         return [response.body for response in result.responses]

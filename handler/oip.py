@@ -27,6 +27,8 @@ Errors are the JSON rows' error bodies with OIP's ``error`` key first.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from dataclasses import dataclass
@@ -72,7 +74,8 @@ _JSON_TYPES: dict[str, frozenset[type]] = {
     "INT64": frozenset({int}),
     "BYTES": frozenset({str}),
 }
-_TOP_LEVEL_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
+# model_name and model_version: TorchServe's gRPC service adds them to the JSON it hands over.
+_TOP_LEVEL_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
 _TENSOR_KEYS = frozenset({"name", "datatype", "shape", "parameters", "data"})
 _BYTES_PREFIX = np.dtype("<u4")
 _DECIMAL = re.compile(r"-?[0-9]+")
@@ -132,8 +135,13 @@ class OipCodec:
 
     # ------------------------------------------------------------------ requests
 
-    def decode(self, body: bytes | bytearray | dict, header_length: str | None = None) -> OipRequest:
-        """One request: a JSON body, an already-parsed one, or a binary-extension body with its header length."""
+    def decode(
+        self, body: bytes | bytearray | dict | None, header_length: str | None = None, grpc: bool = False
+    ) -> OipRequest:
+        """One request: a JSON body, an already-parsed one, or a binary-extension body with its header length.
+
+        ``grpc``: TorchServe's gRPC service handed it over, BYTES elements base64-encoded.
+        """
         payload, binary = _split_body(body, header_length)
         if not isinstance(payload, dict):
             raise InvalidRequest(
@@ -152,11 +160,11 @@ class OipCodec:
         request_id = payload.get("id", "")
         if not isinstance(request_id, str):
             raise _wrong_type("id", "string", request_id)
-        tensors = self._tensors(payload.get("inputs"), binary)
+        tensors = self._tensors(payload.get("inputs"), binary, grpc)
         outputs = _output_request(payload.get("parameters"), payload.get("outputs"))
         return OipRequest(id=request_id, rows=self._rows(tensors), outputs=outputs)
 
-    def _tensors(self, inputs: Any, binary: memoryview | None) -> dict[str, Tensor]:
+    def _tensors(self, inputs: Any, binary: memoryview | None, grpc: bool) -> dict[str, Tensor]:
         if inputs is None:
             raise InvalidRequest(ErrorKind.MISSING_FIELD, "the request has no 'inputs'", field="inputs")
         if not isinstance(inputs, list) or not inputs:
@@ -170,7 +178,7 @@ class OipCodec:
         tensors: dict[str, Tensor] = {}
         offset = 0
         for described in inputs:
-            tensor, offset = self._tensor(described, binary, offset)
+            tensor, offset = self._tensor(described, binary, offset, grpc)
             if tensor.name in tensors:
                 raise InvalidRequest(
                     ErrorKind.UNKNOWN_FIELD, f"input {tensor.name!r} is given twice", field=tensor.name
@@ -187,7 +195,7 @@ class OipCodec:
             )
         return tensors
 
-    def _tensor(self, described: Any, binary: memoryview | None, offset: int) -> tuple[Tensor, int]:
+    def _tensor(self, described: Any, binary: memoryview | None, offset: int, grpc: bool) -> tuple[Tensor, int]:
         """One input tensor, with its data from JSON or from ``binary`` at ``offset``; and the next offset."""
         if not isinstance(described, dict):
             raise _wrong_type("inputs", "object", described)
@@ -250,7 +258,10 @@ class OipCodec:
             raise InvalidRequest(
                 ErrorKind.MISSING_FIELD, f"input {name!r} has neither 'data' nor a binary_data_size", field=name
             )
-        return Tensor(name, datatype, shape, _json_data(name, datatype, described["data"], size)), offset
+        data = _json_data(name, datatype, described["data"], size)
+        if grpc and isinstance(data, list):
+            data = _from_base64(name, data)
+        return Tensor(name, datatype, shape, data), offset
 
     def _rows(self, tensors: dict[str, Tensor]) -> FeatureRows:
         given = set(tensors)
@@ -359,16 +370,24 @@ class OipCodec:
         body = error.to_body(oip=True)
         if not grpc:
             return orjson.dumps(body)
-        error_output = {"name": "error", "datatype": "BYTES", "shape": [1], "data": [orjson.dumps(body).decode()]}
+        # TorchServe writes each BYTES element as its JSON text: an object arrives encoded once.
+        error_output = {"name": "error", "datatype": "BYTES", "shape": [1], "data": [body]}
         return orjson.dumps(
             {"model_name": self.name, "model_version": self.version, "id": "", "outputs": [error_output]}
         )
 
 
-def _split_body(body: bytes | bytearray | dict, header_length: str | None) -> tuple[Any, memoryview | None]:
+def _split_body(body: bytes | bytearray | dict | None, header_length: str | None) -> tuple[Any, memoryview | None]:
     """The JSON part of a body, parsed, and the binary part (None without the binary data extension)."""
     if isinstance(body, dict):
         return body, None
+    if body is None:  # TorchServe parsed a form-encoded body itself: no JSON reached the handler
+        raise InvalidRequest(
+            ErrorKind.EMPTY_BODY,
+            "the request has no JSON body: send it with 'Content-Type: application/json' "
+            "(or application/octet-stream with the binary data extension)",
+            expected="application/json body",
+        )
     if header_length is None:
         return _parse_json(body), None
     length = header_length.strip()
@@ -468,6 +487,16 @@ def _json_data(name: str, datatype: str, data: Any, size: int) -> np.ndarray | l
             field=name,
             expected=f"integer that fits {datatype}",
             got=str(data[position]),
+        ) from None
+
+
+def _from_base64(name: str, elements: list[str]) -> list[str]:
+    """BYTES elements as TorchServe's gRPC service passes them (base64), as text."""
+    try:
+        return [base64.b64decode(element, validate=True).decode("utf-8") for element in elements]
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest(
+            ErrorKind.INVALID_BINARY, f"input {name!r} has a BYTES element that is not UTF-8 text", field=name
         ) from None
 
 

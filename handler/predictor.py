@@ -10,6 +10,7 @@ runs.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 from torchrec.models.dlrm import DLRM
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from handler import oip
 from handler.errors import ErrorKind, InvalidRequest
@@ -26,9 +29,11 @@ from handler.json_rows import RequestDecoder, RowsRequest, encode_error, parse_j
 from handler.rows import FeatureRows, concatenate
 from handler.settings import DEFAULT_MAX_ROWS
 from model_factory.artifact import ModelArtifact, load_model
-from model_factory.features import rows_to_kjt
+from model_factory.features import feature_major_on_device, rows_to_kjt
 
 JSON = "application/json"
+INTERNAL_ERROR = orjson.dumps({"code": 500, "type": "internal_error", "message": "the server failed; see its log"})
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,8 @@ class DLRMPredictor:
             as_oip = request.is_oip
             try:
                 if as_oip:
-                    decoded[index] = self.oip.decode(request.body, request.headers.get(oip.HEADER_LENGTH))
+                    header_length = request.headers.get(oip.HEADER_LENGTH)
+                    decoded[index] = self.oip.decode(request.body, header_length, grpc=request.grpc)
                     continue
                 payload = parse_json(request.body)
                 as_oip = isinstance(payload, dict) and "inputs" in payload
@@ -116,6 +122,9 @@ class DLRMPredictor:
                     json_rows.append((index, payload))
             except InvalidRequest as error:
                 responses[index] = self._error(error, request, as_oip)
+            except Exception:  # a bug, not bad input: this request fails alone, and the worker log says why
+                logger.exception("request %d of the batch failed to decode", index)
+                responses[index] = Response(500, INTERNAL_ERROR)
         if json_rows:
             for (index, _), result in zip(
                 json_rows, self.decoder.decode_many([payload for _, payload in json_rows]), strict=True
@@ -152,11 +161,32 @@ class DLRMPredictor:
         return Response(error.status, body, error_kind=error.kind)
 
     def forward(self, parts: Sequence[FeatureRows]) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and click probabilities for all rows of ``parts``, in one forward pass."""
+        """Logits and click probabilities for all rows of ``parts``, in one forward pass.
+
+        On a GPU the rows go over as they are, from pinned host memory with
+        asynchronous copies, and the ids are reordered for the KJT there; the only
+        synchronisation is the copy of the scores back.
+        """
         rows = concatenate(parts)
-        sparse = rows_to_kjt(self.artifact.model.sparse_feature_names, rows.lengths, rows.values)
+        keys = list(self.artifact.model.sparse_feature_names)
         with torch.inference_mode():
-            dense = torch.from_numpy(np.require(rows.dense, requirements="W"))  # binary inputs may be read-only
-            logits = self.model(dense.to(self.device), sparse.to(self.device)).squeeze(1).float()
+            if self.device.type == "cpu":
+                dense = torch.from_numpy(np.require(rows.dense, requirements="W"))  # binary inputs may be read-only
+                sparse = rows_to_kjt(keys, rows.lengths, rows.values)
+            else:
+                dense, lengths, values = (
+                    torch.from_numpy(np.require(array, requirements="W"))
+                    .pin_memory()
+                    .to(self.device, non_blocking=True)
+                    for array in (rows.dense, rows.lengths, rows.values)
+                )
+                kjt_lengths, kjt_values = feature_major_on_device(lengths, values)
+                sparse = KeyedJaggedTensor(keys=keys, values=kjt_values, lengths=kjt_lengths)
+            logits = self.model(dense, sparse).squeeze(1).float()
             scores = torch.sigmoid(logits)
         return logits.cpu().numpy(), scores.cpu().numpy()
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """An asynchronous copy from pinned host memory (a pageable source would make it synchronous)."""
+        pinned = torch.from_numpy(np.require(array, requirements="W")).pin_memory()
+        return pinned.to(self.device, non_blocking=True)

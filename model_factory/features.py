@@ -120,6 +120,24 @@ def feature_major(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, 
     return target_lengths, reordered
 
 
+def feature_major_on_device(lengths: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`feature_major` with torch ops, where the tensors are (a GPU): no host round trip, no sync.
+
+    ``repeat_interleave`` is told its output size, so nothing waits for the
+    device to report a length; there is no one-hot shortcut for the same reason.
+    """
+    rows, features = lengths.shape
+    flat = lengths.reshape(-1)
+    target_lengths = lengths.t().reshape(-1)
+    target_starts = torch.cumsum(target_lengths, 0) - target_lengths
+    source_starts = torch.cumsum(flat, 0) - flat
+    shift = target_starts.reshape(features, rows).t().reshape(-1) - source_starts
+    destination = torch.arange(values.numel(), device=values.device) + torch.repeat_interleave(
+        shift, flat, output_size=values.numel()
+    )
+    return target_lengths, torch.empty_like(values).index_copy_(0, destination, values)
+
+
 def rows_to_kjt(keys: Sequence[str], lengths: np.ndarray, values: np.ndarray) -> KeyedJaggedTensor:
     """TorchRec's ``KeyedJaggedTensor`` from row-major sparse features (see :func:`feature_major`).
 

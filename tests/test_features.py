@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from model_factory.features import DENSE_FEATURE_NAMES, SPARSE_FEATURE_NAMES, feature_major, rows_to_kjt
+from model_factory.features import (
+    DENSE_FEATURE_NAMES,
+    SPARSE_FEATURE_NAMES,
+    feature_major,
+    feature_major_on_device,
+    rows_to_kjt,
+)
 
 
 def test_schema_uses_torchrec_criteo_names() -> None:
@@ -45,3 +51,7 @@ def test_feature_major_matches_a_per_feature_gather(shape: tuple[int, int], max_
     kjt_lengths, kjt_values = feature_major(lengths, values)
     assert kjt_values.tolist() == expected
     assert kjt_lengths.tolist() == lengths.T.ravel().tolist()
+
+    on_device_lengths, on_device_values = feature_major_on_device(torch.from_numpy(lengths), torch.from_numpy(values))
+    assert on_device_values.tolist() == expected
+    assert on_device_lengths.tolist() == kjt_lengths.tolist()

@@ -127,7 +127,18 @@ def test_body_over_4_mib_is_refused_by_nginx(balancer: NginxProcess) -> None:
 @needs_nginx
 def test_only_the_inference_api_is_proxied(balancer: NginxProcess) -> None:
     assert requests.get(f"{balancer.url}/ping", timeout=10).json()["status"] == "Healthy"
-    for path in ("/models", "/models/dlrm", "/metrics", "/api-description"):
+    assert requests.get(f"{balancer.url}/v2/health/ready", timeout=10).json()["ready"] is True
+    oip = {
+        "inputs": [
+            {"name": "dense_features", "datatype": "FP32", "shape": [1, 13], "data": [0.0] * 13},
+            {"name": "sparse_lengths", "datatype": "INT32", "shape": [1, 26], "data": [0] * 26},
+            {"name": "sparse_ids", "datatype": "INT64", "shape": [0], "data": []},
+        ]
+    }
+    answer = requests.post(f"{balancer.url}/v2/models/dlrm/infer", json=oip, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert [output["name"] for output in answer.json()["outputs"]] == ["score", "logit"]
+    for path in ("/models", "/models/dlrm", "/metrics", "/api-description", "/v2/models/dlrm/infer/x"):
         response = requests.get(f"{balancer.url}{path}", timeout=10)
         assert response.status_code == 404, path
         assert response.json()["type"] == "not_found"
