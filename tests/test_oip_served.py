@@ -263,15 +263,12 @@ def model_inputs_request(messages: ModuleType, rows: Rows, request_id: str, leng
 
 
 def grpc_error(response: Any) -> dict[str, Any]:
-    """The JSON error body of an ``error`` BYTES output.
-
-    TorchServe 0.12 writes a BYTES element as its JSON text, so the element is the
-    error body as a JSON string literal: decoding once gives the body's text.
-    """
+    """The JSON error body of an ``error`` BYTES output (one JSON object, encoded once)."""
     assert [output.name for output in response.outputs] == ["error"], response
     (element,) = response.outputs[0].contents.bytes_contents
-    decoded = json.loads(element)
-    return json.loads(decoded) if isinstance(decoded, str) else decoded
+    body = json.loads(element)
+    assert isinstance(body, dict), body
+    return body
 
 
 def test_grpc_health(grpc_stub: Any, oip_grpc: SimpleNamespace) -> None:
