@@ -99,7 +99,21 @@ class RequestDecoder:
         return result
 
     def decode_many(self, bodies: Sequence[Any]) -> list[RowsRequest | InvalidRequest]:
-        """Each body decoded as :meth:`decode` would, its error in its place when it is invalid.
+        """Each body decoded as :meth:`decode` would, its error in its place when it is invalid."""
+        results: dict[int, RowsRequest | InvalidRequest] = {}
+        payloads: list[tuple[int, Any]] = []
+        for index, body in enumerate(bodies):
+            try:
+                payloads.append((index, parse_json(body)))
+            except InvalidRequest as error:
+                results[index] = error
+        decoded = self.decode_payloads([payload for _, payload in payloads])
+        for (index, _), result in zip(payloads, decoded, strict=True):
+            results[index] = result
+        return [results[index] for index in range(len(bodies))]
+
+    def decode_payloads(self, payloads: Sequence[Any]) -> list[RowsRequest | InvalidRequest]:
+        """:meth:`decode_many` for JSON values already parsed (by the predictor, to tell formats apart).
 
         The rows of all model-input bodies (the reference format) are checked and
         converted together, as one ``instances`` list: a TorchServe batch of 32
@@ -109,10 +123,10 @@ class RequestDecoder:
         error names its own request's row and the valid requests still pass.
         """
         results: dict[int, RowsRequest | InvalidRequest] = {}
-        model_inputs: list[tuple[int, list, bool]] = []  # (body index, rows, single row)
-        for index, body in enumerate(bodies):
+        model_inputs: list[tuple[int, list, bool]] = []  # (payload index, rows, single row)
+        for index, payload in enumerate(payloads):
             try:
-                rows, single_row = self._rows(body)
+                rows, single_row = self._rows(payload)
             except InvalidRequest as error:
                 results[index] = error
                 continue
@@ -137,11 +151,10 @@ class RequestDecoder:
                 ]
             for index, piece in zip(indices, pieces, strict=True):
                 results[index] = piece
-        return [results[index] for index in range(len(bodies))]
+        return [results[index] for index in range(len(payloads))]
 
-    def _rows(self, body: bytes | bytearray | str | dict | list | None) -> tuple[list, bool]:
-        """The rows of a request body, and whether it is a single row rather than ``instances``."""
-        payload = parse_json(body)
+    def _rows(self, payload: Any) -> tuple[list, bool]:
+        """The rows of a parsed request body, and whether it is a single row rather than ``instances``."""
         if not isinstance(payload, dict):
             raise InvalidRequest(
                 ErrorKind.INVALID_BODY,

@@ -28,7 +28,6 @@ Errors are the JSON rows' error bodies with OIP's ``error`` key first.
 from __future__ import annotations
 
 import base64
-import binascii
 import math
 import re
 from dataclasses import dataclass
@@ -79,6 +78,7 @@ _TOP_LEVEL_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_nam
 _TENSOR_KEYS = frozenset({"name", "datatype", "shape", "parameters", "data"})
 _BYTES_PREFIX = np.dtype("<u4")
 _DECIMAL = re.compile(r"-?[0-9]+")
+_HEADER_LENGTH = re.compile(r"[0-9]{1,12}")
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class OipCodec:
         if not isinstance(described, dict):
             raise _wrong_type("inputs", "object", described)
         name = described.get("name")
-        if name not in _ALLOWED_DATATYPES:
+        if not isinstance(name, str) or name not in _ALLOWED_DATATYPES:
             known = ", ".join(MODEL_INPUTS + RAW_INPUTS)
             field = name if isinstance(name, str) else "name"
             raise InvalidRequest(
@@ -222,8 +222,10 @@ class OipCodec:
                 got=datatype,
             )
         shape = _shape(name, described.get("shape"))
+        if len(shape) == 2:  # a rows tensor: refuse too many rows before reading its data
+            self.validator.check_row_count(shape[0], name)
         size = math.prod(shape)
-        parameters = described.get("parameters") or {}
+        parameters = described.get("parameters", {})
         if not isinstance(parameters, dict):
             raise _wrong_type(f"{name}.parameters", "object", parameters)
         binary_size = parameters.get("binary_data_size")
@@ -388,16 +390,16 @@ def _split_body(body: bytes | bytearray | dict | None, header_length: str | None
             "(or application/octet-stream with the binary data extension)",
             expected="application/json body",
         )
-    if header_length is None:
+    if header_length is None or not len(body):
         return _parse_json(body), None
     length = header_length.strip()
-    if not length.isdigit() or int(length) > len(body):
+    if not _HEADER_LENGTH.fullmatch(length) or not 0 < int(length) <= len(body):
         raise InvalidRequest(
             ErrorKind.INVALID_BINARY,
             f"Inference-Header-Content-Length must be the byte length of the JSON header, at most the body's "
             f"{len(body)} bytes, got {header_length!r}",
             field="Inference-Header-Content-Length",
-            expected=f"integer in [0, {len(body)}]",
+            expected=f"integer in [1, {len(body)}]",
             got=header_length,
         )
     view = memoryview(body)
@@ -494,7 +496,7 @@ def _from_base64(name: str, elements: list[str]) -> list[str]:
     """BYTES elements as TorchServe's gRPC service passes them (base64), as text."""
     try:
         return [base64.b64decode(element, validate=True).decode("utf-8") for element in elements]
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error and UnicodeDecodeError among them
         raise InvalidRequest(
             ErrorKind.INVALID_BINARY, f"input {name!r} has a BYTES element that is not UTF-8 text", field=name
         ) from None
@@ -558,7 +560,7 @@ def _bytes_elements(name: str, raw: memoryview, size: int) -> list[str]:
 def _output_request(parameters: Any, outputs: Any) -> OutputRequest:
     if parameters is not None and not isinstance(parameters, dict):
         raise _wrong_type("parameters", "object", parameters)
-    all_binary = bool((parameters or {}).get("binary_data_output", False))
+    all_binary = _flag("parameters.binary_data_output", (parameters or {}).get("binary_data_output", False))
     if outputs is None:
         return OutputRequest(OUTPUTS, frozenset(OUTPUTS) if all_binary else frozenset())
     if not isinstance(outputs, list) or not outputs:
@@ -573,13 +575,19 @@ def _output_request(parameters: Any, outputs: Any) -> OutputRequest:
                 field="outputs",
                 got=name if isinstance(name, str) else json_type(output),
             )
-        output_parameters = output.get("parameters") or {}
+        output_parameters = output.get("parameters", {})
         if not isinstance(output_parameters, dict):
             raise _wrong_type(f"outputs.{name}.parameters", "object", output_parameters)
         names.append(name)
-        if output_parameters.get("binary_data", all_binary):
+        if _flag(f"outputs.{name}.parameters.binary_data", output_parameters.get("binary_data", all_binary)):
             binary.add(name)
     return OutputRequest(tuple(dict.fromkeys(names)), frozenset(binary))
+
+
+def _flag(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _wrong_type(field, "true or false", value)
+    return value
 
 
 def _wrong_type(field: str, expected: str, value: Any) -> InvalidRequest:

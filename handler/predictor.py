@@ -127,7 +127,7 @@ class DLRMPredictor:
                 responses[index] = Response(500, INTERNAL_ERROR)
         if json_rows:
             for (index, _), result in zip(
-                json_rows, self.decoder.decode_many([payload for _, payload in json_rows]), strict=True
+                json_rows, self.decoder.decode_payloads([payload for _, payload in json_rows]), strict=True
             ):
                 if isinstance(result, InvalidRequest):
                     responses[index] = self._error(result, requests[index], as_oip=False)
@@ -140,7 +140,7 @@ class DLRMPredictor:
             logits, scores = self.forward([decoded[index].rows for index in order])
             for index in order:
                 end = rows + decoded[index].num_rows
-                responses[index] = self._answer(decoded[index], logits[rows:end], scores[rows:end])
+                responses[index] = self._answer(decoded[index], requests[index], logits[rows:end], scores[rows:end])
                 rows = end
         finished = time.perf_counter()
         return BatchResult(
@@ -150,7 +150,19 @@ class DLRMPredictor:
             forward_ms=(finished - decoded_at) * 1e3,
         )
 
-    def _answer(self, request: RowsRequest | oip.OipRequest, logits: np.ndarray, scores: np.ndarray) -> Response:
+    def _answer(
+        self, request: RowsRequest | oip.OipRequest, received: Request, logits: np.ndarray, scores: np.ndarray
+    ) -> Response:
+        overflowed = np.flatnonzero(~np.isfinite(logits))
+        if overflowed.size:  # finite inputs so large that the MLPs overflow: no score to give
+            row = int(overflowed[0])
+            error = InvalidRequest(
+                ErrorKind.NON_FINITE,
+                f"row {row}: the model's output is not finite for these inputs: dense values too large",
+                row=row,
+                expected="dense values that keep the model's output finite",
+            )
+            return self._error(error, received, as_oip=isinstance(request, oip.OipRequest))
         if isinstance(request, RowsRequest):
             return Response(200, request.response(logits, scores))
         encoded = self.oip.encode(request, logits, scores)

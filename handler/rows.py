@@ -109,7 +109,8 @@ class RowValidator:
                 expected="integer >= 0",
                 got=int(lengths[row, position]),
             )
-        total = int(lengths.sum())
+        # One length beyond the ids given already fails, and bounding each keeps the sum clear of int64 overflow.
+        total = int(lengths.sum()) if not lengths.size or int(lengths.max()) <= num_ids else num_ids + 1
         if total != num_ids:
             raise InvalidRequest(
                 ErrorKind.LENGTH_MISMATCH,

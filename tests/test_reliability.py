@@ -1,7 +1,8 @@
 """Reliability against a real TorchServe: malformed traffic, a killed worker, and what is reachable from outside.
 
-- 1,000+ malformed bodies (the fuzzer's generators, tests/test_fuzz_decoder.py) sent concurrently:
-  each gets the 4xx the contract says, never a 5xx, and no worker restarts.
+- 1,000+ malformed bodies (the fuzzer's generators, tests/test_fuzz_decoder.py) sent concurrently,
+  with malformed Open Inference Protocol requests, JSON and binary (tests/test_fuzz_oip.py's generators)
+  on /v2/models/dlrm/infer: each gets the 4xx the contract says, never a 5xx, and no worker restarts.
 - SIGKILL of the Python worker under load: TorchServe starts a new one; requests in flight fail
   at once or wait for the new worker, none hangs; the recovery time is measured.
 - Security defaults: nothing listens beyond loopback, models cannot be registered from a URL.
@@ -32,6 +33,15 @@ from servers.torchserve import LOOPBACK, REPO_ROOT, TorchServeProcess
 from tests.archives import TEST_MAX_ROWS, build_archive
 from tests.bad_requests import bad_requests
 from tests.test_fuzz_decoder import corrupted_body, expected_status, near_valid_body, random_json_body
+from tests.test_fuzz_oip import (
+    LENGTH_HEADER,
+    OipRequest,
+    WouldCrash,
+    corrupted_binary_request,
+    judge,
+    near_valid_request,
+    random_json_request,
+)
 
 SAMPLE = (REPO_ROOT / "sample_data" / "sample_data.json").read_bytes()
 LOOPBACK_ADDRESSES = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
@@ -68,31 +78,77 @@ def malformed_bodies() -> list[tuple[bytes, int]]:
     return [(body, status) for body, status in judged if status in (400, 415)] + documented
 
 
+def malformed_oip_requests() -> list[tuple[bytes, dict[str, str], int]]:
+    """OIP requests the contract refuses, with the HTTP headers to send and the status each must get.
+
+    The OIP fuzzer's generators (seeds fixed; JSON, binary, and gRPC-shaped JSON sent over REST), judged
+    by its oracle for the served archive's row limit, plus three requests that once failed in the worker.
+    Left out: a request the oracle knows to crash the worker (tests/test_oip.py runs that one in a subprocess).
+    """
+    binary = {"content-type": "application/octet-stream"}
+    generated = [
+        *map(near_valid_request, range(50)),
+        *map(corrupted_binary_request, range(30)),
+        *map(random_json_request, range(15)),
+        # a tensor named by a list; header lengths that str.isdigit() takes and int() refuses
+        OipRequest(b'{"inputs": [{"name": ["dense_features"], "datatype": "FP32", "shape": [1], "data": [1]}]}', {}),
+        OipRequest(b'{"inputs": []}\x00\x00\x00\x00', {**binary, LENGTH_HEADER: "\u00b2"}),
+        OipRequest(b'{"inputs": []}\x00\x00\x00\x00', {**binary, LENGTH_HEADER: "1" * 4400}),
+    ]
+    cases = []
+    for request in generated:
+        headers = {"Content-Type": request.headers.get("content-type", "application/json")}
+        length = request.headers.get(LENGTH_HEADER, "").strip(" \t")  # HTTP strips it; an empty one is left out
+        if length:
+            headers["Inference-Header-Content-Length"] = length
+        try:
+            status = judge(request.body, length or None, TEST_MAX_ROWS)
+        except WouldCrash:
+            continue
+        if isinstance(status, int):
+            cases.append((request.body, headers, status))
+    return cases
+
+
 def log_lines(server: TorchServeProcess, text: str) -> int:
     path = server.log_dir / "ts_log.log"
     return sum(text in line for line in path.read_text(errors="replace").splitlines()) if path.exists() else 0
 
 
-def post(url: str, body: bytes) -> requests.Response:
-    return requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> requests.Response:
+    headers = headers or {"Content-Type": "application/json"}
+    return requests.post(url, data=body, headers=headers, timeout=30)
 
 
 def test_malformed_requests_get_4xx_and_no_worker_restarts(server: TorchServeProcess) -> None:
-    cases = malformed_bodies()
-    assert len(cases) >= 1000
+    rows_cases = malformed_bodies()
+    oip_cases = malformed_oip_requests()
+    assert len(rows_cases) >= 1000 and len(oip_cases) >= 60
     pids = server.worker_pids()
     disconnects = log_lines(server, "Worker disconnected")
     url = f"{server.endpoints.inference}/predictions/dlrm"
+    oip_url = f"{server.endpoints.inference}/v2/models/dlrm/infer"
+    cases: list[tuple[str, bytes, dict[str, str] | None, int]] = [
+        (url, body, None, status) for body, status in rows_cases
+    ]
+    cases += [(oip_url, body, headers, status) for body, headers, status in oip_cases]
+    random.Random(0).shuffle(cases)  # OIP and JSON rows requests in the same TorchServe batches
     with ThreadPoolExecutor(max_workers=16) as pool:
-        statuses = list(pool.map(lambda case: post(url, case[0]).status_code, cases))
-    server_errors = [(body[:200], status) for (body, _), status in zip(cases, statuses, strict=True) if status >= 500]
+        statuses = list(pool.map(lambda case: post(case[0], case[1], case[2]).status_code, cases))
+    outcomes = [
+        (case[0].rsplit("/", 1)[-1], case[1][:200], case[3], got) for case, got in zip(cases, statuses, strict=True)
+    ]
+    server_errors = [outcome for outcome in outcomes if outcome[3] >= 500]
     assert not server_errors, f"{len(server_errors)} of {len(cases)} malformed requests got a 5xx: {server_errors[:3]}"
-    wrong = [(body[:200], want, got) for (body, want), got in zip(cases, statuses, strict=True) if got != want]
+    wrong = [outcome for outcome in outcomes if outcome[3] != outcome[2]]
     assert not wrong, f"{len(wrong)} requests got another status than the contract's: {wrong[:3]}"
     assert post(url, SAMPLE).status_code == 200
     assert server.worker_pids() == pids, "a worker was restarted"
     assert log_lines(server, "Worker disconnected") == disconnects
-    print(f"\n{len(cases)} malformed requests: all 4xx as specified, worker {pids} unchanged")
+    print(
+        f"\n{len(rows_cases)} malformed JSON rows and {len(oip_cases)} malformed OIP requests: all 4xx as specified, "
+        f"worker {pids} unchanged"
+    )
 
 
 @pytest.fixture(scope="module")
