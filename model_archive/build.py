@@ -37,7 +37,7 @@ from model_factory.artifact import (
 )
 from model_factory.config import DEFAULT_PRESET, ConfigError, DLRMConfig, preset
 from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
-from model_factory.quantization import QuantizationSpec, quantize_model_tables, random_quantized_model, table_layouts
+from model_factory.quantization import QuantizationSpec, quantize_model_tables, random_quantized_model
 from servers.torchserve import executable
 
 # The packages a worker imports, copied whole into every archive.
@@ -171,7 +171,7 @@ def describe(artifact: ModelArtifact) -> str:
     """What was archived: the model summary, the stored table size and where the weights came from."""
     lines = [format_summary(summarize(build_dlrm(artifact.model)))]
     if artifact.quantized_tables:
-        stored = sum(layout.rows * layout.row_bytes for layout in table_layouts(artifact.model, artifact.quantization))
+        stored = artifact.table_file().size
         lines.append(f"tables stored quantized ({artifact.quantization.tables}): {stored / 2**30:.2f} GiB")
     lines.append(f"weights: {artifact.provenance.describe()}")
     return "\n".join(lines)

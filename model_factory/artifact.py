@@ -7,7 +7,14 @@ An artifact is a directory holding
   from);
 - ``weights.pt``: the model's ``state_dict``, loaded with ``weights_only=True``;
   without the embedding tables when they are quantized, which are then in
-- ``tables.bin``: the quantized tables (see :mod:`model_factory.quantization`).
+- ``tables.bin``: the quantized tables, laid out as FBGEMM's CPU TBEs hold them
+  (see :mod:`model_factory.quantization`); the layout is recorded in
+  ``model_config.json`` (``table_file``) and checked at load. On CPU the file is
+  mapped read-only and shared, not copied.
+
+Format 2 introduced that layout. Format-1 artifacts (unpadded rows, one table
+after the other, no recorded layout) still load: their tables are copied into
+each process, as before; rebuilding them makes the tables shared.
 
 The trainer writes one, ``build_mar.py`` packs one into the model store and
 the handler loads one from the extracted archive; all three go through this
@@ -18,7 +25,7 @@ with.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +38,19 @@ from model_factory.features import Preprocessing
 from model_factory.quantization import (
     MlpDtype,
     QuantizationSpec,
-    empty_quantized_collection,
+    TableFile,
+    legacy_table_file,
+    load_tables,
     quantize_mlps,
-    read_tables,
-    table_layouts,
+    table_file_layout,
     write_tables,
 )
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.pt"
 TABLES_FILE = "tables.bin"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: tables.bin unpadded, no recorded layout
 _TABLES_PREFIX = "sparse_arch."
 
 
@@ -66,6 +75,10 @@ class ModelArtifact:
     provenance: Provenance
     preprocessing: Preprocessing = Preprocessing()
     quantization: QuantizationSpec = QuantizationSpec()
+    # As read from model_config.json; write_artifact always writes the current format.
+    format_version: int = field(default=FORMAT_VERSION, compare=False)
+    # The table file's layout model_config.json records (format 2, quantized tables); checked at load.
+    recorded_table_file: TableFile | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.quantization.validate_for(self.model)
@@ -74,25 +87,40 @@ class ModelArtifact:
     def quantized_tables(self) -> bool:
         return self.quantization.quantizes_tables(self.model)
 
+    def table_file(self) -> TableFile:
+        """How this artifact's ``tables.bin`` is laid out: FBGEMM's CPU layout, or format 1's unpadded rows."""
+        if self.format_version == 1:
+            return legacy_table_file(self.model, self.quantization)
+        return table_file_layout(self.model, self.quantization)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
+        data = {
+            "format_version": self.format_version,
             "model": self.model.to_dict(),
             "preprocessing": asdict(self.preprocessing),
             "quantization": asdict(self.quantization),
             "provenance": asdict(self.provenance),
         }
+        if self.quantized_tables and self.format_version >= 2:
+            data["table_file"] = self.table_file().to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelArtifact:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ConfigError(f"unsupported artifact format_version {version!r}; expected {FORMAT_VERSION}")
+        if version not in _READABLE_VERSIONS:
+            raise ConfigError(
+                f"unsupported artifact format_version {version!r}; expected one of {_READABLE_VERSIONS}: "
+                "rebuild the archive with this version of build_mar.py"
+            )
+        recorded = data.get("table_file")
         return cls(
             model=DLRMConfig.from_dict(data["model"]),
             provenance=Provenance(**data["provenance"]),
             preprocessing=Preprocessing(**data["preprocessing"]),
             quantization=QuantizationSpec(**data.get("quantization", {})),  # absent: fp32, as checkpoints are
+            format_version=version,
+            recorded_table_file=TableFile.from_dict(recorded) if recorded is not None else None,
         )
 
     @classmethod
@@ -105,13 +133,16 @@ class ModelArtifact:
 
 
 def write_artifact(directory: Path, artifact: ModelArtifact, model: DLRM) -> None:
-    """Save ``model`` as ``artifact`` says: tables into ``tables.bin`` when quantized, the rest into weights.pt."""
+    """Save ``model`` as ``artifact`` says: tables into ``tables.bin`` when quantized, the rest into weights.pt.
+
+    Always in the current format, whatever format ``artifact`` was read in.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    artifact = replace(artifact, format_version=FORMAT_VERSION, recorded_table_file=None)
     state = model.state_dict()
     if artifact.quantized_tables:
         state = {key: value for key, value in state.items() if not key.startswith(_TABLES_PREFIX)}
-        layouts = table_layouts(artifact.model, artifact.quantization)
-        write_tables(model.sparse_arch.embedding_bag_collection, layouts, directory / TABLES_FILE)
+        write_tables(model.sparse_arch.embedding_bag_collection, artifact.table_file(), directory / TABLES_FILE)
     torch.save(state, directory / WEIGHTS_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(artifact.to_dict(), indent=2) + "\n")
 
@@ -130,15 +161,23 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[DLRM, ModelArtifact]:
-    """Rebuild the artifact's model on ``device`` in eval mode, quantized as the artifact records."""
+def load_model(
+    directory: Path, device: torch.device | str = "cpu", *, copy_tables: bool = False
+) -> tuple[DLRM, ModelArtifact]:
+    """Rebuild the artifact's model on ``device`` in eval mode, quantized as the artifact records.
+
+    Quantized tables are mapped read-only from ``tables.bin`` on CPU, shared with
+    every other process that maps it; ``copy_tables`` (and any GPU) streams them
+    into tables of the process's own instead. Nothing in ``directory`` is written.
+    """
     device = torch.device(device)
     artifact = read_artifact(directory)
     model = build_dlrm(artifact.model)
     state = load_state_dict(directory / WEIGHTS_FILE)
     if artifact.quantized_tables:
-        tables = empty_quantized_collection(artifact.model, artifact.quantization, device)
-        read_tables(tables, table_layouts(artifact.model, artifact.quantization), directory / TABLES_FILE)
+        path = directory / TABLES_FILE
+        layout = checked_table_file(artifact, path)
+        tables = load_tables(artifact.model, artifact.quantization, layout, path, device, copy=copy_tables)
         model.sparse_arch.embedding_bag_collection = tables
         load_dense_weights(model, state, device)
     else:
@@ -148,6 +187,24 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[DLR
             raise ConfigError("int8 MLPs (dynamic quantization) run on CPU only: serve this archive on CPU")
         quantize_mlps(model)
     return model.eval(), artifact
+
+
+def checked_table_file(artifact: ModelArtifact, path: Path) -> TableFile:
+    """The layout of the artifact's table file at ``path``, with a :class:`ConfigError` naming the file unless
+    model_config.json records the layout this TorchRec and FBGEMM hold the tables in (format 2)."""
+    layout = artifact.table_file()
+    if artifact.format_version == 1:
+        return layout
+    recorded = artifact.recorded_table_file
+    if recorded is None:
+        raise ConfigError(f"{CONFIG_FILE} records no layout for {path} ({layout.size} bytes expected): rebuild it")
+    if recorded != layout:
+        raise ConfigError(
+            f"{CONFIG_FILE} records {path} as {recorded.size} bytes in {len(recorded.tbes)} TBE(s), but this "
+            f"TorchRec/FBGEMM holds these tables as {layout.size} bytes in {len(layout.tbes)} TBE(s): "
+            "rebuild the archive"
+        )
+    return layout
 
 
 def load_dense_weights(model: DLRM, state: dict[str, torch.Tensor], device: torch.device) -> None:

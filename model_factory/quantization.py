@@ -2,16 +2,24 @@
 
 Tables are quantized row-wise by TorchRec (``quantize_embeddings``) into FBGEMM's
 inference TBE format: each int8/int4 row carries its own fp16 scale and bias.
-They are stored outside ``weights.pt`` in ``tables.bin``: every table's rows,
-unpadded, one table after the other, in the order of the artifact's table list.
-The format does not depend on the device, so one archive serves on CPU (rows
-aligned to 4 bytes) and on GPU (16 bytes).
+They are stored outside ``weights.pt`` in ``tables.bin``, laid out exactly as
+FBGEMM's inference TBEs hold them in memory on CPU: the ``weights_host`` buffer
+of each TBE TorchRec builds, one after the other, rows padded to the CPU row
+alignment (4 bytes) and every table starting on a 128-byte cache line. The
+artifact records that layout (:class:`TableFile`) and loading checks it.
 
-Reading a table file streams it in chunks straight into the tables FBGEMM
-allocated, so loading needs no second copy of the tables in memory; writing one
-from a random initialisation (:func:`fill_random`) works row block by row block
-in the quantized format, so the 45 GB fp32 Criteo-1TB tables are never
-materialised.
+On CPU, loading maps the file read-only and shared (``MAP_SHARED``,
+``PROT_READ``) and hands the mapping to each TBE as its ``weights_host``:
+nothing is allocated or copied, and every process serving the archive (each
+TorchServe worker) reads the page cache's one copy. The mapping is never
+written: a write through it would fault rather than change the file. On GPU the
+file is streamed row block by row block into the tables FBGEMM allocated on the
+device (16-byte rows), as are archives of format 1 (unpadded rows, one table
+after the other: :func:`legacy_table_file`), which can still be read.
+
+Writing a table file from a random initialisation (:func:`fill_random`) works
+row block by row block in the quantized format, so the 45 GB fp32 Criteo-1TB
+tables are never materialised.
 
 ``torch.load`` is not used for table files: they hold raw bytes whose layout the
 artifact describes and whose size is checked, no pickle at all.
@@ -19,15 +27,23 @@ artifact describes and whose size is checked, no pickle at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import logging
+import mmap
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
     IntNBitTableBatchedEmbeddingBagsCodegen,
+    nbit_construct_split_state,
+    rounded_row_size_in_bytes,
     unpadded_row_size_in_bytes,
 )
 from torch import nn
@@ -37,9 +53,12 @@ from torchrec.modules.embedding_configs import DataType, data_type_to_sparse_typ
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+from torchrec.tensor_types import UInt4Tensor
 
 from model_factory.config import ConfigError, DLRMConfig
-from model_factory.factory import build_dlrm, embedding_bag_configs, init_weights, table_name
+from model_factory.factory import META, build_dlrm, embedding_bag_configs, init_weights, table_name
+
+logger = logging.getLogger(__name__)
 
 
 class TableDtype(StrEnum):
@@ -68,6 +87,8 @@ SCALE_BIAS_BYTES = 4
 CPU_ROW_ALIGNMENT = 4
 GPU_ROW_ALIGNMENT = 16
 _CHUNK_BYTES = 64 * 2**20
+# FBGEMM starts every table of a TBE on a 128-byte cache line; the table file starts every TBE's part on one.
+_CACHE_LINE = 128
 
 
 @dataclass(frozen=True)
@@ -111,7 +132,7 @@ def _member(enum: type[_Enum], value: str, what: str) -> _Enum:
 
 @dataclass(frozen=True)
 class TableLayout:
-    """Where one table's rows sit in ``tables.bin``."""
+    """One table's rows unpadded (data, then scale and bias), and where they sat in a format-1 ``tables.bin``."""
 
     name: str
     rows: int
@@ -131,6 +152,132 @@ def table_layouts(config: DLRMConfig, spec: QuantizationSpec) -> list[TableLayou
         layouts.append(TableLayout(table_name(feature), rows, config.embedding_dim, dtype, row_bytes, offset))
         offset += rows * row_bytes
     return layouts
+
+
+@dataclass(frozen=True)
+class StoredTable:
+    """Where one table's rows sit in its TBE's part of the table file."""
+
+    name: str
+    dtype: TableDtype
+    rows: int
+    dim: int
+    row_bytes: int  # unpadded: the row's data, scale and bias
+    stride: int  # from one row to the next: ``row_bytes`` rounded up to the row alignment
+    offset: int  # of the first row, from the start of the TBE's part
+
+
+@dataclass(frozen=True)
+class TbePart:
+    """One TBE's ``weights_host``: ``size`` bytes at ``offset`` in the table file, holding ``tables``."""
+
+    offset: int
+    size: int
+    tables: tuple[StoredTable, ...]
+
+
+@dataclass(frozen=True)
+class TableFile:
+    """The layout of ``tables.bin``, recorded in ``model_config.json`` and checked at load."""
+
+    row_alignment: int
+    tbes: tuple[TbePart, ...]
+
+    @property
+    def size(self) -> int:
+        return max((part.offset + part.size for part in self.tbes), default=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "row_alignment": self.row_alignment,
+            "size": self.size,
+            "tbes": [
+                {"offset": part.offset, "size": part.size, "tables": [asdict(table) for table in part.tables]}
+                for part in self.tbes
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TableFile:
+        """The layout :meth:`to_dict` wrote; ``KeyError``, ``TypeError`` or ``ValueError`` for anything else."""
+        layout = cls(
+            row_alignment=int(data["row_alignment"]),
+            tbes=tuple(
+                TbePart(
+                    offset=int(part["offset"]),
+                    size=int(part["size"]),
+                    tables=tuple(
+                        StoredTable(**{**table, "dtype": TableDtype(table["dtype"])}) for table in part["tables"]
+                    ),
+                )
+                for part in data["tbes"]
+            ),
+        )
+        if data["size"] != layout.size:
+            raise ValueError(f"the table file's size {data['size']} is not its TBEs' {layout.size} bytes")
+        return layout
+
+
+def _host_specs(module: IntNBitTableBatchedEmbeddingBagsCodegen) -> list[tuple[str, int, int, SparseType, Any]]:
+    """The TBE's table specs placed on the host, as TorchRec builds them for a CPU collection."""
+    return [
+        (name, rows, dim, sparse_type, EmbeddingLocation.HOST)
+        for name, rows, dim, sparse_type, _ in module.embedding_specs
+    ]
+
+
+def _tbe_modules(collection: QuantEmbeddingBagCollection) -> list[IntNBitTableBatchedEmbeddingBagsCodegen]:
+    modules = list(collection._emb_modules)
+    for module in modules:
+        assert isinstance(module, IntNBitTableBatchedEmbeddingBagsCodegen), type(module)
+    return modules
+
+
+def table_file_layout(config: DLRMConfig, spec: QuantizationSpec) -> TableFile:
+    """The table file as FBGEMM's CPU TBEs hold the tables: each TBE's ``weights_host``, in TorchRec's TBE order.
+
+    TorchRec decides which tables share a TBE, FBGEMM where each table starts in
+    it (``nbit_construct_split_state``: rows padded to the row alignment, tables
+    to 128-byte cache lines); both are asked on a ``meta`` collection, so nothing
+    is allocated. A TBE's part starts on a cache line too (its size already is a
+    multiple of one: the parts follow each other without a gap).
+    """
+    collection = empty_quantized_collection(config, spec, META)
+    dtypes = {table_name(feature): spec.table_dtype(feature) for feature in config.sparse_feature_names}
+    parts, offset = [], 0
+    for module in _tbe_modules(collection):
+        specs = _host_specs(module)
+        split = nbit_construct_split_state(
+            specs, cacheable=True, row_alignment=CPU_ROW_ALIGNMENT, scale_bias_size_in_bytes=SCALE_BIAS_BYTES
+        )
+        tables = tuple(
+            StoredTable(
+                name=name,
+                dtype=dtypes[name],
+                rows=rows,
+                dim=dim,
+                row_bytes=unpadded_row_size_in_bytes(dim, sparse_type, SCALE_BIAS_BYTES),
+                stride=rounded_row_size_in_bytes(dim, sparse_type, CPU_ROW_ALIGNMENT, SCALE_BIAS_BYTES),
+                offset=table_offset,
+            )
+            for (name, rows, dim, sparse_type, _), table_offset in zip(specs, split.offsets, strict=True)
+        )
+        offset = -(-offset // _CACHE_LINE) * _CACHE_LINE
+        parts.append(TbePart(offset=offset, size=split.host_size, tables=tables))
+        offset += split.host_size
+    return TableFile(row_alignment=CPU_ROW_ALIGNMENT, tbes=tuple(parts))
+
+
+def legacy_table_file(config: DLRMConfig, spec: QuantizationSpec) -> TableFile:
+    """The table file of format-1 archives: every table's rows unpadded, one table after the other."""
+    tables = tuple(
+        StoredTable(
+            layout.name, layout.dtype, layout.rows, layout.dim, layout.row_bytes, layout.row_bytes, layout.offset
+        )
+        for layout in table_layouts(config, spec)
+    )
+    size = sum(table.rows * table.row_bytes for table in tables)
+    return TableFile(row_alignment=1, tbes=(TbePart(offset=0, size=size, tables=tables),))
 
 
 def row_alignment(device: torch.device) -> int:
@@ -153,7 +300,11 @@ def quantize_model_tables(model: DLRM, config: DLRMConfig, spec: QuantizationSpe
 def empty_quantized_collection(
     config: DLRMConfig, spec: QuantizationSpec, device: torch.device
 ) -> QuantEmbeddingBagCollection:
-    """TorchRec's quantized collection for ``config`` on ``device``; FBGEMM allocates the tables zero-filled."""
+    """TorchRec's quantized collection for ``config`` on ``device``; FBGEMM allocates the tables zero-filled.
+
+    On ``meta`` nothing is allocated: :func:`map_tables` and :func:`table_file_layout`
+    build one to learn TorchRec's grouping of the tables into TBEs.
+    """
     tables = embedding_bag_configs(config)
     for table, feature in zip(tables, config.sparse_feature_names, strict=True):
         table.data_type = _DATA_TYPES[spec.table_dtype(feature)]
@@ -165,8 +316,7 @@ def empty_quantized_collection(
 def table_views(collection: QuantEmbeddingBagCollection) -> dict[str, torch.Tensor]:
     """Each table's rows as FBGEMM stores them, padding cut off: ``(rows, row_bytes)`` uint8 views."""
     views = {}
-    for module in collection._emb_modules:
-        assert isinstance(module, IntNBitTableBatchedEmbeddingBagsCodegen)
+    for module in _tbe_modules(collection):
         for (name, _, dim, sparse_type, _), (rows, _, _) in zip(
             module.embedding_specs, module.split_embedding_weights_with_scale_bias(0), strict=True
         ):
@@ -181,31 +331,179 @@ def _row_blocks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + block)
 
 
-def write_tables(collection: QuantEmbeddingBagCollection, layouts: Sequence[TableLayout], path: Path) -> None:
+def write_tables(collection: QuantEmbeddingBagCollection, layout: TableFile, path: Path) -> None:
+    """Write the collection's tables (any device, any row alignment) as ``layout`` lays them out; padding is zero."""
     views = table_views(collection)
     with open(path, "wb") as output:
-        for layout in layouts:
-            view = views[layout.name]
-            assert view.shape == (layout.rows, layout.row_bytes), (layout, view.shape)
-            for start, end in _row_blocks(layout.rows, layout.row_bytes):
-                output.write(view[start:end].contiguous().cpu().numpy().tobytes())
+        for part in layout.tbes:
+            for table in part.tables:
+                output.write(bytes(part.offset + table.offset - output.tell()))
+                view = views[table.name]
+                assert view.shape == (table.rows, table.row_bytes), (table, view.shape)
+                for start, end in _row_blocks(table.rows, table.stride):
+                    block = torch.zeros((end - start, table.stride), dtype=torch.uint8)
+                    block[:, : table.row_bytes] = view[start:end]
+                    output.write(block.numpy().data)
+        output.write(bytes(layout.size - output.tell()))
 
 
-def read_tables(collection: QuantEmbeddingBagCollection, layouts: Sequence[TableLayout], path: Path) -> None:
-    """Stream ``tables.bin`` into the collection's tables, block by block (no second copy in memory)."""
-    expected = sum(layout.rows * layout.row_bytes for layout in layouts)
-    actual = path.stat().st_size
-    if actual != expected:
-        raise ConfigError(f"{path} holds {actual} bytes, the archive's table layout needs {expected}")
+def check_size(path: Path, layout: TableFile) -> None:
+    """A :class:`ConfigError` naming ``path`` and the size ``layout`` needs unless the file has exactly that size."""
+    try:
+        actual = path.stat().st_size
+    except OSError as error:
+        raise ConfigError(f"cannot read the table file {path} ({layout.size} bytes expected): {error}") from error
+    if actual != layout.size:
+        raise ConfigError(f"{path} holds {actual} bytes, the archive's table layout needs {layout.size}")
+
+
+def read_tables(collection: QuantEmbeddingBagCollection, layout: TableFile, path: Path) -> None:
+    """Stream the table file into the collection's own tables, row block by row block (no second copy in memory).
+
+    Works for any device and row alignment: each row's unpadded bytes are copied
+    from where ``layout`` puts them into where FBGEMM keeps them.
+    """
+    check_size(path, layout)
     views = table_views(collection)
     with open(path, "rb") as source:
-        for layout in layouts:
-            view = views[layout.name]
-            for start, end in _row_blocks(layout.rows, layout.row_bytes):
-                block = torch.empty((end - start) * layout.row_bytes, dtype=torch.uint8)
-                if source.readinto(block.numpy().data) != block.numel():
-                    raise ConfigError(f"{path} ended inside table {layout.name}")
-                view[start:end].copy_(block.view(end - start, layout.row_bytes))
+        for part in layout.tbes:
+            for table in part.tables:
+                view = views[table.name]
+                if view.shape != (table.rows, table.row_bytes):
+                    raise ConfigError(
+                        f"{path}: table {table.name} is {table.rows} rows of {table.row_bytes} bytes, "
+                        f"the model's is {tuple(view.shape)}"
+                    )
+                source.seek(part.offset + table.offset)
+                for start, end in _row_blocks(table.rows, table.stride):
+                    block = torch.empty((end - start) * table.stride, dtype=torch.uint8)
+                    if source.readinto(block.numpy().data) != block.numel():
+                        raise ConfigError(f"{path} ended inside table {table.name}")
+                    view[start:end].copy_(block.view(end - start, table.stride)[:, : table.row_bytes])
+
+
+def map_read_only(path: Path, layout: TableFile) -> torch.Tensor:
+    """``path``'s bytes as a uint8 tensor over a ``MAP_SHARED``, ``PROT_READ`` mapping of the file.
+
+    Shared and read-only: every process mapping the file reads the page cache's
+    one copy of each page, the file is opened read-only and nothing can be
+    written through the mapping (a write faults instead of changing the file, or
+    of silently copying the page as a private mapping would). Such a mapping is
+    not charged against the commit limit either. The tensor keeps the mapping
+    alive; it survives the file being unlinked (an extracted archive's
+    temporary directory), not the file being truncated or rewritten in place,
+    which nothing here does: builds replace files by renaming.
+    """
+    try:
+        with open(path, "rb") as file:
+            actual = os.fstat(file.fileno()).st_size
+            if actual != layout.size:
+                raise ConfigError(f"{path} holds {actual} bytes, the archive's table layout needs {layout.size}")
+            mapping = mmap.mmap(file.fileno(), layout.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except OSError as error:
+        raise ConfigError(f"cannot map the table file {path} ({layout.size} bytes expected): {error}") from error
+    with warnings.catch_warnings():
+        # PyTorch warns that it cannot mark tensors read-only; the mapping is (PROT_READ) and nothing writes to it.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+def _host_tbe(module: IntNBitTableBatchedEmbeddingBagsCodegen) -> IntNBitTableBatchedEmbeddingBagsCodegen:
+    """A CPU TBE built as TorchRec builds ``module``'s for a CPU collection, its weights not yet allocated."""
+    return IntNBitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=_host_specs(module),
+        feature_table_map=module.feature_table_map,
+        pooling_mode=module.pooling_mode,
+        device=torch.device("cpu"),
+        output_dtype=SparseType.from_int(module.output_dtype),
+        row_alignment=CPU_ROW_ALIGNMENT,
+    )
+
+
+def _adopt_host_weights(
+    module: IntNBitTableBatchedEmbeddingBagsCodegen, weights: torch.Tensor, part: TbePart, path: Path
+) -> None:
+    """FBGEMM's ``initialize_weights`` for a host-only TBE, with ``weights`` instead of a zero-filled allocation."""
+    offsets = [table.offset for table in part.tables]
+    if (module.host_size, module.dev_size, module.uvm_size) != (part.size, 0, 0) or (
+        module.weights_physical_offsets != offsets
+    ):
+        raise ConfigError(
+            f"{path}: FBGEMM lays out a TBE of {module.host_size} bytes with tables at "
+            f"{module.weights_physical_offsets}, the table file {part.size} bytes at {offsets}: "
+            "rebuild the archive"
+        )
+    assert not module.weight_initialized
+    module.weights_host = weights
+    module.initialize_logical_weights_placements_and_offsets()
+    module.weight_initialized = True
+
+
+def _register_weight_views(collection: QuantEmbeddingBagCollection) -> None:
+    """Point the collection's per-table ``weight`` buffers (its ``state_dict`` view) at its TBEs' weights.
+
+    As TorchRec's constructor does (``quant_state_dict_split_scale_bias`` off):
+    whole padded rows, int4 tables wrapped as ``UInt4Tensor``.
+    """
+    assert not getattr(collection, "register_tbes", False)
+    for tables, module in zip(collection._key_to_tables.values(), _tbe_modules(collection), strict=True):
+        for table, (weight, _, _) in zip(tables, module.split_embedding_weights_with_scale_bias(0), strict=True):
+            buffer = UInt4Tensor(weight) if table.data_type == DataType.INT4 else weight
+            collection.embedding_bags[table.name].register_buffer("weight", buffer)
+
+
+def map_tables(
+    config: DLRMConfig, spec: QuantizationSpec, layout: TableFile, path: Path
+) -> QuantEmbeddingBagCollection:
+    """The CPU collection whose TBEs' ``weights_host`` are ``path`` mapped read-only: nothing allocated or copied.
+
+    TorchRec's collection is built on ``meta`` (its grouping into TBEs, its
+    forward); each of its TBEs is replaced by a CPU TBE built with the same
+    arguments, whose ``weights_host`` is the TBE's part of the mapping. FBGEMM's
+    CPU lookup reads ``weights_host`` directly (``dev_weights`` when
+    ``host_size > 0``), and nothing else refers to it but the collection's
+    per-table ``weight`` views, which are re-pointed.
+    """
+    if layout != table_file_layout(config, spec):
+        raise ConfigError(f"{path} is not laid out as FBGEMM holds these tables on CPU: rebuild the archive")
+    mapping = map_read_only(path, layout)
+    collection = empty_quantized_collection(config, spec, META)
+    modules = _tbe_modules(collection)
+    for index, (module, part) in enumerate(zip(modules, layout.tbes, strict=True)):
+        host = _host_tbe(module)
+        _adopt_host_weights(host, mapping[part.offset : part.offset + part.size], part, path)
+        collection._emb_modules[index] = host
+    collection._device = torch.device("cpu")
+    _register_weight_views(collection)
+    return collection
+
+
+def load_tables(
+    config: DLRMConfig,
+    spec: QuantizationSpec,
+    layout: TableFile,
+    path: Path,
+    device: torch.device,
+    *,
+    copy: bool = False,
+) -> QuantEmbeddingBagCollection:
+    """The collection on ``device`` holding the tables of ``path``, laid out as ``layout``.
+
+    On CPU a file in FBGEMM's CPU layout is mapped (:func:`map_tables`) unless
+    ``copy``; otherwise (GPU, a format-1 file, ``copy``) FBGEMM allocates the
+    tables and the file is streamed into them (:func:`read_tables`).
+    """
+    if device.type == "cpu" and not copy:
+        if layout == table_file_layout(config, spec):
+            return map_tables(config, spec, layout, path)
+        logger.warning(
+            "%s is not in FBGEMM's CPU layout (a format-1 archive): its tables are copied into this process; "
+            "rebuild the archive to map them, shared by every worker",
+            path,
+        )
+    collection = empty_quantized_collection(config, spec, device)
+    read_tables(collection, layout, path)
+    return collection
 
 
 def fill_random(collection: QuantEmbeddingBagCollection, seed: int) -> None:

@@ -1,0 +1,443 @@
+"""Quantized tables mapped, not loaded: tables.bin in FBGEMM's CPU layout, mapped read-only and shared.
+
+The file is each TBE's ``weights_host`` in turn; loading on CPU maps it
+(``MAP_SHARED``, ``PROT_READ``) and hands the mapping to the TBEs. These tests
+check the layout, that mapped and copied tables score identically, that the
+file is never written, that bad files are refused with a clear error, that
+format-1 archives still load, and (``test_two_processes_share_one_copy_of_the_tables``)
+that two processes mapping one archive share the page cache's copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from handler.predictor import DLRMPredictor
+from model_factory import quantization
+from model_factory.artifact import (
+    CONFIG_FILE,
+    TABLES_FILE,
+    ModelArtifact,
+    Provenance,
+    load_model,
+    read_artifact,
+    write_artifact,
+)
+from model_factory.config import ConfigError, DLRMConfig, preset
+from model_factory.factory import build_dlrm, init_weights, summarize
+from model_factory.features import rows_to_kjt
+from model_factory.quantization import (
+    MlpDtype,
+    QuantizationSpec,
+    TableDtype,
+    empty_quantized_collection,
+    legacy_table_file,
+    map_tables,
+    quantize_model_tables,
+    random_quantized_model,
+    table_file_layout,
+    table_views,
+    write_tables,
+)
+from servers.torchserve import REPO_ROOT
+from training.synthetic import random_inputs, request_rows
+
+SPECS = {
+    "fp16": QuantizationSpec(TableDtype.FP16),
+    "int8": QuantizationSpec(TableDtype.INT8),
+    "int4": QuantizationSpec(TableDtype.INT4),
+    "mixed": QuantizationSpec(TableDtype.INT8, per_table={"cat_0": TableDtype.INT4, "cat_1": TableDtype.FP16}),
+    "int8+mlp": QuantizationSpec(TableDtype.INT8, mlp=MlpDtype.INT8),
+}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def padded_config() -> DLRMConfig:
+    """Rows that need padding (dimension 6: int8 rows of 10 bytes, int4 of 7) and tables that end off a cache line."""
+    return DLRMConfig(
+        num_embeddings_per_feature=(1001, 333, 77, 2048),
+        embedding_dim=6,
+        dense_arch_layer_sizes=(8, 6),
+        over_arch_layer_sizes=(8, 1),
+        dense_feature_names=("int_0", "int_1"),
+        sparse_feature_names=("cat_0", "cat_1", "cat_2", "cat_3"),
+    )
+
+
+@pytest.fixture(params=["small", "padded"])
+def config(request: pytest.FixtureRequest, small_config: DLRMConfig, padded_config: DLRMConfig) -> DLRMConfig:
+    return small_config if request.param == "small" else padded_config
+
+
+def scores(model, config: DLRMConfig, seed: int = 0, rows: int = 64) -> torch.Tensor:
+    dense, lengths, values = random_inputs(config, rows, np.random.default_rng(seed), num_indices_per_lookup=3)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(dense), rows_to_kjt(config.sparse_feature_names, lengths, values))
+    return torch.sigmoid(logits.squeeze(1))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file of ``directory``: size, modification time and hash."""
+    return {
+        path.name: (path.stat().st_size, path.stat().st_mtime_ns, sha256(path))
+        for path in sorted(directory.iterdir())
+        if path.is_file()
+    }
+
+
+def write_quantized(directory: Path, config: DLRMConfig, spec: QuantizationSpec, seed: int = 1):
+    """A quantized artifact; returns its model.
+
+    From seeded fp32 weights, as build_mar.py quantizes a checkpoint, where
+    TorchRec's quantization can (int4 needs whole fp16 words of codes:
+    dimensions that are multiples of 4); else random quantized tables, as
+    build_mar.py creates an untrained archive.
+    """
+    if config.embedding_dim % 4 == 0:
+        model = quantize_model_tables(init_weights(build_dlrm(config), seed=seed), config, spec)
+    else:
+        model = init_weights(random_quantized_model(config, spec, seed), seed)
+    write_artifact(directory, ModelArtifact(config, Provenance(trained=False, seed=seed), quantization=spec), model)
+    if spec.mlp == MlpDtype.INT8:  # as load_model does: the artifact holds fp32 MLPs
+        quantization.quantize_mlps(model)
+    return model.eval()
+
+
+def mapped_lines(path: Path) -> list[str]:
+    """This process's mappings of ``path`` (lines of /proc/self/maps)."""
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(" " + str(path))]
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "mixed"])
+def test_the_table_file_is_each_tbes_weights_host_in_turn(name: str, config: DLRMConfig, tmp_path: Path) -> None:
+    spec = SPECS[name]
+    model = write_quantized(tmp_path, config, spec)
+    modules = model.sparse_arch.embedding_bag_collection._emb_modules
+    assert all(module.row_alignment == quantization.CPU_ROW_ALIGNMENT for module in modules)
+    hosts = b"".join(module.weights_host.numpy().tobytes() for module in modules)
+    assert (tmp_path / TABLES_FILE).read_bytes() == hosts
+    recorded = json.loads((tmp_path / CONFIG_FILE).read_text())["table_file"]
+    layout = table_file_layout(config, spec)
+    assert recorded == layout.to_dict() and recorded["size"] == len(hosts)
+    assert [part["size"] for part in recorded["tbes"]] == [module.host_size for module in modules]
+    assert [[t["offset"] for t in part["tables"]] for part in recorded["tbes"]] == [
+        module.weights_physical_offsets for module in modules
+    ]
+    if config.embedding_dim == 6 and name in ("int8", "int4"):  # the padded config really pads
+        assert {t["stride"] - t["row_bytes"] for t in recorded["tbes"][0]["tables"]} == {2 if name == "int8" else 1}
+
+
+def test_the_criteo_1tb_int8_table_file_is_one_tbe_of_cache_line_aligned_tables() -> None:
+    config = preset("criteo-1tb")
+    layout = table_file_layout(config, QuantizationSpec(TableDtype.INT8))
+    (part,) = layout.tbes
+    assert {(table.row_bytes, table.stride) for table in part.tables} == {(68, 68)}
+    assert all(table.offset % 128 == 0 for table in part.tables)
+    unpadded = sum(rows * 68 for rows in config.num_embeddings_per_feature)
+    assert unpadded <= layout.size < unpadded + 128 * len(part.tables)
+    assert layout.size / 2**30 == pytest.approx(11.27, abs=0.01)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_mapped_tables_score_exactly_as_copied_ones(name: str, config: DLRMConfig, tmp_path: Path) -> None:
+    spec = SPECS[name]
+    original = write_quantized(tmp_path, config, spec)
+    before = snapshot(tmp_path)
+    mapped, _ = load_model(tmp_path)
+    copied, _ = load_model(tmp_path, copy_tables=True)
+    mapped_tables = mapped.sparse_arch.embedding_bag_collection
+    # The TBEs read the mapping itself: read-only, shared, the file's first byte at the first TBE's first byte.
+    (line,) = mapped_lines(tmp_path / TABLES_FILE)
+    assert line.split()[1] == "r--s"
+    start = int(line.split("-")[0], 16)
+    assert mapped_tables._emb_modules[0].weights_host.data_ptr() == start
+    views, copied_views = table_views(mapped_tables), table_views(copied.sparse_arch.embedding_bag_collection)
+    assert all(torch.equal(views[table], copied_views[table]) for table in views)
+    reference = scores(copied, config)
+    assert torch.equal(scores(mapped, config), reference)
+    assert torch.equal(scores(original, config), reference)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_mapped_collection_is_the_allocated_one_but_for_where_the_weights_live(
+    padded_config: DLRMConfig, tmp_path: Path
+) -> None:
+    """The CPU TBEs built for the mapping get exactly the arguments TorchRec gives its own."""
+    spec = SPECS["mixed"]
+    write_quantized(tmp_path, padded_config, spec)
+    layout = table_file_layout(padded_config, spec)
+    mapped = map_tables(padded_config, spec, layout, tmp_path / TABLES_FILE)
+    allocated = empty_quantized_collection(padded_config, spec, CPU)
+    for name in ("_feature_names", "_feature_splits", "_length_per_key", "_embedding_names", "device"):
+        assert getattr(mapped, name) == getattr(allocated, name), name
+    mapped_state, allocated_state = mapped.state_dict(), allocated.state_dict()
+    assert list(mapped_state) == list(allocated_state)
+    for key, value in mapped_state.items():
+        assert type(value) is type(allocated_state[key]) and value.shape == allocated_state[key].shape, key
+    assert len(mapped._emb_modules) == len(allocated._emb_modules)
+    for ours, theirs in zip(mapped._emb_modules, allocated._emb_modules, strict=True):
+        for name in (
+            "embedding_specs", "feature_table_map", "row_alignment", "use_cpu", "current_device", "pooling_mode",
+            "output_dtype", "bounds_check_mode_int", "scale_bias_size_in_bytes", "total_D", "host_size",
+            "dev_size", "uvm_size", "weights_physical_offsets", "weights_physical_placements", "weight_initialized",
+            "max_int2_D", "max_int4_D", "max_int8_D", "max_float8_D", "max_float16_D", "max_float32_D",
+            "reverse_qparam", "total_cache_hash_size",
+        ):  # fmt: skip
+            assert getattr(ours, name) == getattr(theirs, name), name
+        for name in ("weights_offsets", "weights_placements", "weights_dev", "weights_uvm"):
+            assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+        ours_buffers, theirs_buffers = dict(ours.named_buffers()), dict(theirs.named_buffers())
+        assert list(ours_buffers) == list(theirs_buffers)
+        assert all(torch.equal(ours_buffers[k], theirs_buffers[k]) for k in ours_buffers)
+        assert ours.weights_host.shape == theirs.weights_host.shape
+    # state_dict's per-table views and the summary see the mapping, not a stale allocation.
+    host = mapped._emb_modules[0].weights_host
+    for key, value in mapped_state.items():
+        data = value.elem if hasattr(value, "elem") else value  # UInt4Tensor wraps the bytes
+        assert host.data_ptr() <= data.data_ptr() < host.data_ptr() + host.numel(), key
+    model = build_dlrm(padded_config)
+    model.sparse_arch.embedding_bag_collection = mapped
+    sparse = {row.name: row for row in summarize(model)}["sparse_arch"]
+    assert sparse.bytes == layout.size
+
+
+def test_the_gpu_path_streams_the_cpu_layout_into_other_row_alignments(
+    padded_config: DLRMConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On GPU FBGEMM keeps 16-byte rows: simulated on CPU, the streamed tables score as the mapped ones."""
+    spec = SPECS["mixed"]
+    write_quantized(tmp_path, padded_config, spec)
+    mapped, _ = load_model(tmp_path)
+    monkeypatch.setattr(quantization, "row_alignment", lambda device: quantization.GPU_ROW_ALIGNMENT)
+    streamed, _ = load_model(tmp_path, copy_tables=True)
+    assert streamed.sparse_arch.embedding_bag_collection._emb_modules[0].row_alignment == 16
+    assert torch.equal(scores(streamed, padded_config), scores(mapped, padded_config))
+
+
+def test_loading_and_serving_in_process_never_writes_the_model_directory(
+    small_config: DLRMConfig, tmp_path: Path
+) -> None:
+    spec = SPECS["int8+mlp"]
+    write_quantized(tmp_path, small_config, spec)
+    before = snapshot(tmp_path)
+    predictor = DLRMPredictor.from_artifact(tmp_path, CPU)
+    rows = list(request_rows(*random_inputs(small_config, 32, np.random.default_rng(2), num_indices_per_lookup=4)))
+    for _ in range(3):
+        result = predictor.predict_bodies([json.dumps({"instances": rows})] * 4)
+        assert all(response.status == 200 for response in result.responses)
+    (line,) = mapped_lines(tmp_path / TABLES_FILE)
+    assert line.split()[1] == "r--s"
+    assert snapshot(tmp_path) == before
+    del predictor
+
+
+def test_a_mapping_outlives_the_extracted_directory(small_config: DLRMConfig, tmp_path: Path) -> None:
+    """A zipped archive is extracted to a temporary directory and removed: the mapping keeps the tables."""
+    directory = tmp_path / "extracted"
+    write_quantized(directory, small_config, SPECS["int4"])
+    model, _ = load_model(directory)
+    reference = scores(model, small_config)
+    for path in directory.iterdir():
+        path.unlink()
+    directory.rmdir()
+    assert torch.equal(scores(model, small_config), reference)
+
+
+# Integrity: every way the table file can disagree with model_config.json is a ConfigError naming the file.
+
+
+@pytest.fixture()
+def int8_artifact(padded_config: DLRMConfig, tmp_path: Path) -> Path:
+    directory = tmp_path / "artifact"
+    write_quantized(directory, padded_config, SPECS["int8"])
+    return directory
+
+
+@pytest.mark.parametrize("copy_tables", [False, True], ids=["mapped", "copied"])
+@pytest.mark.parametrize("change", ["truncated", "empty", "one byte too long", "a page too long"])
+def test_a_table_file_of_the_wrong_size_is_refused(int8_artifact: Path, change: str, copy_tables: bool) -> None:
+    path = int8_artifact / TABLES_FILE
+    expected = path.stat().st_size
+    new_size = {"truncated": expected // 2, "empty": 0, "one byte too long": expected + 1}.get(change, expected + 4096)
+    with open(path, "r+b") as tables:
+        tables.truncate(new_size)
+    message = f"{path} holds {new_size} bytes, the archive's table layout needs {expected}"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_model(int8_artifact, copy_tables=copy_tables)
+
+
+@pytest.mark.parametrize("copy_tables", [False, True], ids=["mapped", "copied"])
+def test_a_missing_table_file_is_refused(int8_artifact: Path, copy_tables: bool) -> None:
+    path = int8_artifact / TABLES_FILE
+    expected = path.stat().st_size
+    path.unlink()
+    with pytest.raises(ConfigError, match=re.escape(f"the table file {path} ({expected} bytes expected)")):
+        load_model(int8_artifact, copy_tables=copy_tables)
+
+
+def _edit_config(directory: Path, edit) -> None:
+    path = directory / CONFIG_FILE
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_table_file_not_laid_out_as_recorded_is_refused(int8_artifact: Path) -> None:
+    """A recorded layout this FBGEMM does not build (another row alignment, say) names the file and both sizes."""
+    path = int8_artifact / TABLES_FILE
+    expected = path.stat().st_size
+
+    def realign(data: dict) -> None:
+        layout = data["table_file"]
+        layout["row_alignment"] = 8
+        for table in layout["tbes"][0]["tables"]:
+            table["stride"] = 16
+        layout["tbes"][0]["size"] += 128
+        layout["size"] += 128
+
+    _edit_config(int8_artifact, realign)
+    for copy_tables in (False, True):
+        with pytest.raises(
+            ConfigError, match=rf"{re.escape(str(path))} as {expected + 128} bytes .* as {expected} bytes"
+        ):
+            load_model(int8_artifact, copy_tables=copy_tables)
+
+
+def test_an_inconsistent_or_missing_recorded_layout_is_refused(int8_artifact: Path) -> None:
+    def wrong_total(data: dict) -> None:
+        data["table_file"]["size"] += 1
+
+    _edit_config(int8_artifact, wrong_total)
+    with pytest.raises(ConfigError, match="cannot read model artifact .*size"):
+        load_model(int8_artifact)
+    _edit_config(int8_artifact, lambda data: data.pop("table_file"))
+    expected = (int8_artifact / TABLES_FILE).stat().st_size
+    with pytest.raises(ConfigError, match=rf"records no layout for .*{TABLES_FILE} \({expected} bytes expected\)"):
+        load_model(int8_artifact)
+
+
+def test_unknown_format_versions_are_refused(int8_artifact: Path) -> None:
+    _edit_config(int8_artifact, lambda data: data.update(format_version=3))
+    with pytest.raises(ConfigError, match="unsupported artifact format_version 3.*rebuild"):
+        load_model(int8_artifact)
+
+
+@pytest.mark.parametrize("name", ["int8", "mixed"])
+def test_format_1_archives_still_load_by_copy(
+    name: str, padded_config: DLRMConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Yesterday's tables.bin (unpadded rows, no recorded layout) loads, copied, and scores as before."""
+    spec = SPECS[name]
+    original = write_quantized(tmp_path, padded_config, spec)
+    legacy = legacy_table_file(padded_config, spec)
+    write_tables(original.sparse_arch.embedding_bag_collection, legacy, tmp_path / TABLES_FILE)
+    assert (tmp_path / TABLES_FILE).stat().st_size == sum(t.rows * t.row_bytes for t in legacy.tbes[0].tables)
+
+    def downgrade(data: dict) -> None:
+        data["format_version"] = 1
+        del data["table_file"]
+
+    _edit_config(tmp_path, downgrade)
+    assert read_artifact(tmp_path).format_version == 1
+    with caplog.at_level(logging.WARNING, logger="model_factory.quantization"):
+        model, artifact = load_model(tmp_path)
+    assert "rebuild the archive" in caplog.text
+    assert mapped_lines(tmp_path / TABLES_FILE) == []
+    assert torch.equal(scores(model, padded_config), scores(original, padded_config))
+    assert artifact.to_dict()["format_version"] == 1 and "table_file" not in artifact.to_dict()
+    # Rewriting it (build_mar.py from a checkpoint, say) writes format 2.
+    write_artifact(tmp_path / "rewritten", artifact, model)
+    assert read_artifact(tmp_path / "rewritten").format_version == 2
+    remapped, _ = load_model(tmp_path / "rewritten")
+    assert torch.equal(scores(remapped, padded_config), scores(original, padded_config))
+
+
+# Sharing: two processes, one copy. About 15 s, mostly two interpreters importing torch and TorchRec.
+
+_CHILD = """
+import sys
+from pathlib import Path
+from model_factory.artifact import load_model
+model, _ = load_model(Path(sys.argv[1]))
+# Read every byte of every TBE's weights: every page of the mapping resident in this process.
+print(sum(int(module.weights_host.sum()) for module in model.sparse_arch.embedding_bag_collection._emb_modules))
+sys.stdout.flush()
+sys.stdin.read()  # hold the mapping until the test has measured it
+"""
+
+
+def _file_mapping_kib(pid: int, path: Path) -> dict[str, int]:
+    """Rss and Pss (KiB) of process ``pid``'s mappings of ``path``, from /proc/<pid>/smaps."""
+    totals = {"Rss": 0, "Pss": 0}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            inside = line.endswith(" " + str(path))
+        elif inside and fields[0].rstrip(":") in totals:
+            totals[fields[0].rstrip(":")] += int(fields[1])
+    return totals
+
+
+def test_two_processes_share_one_copy_of_the_tables(tmp_path: Path) -> None:
+    """SHARING (two subprocesses, ~15 s): each maps a 68 MiB int8 table file and reads all of it; each is
+    resident in full (Rss) while their proportional shares (Pss) add up to one copy."""
+    config = DLRMConfig(
+        num_embeddings_per_feature=(2**20,),
+        embedding_dim=64,
+        dense_arch_layer_sizes=(64,),
+        over_arch_layer_sizes=(4, 1),
+        dense_feature_names=("int_0",),
+        sparse_feature_names=("cat_0",),
+    )
+    spec = QuantizationSpec(TableDtype.INT8)
+    write_artifact(
+        tmp_path,
+        ModelArtifact(config, Provenance(False, 0), quantization=spec),
+        random_quantized_model(config, spec, 0),
+    )
+    path = tmp_path / TABLES_FILE
+    size_kib = path.stat().st_size / 1024
+    assert size_kib >= 64 * 1024
+    digest = sha256(path)
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(tmp_path)],
+            cwd=REPO_ROOT,
+            env=environment,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    try:
+        sums = [child.stdout.readline().strip() for child in children]  # type: ignore[union-attr]
+        assert sums[0] == sums[1] and int(sums[0]) > 0, sums
+        usage = [_file_mapping_kib(child.pid, path) for child in children]
+    finally:
+        for child in children:
+            child.communicate(timeout=30)
+    for one in usage:
+        assert one["Rss"] == pytest.approx(size_kib, rel=0.01), usage  # every page resident in both
+        assert one["Pss"] == pytest.approx(size_kib / 2, rel=0.15), usage  # each charged half
+    assert usage[0]["Pss"] + usage[1]["Pss"] == pytest.approx(size_kib, rel=0.15), usage  # one copy in all
+    assert all(child.returncode == 0 for child in children)
+    assert sha256(path) == digest
