@@ -84,9 +84,9 @@ class RowValidator:
 
     @staticmethod
     def check_dense(dense: np.ndarray, field: str) -> None:
-        bad = np.argwhere(~np.isfinite(dense))
-        if bad.size:
-            row, position = (int(i) for i in bad[0])
+        finite = np.isfinite(dense)
+        if not finite.all():  # the culprit is looked for only when there is one
+            row, position = (int(i) for i in np.argwhere(~finite)[0])
             raise InvalidRequest(
                 ErrorKind.NON_FINITE,
                 f"row {row}: {field}[{position}] = {dense[row, position]} is not a finite float32 value",
@@ -98,9 +98,8 @@ class RowValidator:
 
     @staticmethod
     def check_lengths(lengths: np.ndarray, num_ids: int, names: FieldNames) -> None:
-        negative = np.argwhere(lengths < 0)
-        if negative.size:
-            row, position = (int(i) for i in negative[0])
+        if lengths.size and lengths.min() < 0:
+            row, position = (int(i) for i in np.argwhere(lengths < 0)[0])
             raise InvalidRequest(
                 ErrorKind.NEGATIVE_LENGTH,
                 f"row {row}: {names.lengths}[{position}] is negative",
@@ -122,14 +121,16 @@ class RowValidator:
 
     def check_ids(self, lengths: np.ndarray, ids: np.ndarray, field: str) -> None:
         """Every id is in ``[0, rows)`` of its feature's table; the first one that is not is named."""
+        # As unsigned, a negative id is beyond every table: one comparison checks both ends.
+        unsigned, sizes = ids.astype(np.int64, copy=False).view(np.uint64), self.table_sizes.view(np.uint64)
         if lengths.shape[1] and ids.size == lengths.size and (lengths == 1).all():  # one id per feature
-            bad = np.flatnonzero((ids < 0) | (ids >= np.tile(self.table_sizes, lengths.shape[0])))
+            bad = (unsigned.reshape(lengths.shape) >= sizes).ravel()
         else:
             feature_of_id = np.repeat(np.tile(np.arange(lengths.shape[1]), lengths.shape[0]), lengths.ravel())
-            bad = np.flatnonzero((ids < 0) | (ids >= self.table_sizes[feature_of_id]))
-        if not bad.size:
+            bad = unsigned >= sizes[feature_of_id]
+        if not bad.any():
             return
-        first = int(bad[0])
+        first = int(np.flatnonzero(bad)[0])
         row_ends = np.cumsum(lengths.sum(axis=1))
         row = int(np.searchsorted(row_ends, first, side="right"))
         position = first - (int(row_ends[row - 1]) if row else 0)
