@@ -11,10 +11,12 @@ a TorchServe worker runs per batch:
 - ``handler_rows``: ``predict`` on ``batch`` single-row JSON bodies (what TorchServe hands
   the worker for a batch of that many single-row requests);
 - ``handler_oip_json``, ``handler_oip_binary``: ``predict`` on one Open Inference Protocol
-  request of ``batch`` rows, JSON tensors or binary tensors (binary outputs).
-
-The codec's cost per row is a handler mode's time per call minus the model's, divided by
-the rows (``bench.report``).
+  request of ``batch`` rows, JSON tensors or binary tensors (binary outputs);
+- ``codec_instances``, ``codec_rows``, ``codec_oip_json``, ``codec_oip_binary``: the same four
+  handler calls with the model replaced by a stub that returns zeros: what decoding, building the
+  KJT and encoding cost, measured directly. (Subtracting the model's time from a handler's would
+  leave the noise of two timings, and a model timed on one reused KJT benefits from the KJT's
+  cached offsets, which a fresh request's KJT computes.)
 
 It runs as its own process, so that environment variables read when the OpenMP
 runtime starts (``OMP_WAIT_POLICY``) can be set as they are for the workers:
@@ -41,7 +43,9 @@ from handler.predictor import DLRMPredictor, Request
 from model_archive.contents import extracted, serving_settings
 from model_factory.features import rows_to_kjt
 
-MODES = ("model", "forward", "handler_instances", "handler_rows", "handler_oip_json", "handler_oip_binary")
+HANDLER_MODES = ("handler_instances", "handler_rows", "handler_oip_json", "handler_oip_binary")
+CODEC_MODES = tuple(mode.replace("handler_", "codec_") for mode in HANDLER_MODES)
+MODES = ("model", "forward", *HANDLER_MODES, *CODEC_MODES)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,13 @@ def check_valid(predictor: DLRMPredictor, requests: list[Request]) -> None:
             raise RuntimeError(f"benchmark body refused with {response.status}: {response.body[:300]!r}")
 
 
+class ZeroModel(torch.nn.Module):
+    """Stands in for the DLRM when only the codec is timed: a logit of 0 per row, no work."""
+
+    def forward(self, dense: torch.Tensor, sparse: Any) -> torch.Tensor:
+        return torch.zeros(dense.shape[0], 1)
+
+
 def as_request(body: Body) -> Request:
     """A body as TorchServe hands it to the worker: header names lower-cased."""
     return Request(body.data, {name.lower(): value for name, value in body.headers.items()})
@@ -85,6 +96,7 @@ def measure(
     predictor: DLRMPredictor, inputs: Inputs, batches: list[int], seconds: float, modes: tuple[str, ...] = MODES
 ) -> list[Timing]:
     timings = []
+    codec_only = DLRMPredictor(ZeroModel(), predictor.artifact, predictor.device, predictor.decoder.max_rows)
     for batch in batches:
         single_rows = [as_request(body) for body in request_bodies(inputs, 1)[:batch]]
         instances, oip_json, oip_binary = ([as_request(request_bodies(inputs, batch, p)[0])] for p in Protocol)
@@ -98,13 +110,15 @@ def measure(
             with torch.inference_mode():
                 predictor.model(dense, sparse)
 
+        by_mode = dict(zip(HANDLER_MODES, (instances, single_rows, oip_json, oip_binary), strict=True))
         calls: dict[str, Callable[[], Any]] = {
             "model": model_only,
             "forward": partial(predictor.forward, [decoded]),
-            "handler_instances": partial(predictor.predict, instances),
-            "handler_rows": partial(predictor.predict, single_rows),
-            "handler_oip_json": partial(predictor.predict, oip_json),
-            "handler_oip_binary": partial(predictor.predict, oip_binary),
+            **{mode: partial(predictor.predict, batch_requests) for mode, batch_requests in by_mode.items()},
+            **{
+                codec: partial(codec_only.predict, batch_requests)
+                for codec, batch_requests in zip(CODEC_MODES, by_mode.values(), strict=True)
+            },
         }
         for mode in modes:
             count, total, p50 = time_calls(calls[mode], seconds)
