@@ -30,6 +30,7 @@ from handler.errors import InvalidRequest
 from handler.json_rows import RequestDecoder, RowsRequest, encode_error
 from model_factory.config import preset
 from model_factory.features import Preprocessing
+from tests.mutation import mutated as mutate
 from tests.rows import random_row
 
 CONFIG = preset("small")
@@ -239,25 +240,7 @@ def nasty_value(rng: np.random.Generator) -> Any:
 
 
 def mutated(rng: np.random.Generator, value: Any) -> Any:
-    """``value`` with one change at a random place in its tree: a key or element dropped, added or replaced."""
-    if isinstance(value, dict) and value and rng.integers(4):
-        key = sorted(value)[rng.integers(len(value))]
-        return {**value, key: mutated(rng, value[key])}
-    if isinstance(value, list) and value and rng.integers(4):
-        index = int(rng.integers(len(value)))
-        return [*value[:index], mutated(rng, value[index]), *value[index + 1 :]]
-    change = rng.integers(3) if isinstance(value, (dict, list)) and value else 2
-    if isinstance(value, dict) and change == 0:
-        key = sorted(value)[rng.integers(len(value))]
-        return {k: v for k, v in value.items() if k != key}
-    if isinstance(value, dict) and change == 1:
-        return {**value, EXTRA_KEYS[rng.integers(len(EXTRA_KEYS))]: nasty_value(rng)}
-    if isinstance(value, list) and change == 0:
-        index = int(rng.integers(len(value)))
-        return value[:index] + value[index + 1 :]
-    if isinstance(value, list) and change == 1:
-        return [*value, value[-1] if rng.integers(2) else nasty_value(rng)]
-    return nasty_value(rng)
+    return mutate(rng, value, nasty_value, EXTRA_KEYS)
 
 
 def near_valid_body(seed: int) -> bytes:
