@@ -30,7 +30,7 @@ from handler.errors import InvalidRequest
 from handler.json_rows import RequestDecoder, RowsRequest, encode_error
 from model_factory.config import preset
 from model_factory.features import Preprocessing
-from tests.mutation import mutated as mutate
+from tests import fuzzing
 from tests.rows import random_row
 
 CONFIG = preset("small")
@@ -240,7 +240,7 @@ def nasty_value(rng: np.random.Generator) -> Any:
 
 
 def mutated(rng: np.random.Generator, value: Any) -> Any:
-    return mutate(rng, value, nasty_value, EXTRA_KEYS)
+    return fuzzing.mutated(rng, value, nasty_value, EXTRA_KEYS)
 
 
 def near_valid_body(seed: int) -> bytes:
@@ -271,23 +271,10 @@ def corrupted_body(seed: int) -> bytes:
     return bytes(body)
 
 
-def random_json(rng: np.random.Generator, depth: int = 0) -> Any:
-    """Any JSON value: scalars of every type (huge integers included) in lists and objects up to 3 deep."""
-    kind = rng.integers(8 if depth < 3 else 6)
-    if kind == 0:
-        return None
-    if kind == 1:
-        return bool(rng.integers(2))
-    if kind == 2:
-        return float(rng.normal(0, 10.0 ** rng.integers(-5, 300)))
-    if kind == 3:
-        return int(rng.integers(-(2**62), 2**62)) * int(rng.choice([1, 2**8, 2**64]))
-    if kind in (4, 5):
-        return str(rng.choice(["", "instances", "float_features", "int_0", "cat_0", "05db9164", "NaN", "é"]))
-    if kind == 6:
-        return [random_json(rng, depth + 1) for _ in range(rng.integers(0, 5))]
-    keys = ["instances", "extra", "int_1", "cat_2", *REFERENCE_KEYS]
-    return {str(rng.choice(keys)): random_json(rng, depth + 1) for _ in range(rng.integers(0, 5))}
+def random_json(rng: np.random.Generator) -> Any:
+    """Any JSON value, with the row formats' keys among its strings."""
+    texts = ["", "instances", "float_features", "int_0", "cat_0", "05db9164", "NaN", "é"]
+    return fuzzing.random_json(rng, texts, ["instances", "extra", "int_1", "cat_2", *REFERENCE_KEYS])
 
 
 def random_json_body(seed: int) -> bytes:

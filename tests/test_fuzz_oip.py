@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from handler.errors import ErrorKind
 from handler.predictor import DLRMPredictor, Request, Response
 from model_factory.config import preset
-from tests.mutation import mutated as mutate
+from tests import fuzzing
 from tests.rows import offline_logits
 
 CONFIG = preset("small")
@@ -625,7 +625,7 @@ def nasty_value(rng: np.random.Generator) -> Any:
 
 
 def mutated(rng: np.random.Generator, value: Any) -> Any:
-    return mutate(rng, value, nasty_value, EXTRA_KEYS)
+    return fuzzing.mutated(rng, value, nasty_value, EXTRA_KEYS)
 
 
 def binary_inputs(plan: Plan, inputs: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
@@ -817,21 +817,9 @@ def corrupted_binary_request(seed: int) -> OipRequest:
 
 
 def random_json(rng: np.random.Generator, depth: int = 0) -> Any:
-    """Any JSON value: scalars of every type in lists and objects up to 3 deep, with OIP's keys and names."""
-    kind = rng.integers(8 if depth < 3 else 6)
-    if kind == 0:
-        return None
-    if kind == 1:
-        return bool(rng.integers(2))
-    if kind == 2:
-        return float(rng.normal(0, 10.0 ** rng.integers(-5, 300)))
-    if kind == 3:
-        return int(rng.integers(-(2**62), 2**62)) * int(rng.choice([1, 2**8, 2**64]))
-    if kind in (4, 5):
-        return str(rng.choice([*MODEL_INPUTS, *RAW_INPUTS, "FP32", "INT64", "BYTES", "score", "", "05db9164", "7"]))
-    if kind == 6:
-        return [random_json(rng, depth + 1) for _ in range(rng.integers(0, 5))]
-    return {str(rng.choice(EXTRA_KEYS)): random_json(rng, depth + 1) for _ in range(rng.integers(0, 5))}
+    """Any JSON value, with OIP's keys and names among its strings."""
+    texts = [*MODEL_INPUTS, *RAW_INPUTS, "FP32", "INT64", "BYTES", "score", "", "05db9164", "7"]
+    return fuzzing.random_json(rng, texts, EXTRA_KEYS, depth)
 
 
 def random_payload(rng: np.random.Generator) -> Any:

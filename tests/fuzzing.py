@@ -1,4 +1,4 @@
-"""One random change to a decoded JSON value: the fuzzers' near-valid requests."""
+"""What the fuzzers share: one random change to a decoded JSON value, and random JSON values."""
 
 from __future__ import annotations
 
@@ -33,3 +33,22 @@ def mutated(
     if isinstance(value, list) and change == 1:
         return [*value, value[-1] if rng.integers(2) else nasty_value(rng)]
     return nasty_value(rng)
+
+
+def random_json(rng: np.random.Generator, texts: Sequence[str], keys: Sequence[str], depth: int = 0) -> Any:
+    """Any JSON value: scalars of every type (huge integers included) in lists and objects up to 3 deep,
+    strings drawn from ``texts`` and object keys from ``keys``."""
+    kind = rng.integers(8 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return bool(rng.integers(2))
+    if kind == 2:
+        return float(rng.normal(0, 10.0 ** rng.integers(-5, 300)))
+    if kind == 3:
+        return int(rng.integers(-(2**62), 2**62)) * int(rng.choice([1, 2**8, 2**64]))
+    if kind in (4, 5):
+        return str(rng.choice(texts))
+    if kind == 6:
+        return [random_json(rng, texts, keys, depth + 1) for _ in range(rng.integers(0, 5))]
+    return {str(rng.choice(keys)): random_json(rng, texts, keys, depth + 1) for _ in range(rng.integers(0, 5))}
