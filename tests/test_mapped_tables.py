@@ -51,15 +51,10 @@ from model_factory.quantization import (
     write_tables,
 )
 from servers.torchserve import REPO_ROOT
+from tests.archives import QUANTIZATION_SPECS
 from training.synthetic import random_inputs, request_rows
 
-SPECS = {
-    "fp16": QuantizationSpec(TableDtype.FP16),
-    "int8": QuantizationSpec(TableDtype.INT8),
-    "int4": QuantizationSpec(TableDtype.INT4),
-    "mixed": QuantizationSpec(TableDtype.INT8, per_table={"cat_0": TableDtype.INT4, "cat_1": TableDtype.FP16}),
-    "int8+mlp": QuantizationSpec(TableDtype.INT8, mlp=MlpDtype.INT8),
-}
+SPECS = QUANTIZATION_SPECS
 CPU = torch.device("cpu")
 
 

@@ -26,16 +26,10 @@ from model_factory.quantization import (
     table_views,
 )
 from servers.torchserve import TorchServeProcess
-from tests.archives import build_archive
+from tests.archives import QUANTIZATION_SPECS, build_archive
 from training.synthetic import random_inputs, request_rows
 
-SPECS = {
-    "fp16": QuantizationSpec(TableDtype.FP16),
-    "int8": QuantizationSpec(TableDtype.INT8),
-    "int4": QuantizationSpec(TableDtype.INT4),
-    "mixed": QuantizationSpec(TableDtype.INT8, per_table={"cat_0": TableDtype.INT4, "cat_5": TableDtype.FP16}),
-    "int8+mlp": QuantizationSpec(TableDtype.INT8, mlp=MlpDtype.INT8),
-}
+SPECS = QUANTIZATION_SPECS
 
 
 def scores(model, config: DLRMConfig, seed: int = 0, rows: int = 64) -> torch.Tensor:
