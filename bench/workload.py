@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import orjson
@@ -61,11 +60,6 @@ Inputs = tuple[np.ndarray, np.ndarray, np.ndarray]  # dense (N, 13) float32, len
 def criteo_like_inputs(config: DLRMConfig, count: int, seed: int = SEED) -> Inputs:
     """One-hot rows with uniform ids: the DLRM reference's random inputs, as arrays."""
     return random_inputs(config, count, np.random.default_rng(seed))
-
-
-def criteo_like_rows(config: DLRMConfig, count: int, seed: int = SEED) -> list[dict[str, Any]]:
-    """The same rows in the reference request format."""
-    return list(request_rows(*criteo_like_inputs(config, count, seed)))
 
 
 def request_bodies(inputs: Inputs, rows_per_request: int, protocol: Protocol = Protocol.ROWS) -> list[Body]:
