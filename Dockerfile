@@ -62,6 +62,14 @@ RUN set -eu; \
 gpu = torch.version.cuda is not None; \
 print('torch', torch.__version__, '| torchserve', ts.__version__); \
 sys.exit(0 if gpu == ('$VARIANT' == 'gpu') else f'torch {torch.__version__} is not a $VARIANT build')"
+# The TorchServe frontend agent (OIP model metadata and readiness), compiled against the installed
+# TorchServe jar: the JDK stays in this stage, the image gets the jar.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends openjdk-17-jdk-headless \
+    && rm -rf /var/lib/apt/lists/*
+COPY servers/frontend_agent.py /tmp/agent/servers/
+COPY frontend_agent/src /tmp/agent/frontend_agent/src
+RUN /opt/venv/bin/python /tmp/agent/servers/frontend_agent.py --output /opt/agent/dlrm-frontend-agent.jar
 
 # Final stage: Python, a Java 17 runtime, the virtual environment, the settings and the
 # archive. Root owns all of it; TorchServe runs as model-server and writes only its
@@ -80,10 +88,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     TS_CONFIG_FILE=/opt/dlrm/config.properties \
     TS_INFERENCE_ADDRESS=http://0.0.0.0:8080
 COPY config.properties log4j2.xml /opt/dlrm/
-# config.properties names log4j2.xml relative to the repository root; here it has a fixed place.
-RUN sed -i 's|^vmargs=-Dlog4j.configurationFile=log4j2.xml$|vmargs=-Dlog4j.configurationFile=/opt/dlrm/log4j2.xml|' \
+COPY --from=build /opt/agent/dlrm-frontend-agent.jar /opt/dlrm/
+# config.properties names log4j2.xml and the agent relative to the repository root; here they have fixed places.
+RUN sed -i -e 's|-Dlog4j.configurationFile=log4j2.xml|-Dlog4j.configurationFile=/opt/dlrm/log4j2.xml|' \
+        -e 's|-javaagent:frontend_agent/build/dlrm-frontend-agent.jar|-javaagent:/opt/dlrm/dlrm-frontend-agent.jar|' \
         /opt/dlrm/config.properties \
-    && grep -q '^vmargs=-Dlog4j.configurationFile=/opt/dlrm/log4j2.xml$' /opt/dlrm/config.properties
+    && grep -qx 'vmargs=-Dlog4j.configurationFile=/opt/dlrm/log4j2.xml -javaagent:/opt/dlrm/dlrm-frontend-agent.jar' \
+        /opt/dlrm/config.properties
 # The entry point reads the archive's settings with the handler's own ServingSettings (no torch needed).
 COPY deploy/container/entrypoint.py /opt/dlrm/entrypoint.py
 COPY handler/__init__.py handler/settings.py /opt/dlrm/handler/

@@ -15,7 +15,7 @@ CURL_EXAMPLE := curl -H "Content-Type: application/json" --data @sample_data/sam
 .PHONY: help install install-gpu check-java data train build serve stop test test-gpu lint clean clean-all
 
 help:
-	@echo "make install   create $(VENV) with the pinned dependencies (needs Python 3.11 and Java 17)"
+	@echo "make install   create $(VENV) with the pinned dependencies (needs Python 3.11 and a Java 17 JDK)"
 	@echo "make train     generate synthetic Criteo data and train the default model (cached in $(DEFAULT_RUN))"
 	@echo "make serve     build $(ARCHIVE) from the trained model and serve it on 127.0.0.1:8080 (Ctrl-C stops)"
 	@echo "make stop      stop a TorchServe started from this directory"
@@ -26,7 +26,7 @@ help:
 	@echo "make test-container  build the container image with Podman, run it and check it (slow)"
 
 check-java:
-	@command -v java >/dev/null || { echo "TorchServe needs Java 17: install it, e.g. 'apt-get install openjdk-17-jre-headless'"; exit 1; }
+	@command -v java >/dev/null && command -v javac >/dev/null || { echo "TorchServe and its frontend agent need a Java 17 JDK: install it, e.g. 'apt-get install openjdk-17-jdk-headless'"; exit 1; }
 	@java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])' || { echo "TorchServe needs Java 17 or newer, found: $$(java -version 2>&1 | head -1)"; exit 1; }
 
 $(VENV)/.installed: requirements.txt requirements-torchrec.txt requirements-dev.txt
@@ -40,7 +40,12 @@ $(VENV)/.installed: requirements.txt requirements-torchrec.txt requirements-dev.
 	$(PY) -c 'import torch, torchrec, fbgemm_gpu, ts; print("torch", torch.__version__, "| torchrec ok | torchserve", ts.__version__)'
 	touch $@
 
-install: check-java $(VENV)/.installed
+# The frontend agent that config.properties' vmargs load (the OIP model metadata and readiness routes).
+AGENT_JAR := frontend_agent/build/dlrm-frontend-agent.jar
+$(AGENT_JAR): $(VENV)/.installed $(shell find frontend_agent/src -name '*.java')
+	$(PY) -m servers.frontend_agent
+
+install: check-java $(VENV)/.installed $(AGENT_JAR)
 
 # The CUDA build of the same torch version with the matching fbgemm-gpu (requirements-gpu.txt)
 # in place of the two CPU lines of requirements.txt; everything else is shared.
@@ -51,6 +56,7 @@ install-gpu: check-java
 	$(PY) -m pip install --quiet --no-deps -r requirements-torchrec.txt
 	$(PY) -c 'import torch; assert torch.cuda.is_available(), "CUDA is not available"; print(torch.__version__, torch.cuda.get_device_name())'
 	touch $(VENV)/.installed
+	$(PY) -m servers.frontend_agent
 
 test-gpu: install
 	$(PY) -m pytest -m gpu

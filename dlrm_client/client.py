@@ -251,21 +251,23 @@ class DLRMClient:
         return self._infer(raw_row_tensors(int_features, cat_features))
 
     def ready(self) -> bool:
-        """Whether the server answers ``GET /v2/health/ready`` with ready; False when it cannot be reached.
+        """Whether the model answers ``GET /v2/models/{model}/ready`` with 200: all its workers are up.
 
-        TorchServe 0.12 answers ready as soon as its frontend is up, before a
-        worker has loaded the model: a first prediction may still get a 503.
+        False while it loads, when it is not served, or when the server cannot be reached.
         """
         try:
-            response = self.session.get(f"{self.url}/v2/health/ready", timeout=self.timeout)
+            response = self.session.get(f"{self.url}/v2/models/{self.model}/ready", timeout=self.timeout)
         except requests.ConnectionError:
             return False
+        return response.status_code == 200
+
+    def metadata(self) -> dict[str, Any]:
+        """The model's OIP metadata (``GET /v2/models/{model}``): name, versions, input and output tensors."""
+        response = self.session.get(f"{self.url}/v2/models/{self.model}", timeout=self.timeout)
         if response.status_code != 200:
-            return False
-        try:
-            return orjson.loads(response.content).get("ready") is True
-        except (orjson.JSONDecodeError, AttributeError):
-            return False
+            raise DLRMRequestError(response.status_code, _error_body(response))
+        metadata: dict[str, Any] = orjson.loads(response.content)
+        return metadata
 
     def close(self) -> None:
         self.session.close()

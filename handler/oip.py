@@ -54,6 +54,10 @@ LOGIT_OUTPUT = "logit"
 OUTPUTS = (SCORE_OUTPUT, LOGIT_OUTPUT)
 FIELD_NAMES = FieldNames(dense=DENSE_INPUT, lengths=LENGTHS_INPUT, values=IDS_INPUT)
 # The binary data extension's header: the length of the JSON part of the body.
+# Written into every archive by build_mar.py, answered by the frontend agent (frontend_agent/).
+METADATA_FILE = "oip-metadata.json"
+PLATFORM = "pytorch_torchrec"
+
 HEADER_LENGTH = "inference-header-content-length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
@@ -117,6 +121,26 @@ class OipRequest:
     @property
     def num_rows(self) -> int:
         return self.rows.num_rows
+
+
+def model_metadata(config: DLRMConfig) -> dict[str, Any]:
+    """The tensors of OIP model metadata (``GET /v2/models/{m}``); the frontend agent adds name and versions.
+
+    It lists the columnar inputs, each with its widest datatype: the protocol's metadata
+    cannot say "these inputs, or else the raw-row ones", so those are documented instead.
+    """
+    shapes = {
+        DENSE_INPUT: [-1, config.num_dense_features],
+        LENGTHS_INPUT: [-1, config.num_sparse_features],
+        IDS_INPUT: [-1],
+    }
+    return {
+        "platform": PLATFORM,
+        "inputs": [
+            {"name": name, "datatype": _ALLOWED_DATATYPES[name][-1], "shape": shapes[name]} for name in MODEL_INPUTS
+        ],
+        "outputs": [{"name": name, "datatype": "FP32", "shape": [-1]} for name in OUTPUTS],
+    }
 
 
 class OipCodec:

@@ -2,8 +2,10 @@
 
 The archive holds the model artifact (``model_config.json``, ``weights.pt`` and,
 for quantized tables, ``tables.bin``), the handler and the packages it imports
-(``handler``, ``model_factory``: nothing else of this repository), and
-``model-config.yaml`` with the :class:`~handler.settings.ServingSettings`.
+(``handler``, ``model_factory``: nothing else of this repository),
+``model-config.yaml`` with the :class:`~handler.settings.ServingSettings`, and
+``oip-metadata.json``, the model's Open Inference Protocol tensors for the
+frontend agent's metadata route.
 Weights come from a trained checkpoint or, without one, from a seeded random
 initialisation that the archive records as untrained.
 """
@@ -18,11 +20,13 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
+import orjson
 import yaml
 from torchrec.models.dlrm import DLRM
 
 import handler
 import model_factory
+from handler import oip
 from handler.settings import ServingSettings
 from model_archive.contents import MODEL_YAML, unzipped_path
 from model_factory.artifact import (
@@ -145,8 +149,10 @@ def build_archive(options: BuildOptions) -> tuple[Path, ModelArtifact]:
         copy_packages(staging / "code")
         model_yaml = staging / MODEL_YAML
         model_yaml.write_text(yaml.safe_dump(options.serving.to_model_yaml(), sort_keys=False))
+        metadata = staging / "artifact" / oip.METADATA_FILE
+        metadata.write_bytes(orjson.dumps(oip.model_metadata(artifact.model), option=orjson.OPT_INDENT_2))
         tables = staging / "artifact" / TABLES_FILE
-        extra_files = [staging / "artifact" / CONFIG_FILE, staging / "code"]
+        extra_files = [staging / "artifact" / CONFIG_FILE, metadata, staging / "code"]
         if tables.exists() and not unzipped:
             extra_files.append(tables)
         command = [

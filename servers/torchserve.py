@@ -24,6 +24,8 @@ from pathlib import Path
 
 import requests
 
+from servers.frontend_agent import agent_jar
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO_ROOT / "config.properties"
 LOOPBACK = "127.0.0.1"
@@ -109,8 +111,8 @@ class TorchServeProcess:
                 "grpc_inference_port": str(ports.grpc_inference),
                 "grpc_management_port": str(ports.grpc_management),
                 "model_store": str(self.model_store),
-                # config.properties names log4j2.xml relative to the repository root; this runs elsewhere
-                "vmargs": f"-Dlog4j.configurationFile={REPO_ROOT / 'log4j2.xml'}",
+                # config.properties names these relative to the repository root; this runs elsewhere
+                "vmargs": f"-Dlog4j.configurationFile={REPO_ROOT / 'log4j2.xml'} -javaagent:{agent_jar()}",
             }
         )
         properties.update(self.overrides)

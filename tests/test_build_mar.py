@@ -24,7 +24,14 @@ from tests.archives import build_archive
 
 # Exactly what a worker needs: the model artifact, TorchServe's files, and the two packages the handler
 # imports (serving code only: no trainer, data reader or benchmark).
-ARTIFACT_FILES = {"MAR-INF/MANIFEST.json", "dlrm_handler.py", "model-config.yaml", "model_config.json", "weights.pt"}
+ARTIFACT_FILES = {
+    "MAR-INF/MANIFEST.json",
+    "dlrm_handler.py",
+    "model-config.yaml",
+    "model_config.json",
+    "oip-metadata.json",
+    "weights.pt",
+}
 SERVED_PACKAGES = ("handler", "model_factory")
 
 

@@ -138,6 +138,8 @@ def test_only_the_inference_api_is_proxied(balancer: NginxProcess) -> None:
     answer = requests.post(f"{balancer.url}/v2/models/dlrm/infer", json=oip, timeout=30)
     assert answer.status_code == 200, answer.text
     assert [output["name"] for output in answer.json()["outputs"]] == ["score", "logit"]
+    assert requests.get(f"{balancer.url}/v2/models/dlrm/ready", timeout=10).json() == {"name": "dlrm", "ready": True}
+    assert requests.get(f"{balancer.url}/v2/models/dlrm", timeout=10).json()["outputs"][0]["name"] == "score"
     for path in ("/models", "/models/dlrm", "/metrics", "/api-description", "/v2/models/dlrm/infer/x"):
         response = requests.get(f"{balancer.url}{path}", timeout=10)
         assert response.status_code == 404, path

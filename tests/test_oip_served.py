@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import signal
 import sys
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -162,14 +165,85 @@ def test_dlrm_client_raises_the_servers_error(server: TorchServeProcess) -> None
     assert raised.value.status == 404 and raised.value.body["code"] == 404
 
 
-def test_health_endpoints_and_what_torchserve_does_not_serve(server: TorchServeProcess) -> None:
+def test_health_endpoints(server: TorchServeProcess) -> None:
     base = server.endpoints.inference
     assert requests.get(f"{base}/v2/health/ready", timeout=10).json() == {"ready": True}
     assert requests.get(f"{base}/v2/health/live", timeout=10).json() == {"live": True}
-    # TorchServe 0.12 routes no model metadata or model readiness over REST (README, Open Inference Protocol).
-    assert requests.get(f"{base}/v2/models/dlrm", timeout=10).status_code == 404
-    assert requests.get(f"{base}/v2/models/dlrm/ready", timeout=10).status_code == 404
+    server_metadata = requests.get(f"{base}/v2", timeout=10).json()
+    assert server_metadata["name"] == "Torchserve" and "binary_tensor_data" in server_metadata["extensions"]
+    with DLRMClient(base) as client:
+        assert client.ready()
+    with DLRMClient(base, model="nonexistent") as client:
+        assert not client.ready()
     assert DLRMClient("http://127.0.0.1:9", timeout=2).ready() is False  # nothing listens on the discard port
+
+
+def test_model_metadata_names_the_handlers_tensors(server: TorchServeProcess, served_model) -> None:
+    """The frontend agent's route, answered from the archive's oip-metadata.json, matches what infer accepts."""
+    _, artifact = served_model
+    with DLRMClient(server.endpoints.inference) as client:
+        metadata = client.metadata()
+    assert metadata == {
+        "name": "dlrm",
+        "versions": ["1.0"],
+        "platform": "pytorch_torchrec",
+        "inputs": [
+            {"name": "dense_features", "datatype": "FP32", "shape": [-1, artifact.model.num_dense_features]},
+            {"name": "sparse_lengths", "datatype": "INT64", "shape": [-1, artifact.model.num_sparse_features]},
+            {"name": "sparse_ids", "datatype": "INT64", "shape": [-1]},
+        ],
+        "outputs": [
+            {"name": "score", "datatype": "FP32", "shape": [-1]},
+            {"name": "logit", "datatype": "FP32", "shape": [-1]},
+        ],
+    }
+    base = f"{server.endpoints.inference}/v2/models/dlrm"
+    assert requests.get(f"{base}/versions/1.0", timeout=10).json() == metadata
+    assert requests.get(f"{base}/versions/1.0/ready", timeout=10).json() == {"name": "dlrm", "ready": True}
+
+
+def test_readiness_is_false_while_the_workers_restart(model_store: Path, tmp_path: Path) -> None:
+    """Unlike TorchServe's /v2/health/ready and /ping (true while every worker is dead and restarting), the
+    agent's routes say "not ready" (4xx) until a worker has the model loaded again, and then it answers."""
+    paths = ("/v2/health/ready", "/v2/models/dlrm/ready")
+    with TorchServeProcess(model_store, "dlrm=dlrm.mar", tmp_path / "torchserve") as server, requests.Session() as http:
+        server.wait_ready()
+        assert all(http.get(server.endpoints.inference + path, timeout=10).status_code == 200 for path in paths)
+        for pid in server.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        for expected in (400, 200):  # not ready, then ready again
+            deadline = time.monotonic() + 120
+            while {http.get(server.endpoints.inference + path, timeout=10).status_code for path in paths} != {expected}:
+                assert time.monotonic() < deadline, f"no {expected} from {paths}\n{server.log_tail()}"
+                time.sleep(0.05)
+            if expected == 400:
+                assert http.get(f"{server.endpoints.inference}/ping", timeout=10).json()["status"] == "Healthy"
+        with DLRMClient(server.endpoints.inference) as client:
+            assert client.ready()
+            assert (
+                len(client.predict(np.zeros((1, 13), np.float32), np.ones((1, 26), np.int64), np.zeros(26, np.int64)))
+                == 1
+            )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "message"),
+    [
+        ("GET", "/v2/models/nonexistent", 404, "Model not found: nonexistent"),
+        ("GET", "/v2/models/nonexistent/ready", 404, "Model not found: nonexistent"),
+        ("GET", "/v2/models/dlrm/versions/9.9", 404, "Model version: 9.9 does not exist for model: dlrm"),
+        ("GET", "/v2/models/dlrm/versions/9.9/ready", 404, "Model version: 9.9 does not exist for model: dlrm"),
+        ("GET", "/v2/models/dlrm/stats", 404, "no such route"),
+        ("POST", "/v2/models/dlrm", 405, "use GET"),
+        ("DELETE", "/v2/models/dlrm/ready", 405, "use GET"),
+        ("POST", "/v2/models/dlrm/versions/1.0/infer", 501, "/v2/models/dlrm/infer serves the default version"),
+    ],
+)
+def test_model_routes_refuse_with_an_oip_error(server: TorchServeProcess, method, path, status, message) -> None:
+    response = requests.request(method, server.endpoints.inference + path, timeout=10)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert message in response.json()["error"]
 
 
 # ---------------------------------------------------------------------------------------------- tritonclient
@@ -184,7 +258,10 @@ def triton(server: TorchServeProcess) -> Iterator[triton_http.InferenceServerCli
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_tritonclient_http_infer(triton: triton_http.InferenceServerClient, served_model, binary: bool) -> None:
-    assert triton.is_server_ready() and triton.is_server_live()
+    assert triton.is_server_ready() and triton.is_server_live() and triton.is_model_ready("dlrm")
+    metadata = triton.get_model_metadata("dlrm")
+    assert [tensor["name"] for tensor in metadata["inputs"]] == ["dense_features", "sparse_lengths", "sparse_ids"]
+    assert not triton.is_model_ready("nonexistent")
     rows = Rows(served_model, 9, seed=13)
     inputs = [
         triton_http.InferInput("dense_features", list(rows.dense.shape), "FP32"),
