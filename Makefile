@@ -75,7 +75,7 @@ train: install $(DEFAULT_RUN)/weights.pt
 
 build: train
 	@echo "Building $(ARCHIVE) from $(DEFAULT_RUN)"
-	@$(PY) build_mar.py --checkpoint $(DEFAULT_RUN)
+	@$(PY) build_mar.py --checkpoint $(DEFAULT_RUN) --golden-set $(VALIDATION_DATA)
 
 serve: build
 	@$(PY) -m servers.torchserve serve --model-store model_store --archive dlrm.mar --log-dir logs --example '$(CURL_EXAMPLE)'

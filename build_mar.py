@@ -54,6 +54,18 @@ def parser() -> argparse.ArgumentParser:
         help="default: a zipped .mar; no-archive: a directory named after --output without .mar, which TorchServe "
         "serves in place (no unzip at start-up: for multi-GB quantized tables)",
     )
+    archive.add_argument(
+        "--golden-set",
+        type=Path,
+        help="a held-out Criteo TSV file (the validation data, never training rows): its first --golden-rows rows, "
+        "their labels and this model's scores go into the archive for the rollout gate (python -m rollout)",
+    )
+    archive.add_argument(
+        "--golden-rows",
+        type=int,
+        default=DEFAULTS.golden_rows,
+        help="rows of --golden-set to keep (default: %(default)s)",
+    )
     quantize = parser.add_argument_group("quantization (recorded in the archive, applied when the model loads)")
     quantize.add_argument(
         "--quantize",
@@ -137,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
             output=args.output,
             version=args.version,
             archive_format=args.archive_format,
+            golden_set=args.golden_set,
+            golden_rows=args.golden_rows,
             quantization=QuantizationSpec(args.quantize, dict(args.quantize_table), args.quantize_mlp),
             serving=ServingSettings(
                 workers=args.workers,

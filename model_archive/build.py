@@ -3,9 +3,10 @@
 The archive holds the model artifact (``model_config.json``, ``weights.pt`` and,
 for quantized tables, ``tables.bin``), the handler and the packages it imports
 (``handler``, ``model_factory``: nothing else of this repository),
-``model-config.yaml`` with the :class:`~handler.settings.ServingSettings`, and
+``model-config.yaml`` with the :class:`~handler.settings.ServingSettings`,
 ``oip-metadata.json``, the model's Open Inference Protocol tensors for the
-frontend agent's metadata route.
+frontend agent's metadata route, and optionally ``golden-set.json``, held-out
+rows for the rollout gate.
 Weights come from a trained checkpoint or, without one, from a seeded random
 initialisation that the archive records as untrained.
 """
@@ -18,17 +19,23 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import orjson
+import torch
 import yaml
 from torchrec.models.dlrm import DLRM
 
 import handler
 import model_factory
 from handler import oip
+from handler.predictor import DLRMPredictor
 from handler.settings import ServingSettings
 from model_archive.contents import MODEL_YAML, unzipped_path
+from model_archive.golden import DEFAULT_GOLDEN_ROWS, GOLDEN_FILE, GoldenSet
 from model_factory.artifact import (
     CONFIG_FILE,
     TABLES_FILE,
@@ -43,6 +50,7 @@ from model_factory.config import DEFAULT_PRESET, ConfigError, DLRMConfig, preset
 from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
 from model_factory.quantization import QuantizationSpec, quantize_model_tables, random_quantized_model
 from servers.torchserve import executable
+from training.criteo import NUM_INT, CriteoFormatError, open_text, parse_lines
 
 # The packages a worker imports, copied whole into every archive.
 SERVED_PACKAGES = (Path(handler.__file__).parent, Path(model_factory.__file__).parent)
@@ -64,6 +72,8 @@ class BuildOptions:
     The model's shape comes from ``config_file``, else from a checkpoint directory,
     else from ``preset``. ``checkpoint`` is a trainer output directory or a
     ``state_dict`` file; without one the weights are random from ``seed``.
+    ``golden_set``: a held-out Criteo TSV file whose first ``golden_rows`` rows
+    the archive carries for the rollout gate (model_archive/golden.py).
     """
 
     preset: str | None = None
@@ -75,12 +85,16 @@ class BuildOptions:
     archive_format: ArchiveFormat = ArchiveFormat.ZIPPED
     quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
     serving: ServingSettings = field(default_factory=ServingSettings)
+    golden_set: Path | None = None
+    golden_rows: int = DEFAULT_GOLDEN_ROWS
 
     def __post_init__(self) -> None:
         if self.output.suffix != ".mar":
             raise ConfigError(f"the output must end in .mar, got {self.output}")
         if self.preset is not None and self.config_file is not None:
             raise ConfigError("give a preset or a config file, not both")
+        if self.golden_rows < 1:
+            raise ConfigError(f"golden_rows must be at least 1, got {self.golden_rows}")
 
     @property
     def archive_path(self) -> Path:
@@ -153,6 +167,11 @@ def build_archive(options: BuildOptions) -> tuple[Path, ModelArtifact]:
         metadata.write_bytes(orjson.dumps(oip.model_metadata(artifact.model), option=orjson.OPT_INDENT_2))
         tables = staging / "artifact" / TABLES_FILE
         extra_files = [staging / "artifact" / CONFIG_FILE, metadata, staging / "code"]
+        if options.golden_set is not None:
+            rows, labels = read_golden_rows(options.golden_set, options.golden_rows, artifact.model)
+            golden = GoldenSet(rows, labels, score_in_process(staging / "artifact", rows))
+            extra_files.append(staging / GOLDEN_FILE)
+            extra_files[-1].write_bytes(golden.to_json())
         if tables.exists() and not unzipped:
             extra_files.append(tables)
         command = [
@@ -171,6 +190,40 @@ def build_archive(options: BuildOptions) -> tuple[Path, ModelArtifact]:
         if tables.exists() and unzipped:
             tables.rename(options.archive_path / TABLES_FILE)
     return options.archive_path, artifact
+
+
+def read_golden_rows(path: Path, rows: int, config: DLRMConfig) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The first ``rows`` lines of a Criteo TSV file as raw JSON rows keyed by ``config``'s names, and their labels.
+
+    The lines are parsed by the training reader first, so a malformed one fails here with its line number.
+    """
+    try:
+        with open_text(path) as lines:
+            chunk = list(islice(lines, rows))
+        if not chunk:
+            raise ConfigError(f"{path} has no rows for a golden set")
+        labels = parse_lines(chunk, path, first_line=1).labels.astype(np.int64)
+    except (OSError, CriteoFormatError) as error:
+        raise ConfigError(f"golden set: {error}") from error
+    json_rows = []
+    for line in chunk:
+        fields = line.rstrip("\r\n").split("\t")
+        ints, categories = fields[1 : 1 + NUM_INT], fields[1 + NUM_INT :]
+        row: dict[str, Any] = {
+            name: int(text) if text else None for name, text in zip(config.dense_feature_names, ints, strict=True)
+        }
+        row |= {name: text or None for name, text in zip(config.sparse_feature_names, categories, strict=True)}
+        json_rows.append(row)
+    return json_rows, labels
+
+
+def score_in_process(artifact_dir: Path, rows: list[dict[str, Any]]) -> np.ndarray:
+    """The rows' scores from the artifact in ``artifact_dir``, through the same predictor a worker runs."""
+    predictor = DLRMPredictor.from_artifact(artifact_dir, torch.device("cpu"), max_rows=len(rows))
+    (response,) = predictor.predict_bodies([orjson.dumps({"instances": rows})]).responses
+    if response.status != 200:
+        raise ConfigError(f"the golden rows are not valid requests for this model: {response.body.decode()}")
+    return np.asarray([prediction["score"] for prediction in orjson.loads(response.body)["predictions"]])
 
 
 def describe(artifact: ModelArtifact) -> str:

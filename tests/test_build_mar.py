@@ -113,7 +113,20 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
     assert "weights_only" in result.stderr.lower() or "unsupported global" in result.stderr.lower()
 
 
-@pytest.mark.parametrize("args", [["--output", "dlrm.zip"], ["--batch-size", "0"], ["--preset", "nope"]])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("1\t2\n", "bad.tsv:1: expected 40 tab-separated fields"), ("", "bad.tsv has no rows for a golden set")],
+)
+def test_malformed_golden_set_is_refused_with_its_line(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "bad.tsv").write_text(content)
+    result = build_archive(tmp_path / "dlrm.mar", "--golden-set", str(tmp_path / "bad.tsv"))
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "dlrm.mar").exists()
+
+
+@pytest.mark.parametrize(
+    "args", [["--output", "dlrm.zip"], ["--batch-size", "0"], ["--preset", "nope"], ["--golden-rows", "0"]]
+)
 def test_invalid_arguments_are_refused(args: list[str]) -> None:
     result = subprocess.run([sys.executable, "build_mar.py", *args], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 2
