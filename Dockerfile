@@ -95,9 +95,15 @@ RUN sed -i -e 's|-Dlog4j.configurationFile=log4j2.xml|-Dlog4j.configurationFile=
         /opt/dlrm/config.properties \
     && grep -qx 'vmargs=-Dlog4j.configurationFile=/opt/dlrm/log4j2.xml -javaagent:/opt/dlrm/dlrm-frontend-agent.jar' \
         /opt/dlrm/config.properties
-# The entry point reads the archive's settings with the handler's own ServingSettings (no torch needed).
+# The entry point reads the archive's settings with the handler's own ServingSettings (no torch needed);
+# the Kubernetes startup probe runs `python -m rollout check` (the golden set) from /opt/dlrm, which
+# needs the packages that it imports. TorchServe's workers import their own copies from the archive.
 COPY deploy/container/entrypoint.py /opt/dlrm/entrypoint.py
-COPY handler/__init__.py handler/settings.py /opt/dlrm/handler/
+COPY handler /opt/dlrm/handler
+COPY model_factory /opt/dlrm/model_factory
+COPY model_archive /opt/dlrm/model_archive
+COPY rollout /opt/dlrm/rollout
+COPY servers /opt/dlrm/servers
 ARG MODEL_ARCHIVE=model_store/dlrm.mar
 RUN --mount=type=bind,target=/context \
     if [ ! -f "/context/$MODEL_ARCHIVE" ]; then \

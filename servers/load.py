@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import requests
@@ -33,9 +33,12 @@ class Outcome:
 class SteadyLoad:
     """``clients`` threads posting ``body`` to ``url`` until the context exits."""
 
-    def __init__(self, url: str, body: bytes, clients: int = 8, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, body: bytes, clients: int = 8, timeout: float = 30.0, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.url = url
         self.body = body
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.timeout = timeout
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -47,9 +50,7 @@ class SteadyLoad:
             while not self._stop.is_set():
                 started = time.monotonic()
                 try:
-                    response = session.post(
-                        self.url, data=self.body, headers={"Content-Type": "application/json"}, timeout=self.timeout
-                    )
+                    response = session.post(self.url, data=self.body, headers=self.headers, timeout=self.timeout)
                     outcome = Outcome(started, time.monotonic(), response.status_code, response.text[:200])
                 except requests.RequestException as error:
                     outcome = Outcome(started, time.monotonic(), None, repr(error)[:200])

@@ -12,6 +12,7 @@ test fails halfway.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -78,6 +79,28 @@ def read_properties(path: Path) -> dict[str, str]:
     return properties
 
 
+KEY_FILE = "key_file.json"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """TorchServe's API keys, from the ``key_file.json`` it writes into its working directory when token
+    authorization is on; ``None`` where it is off."""
+
+    management: str | None = None
+    inference: str | None = None
+
+    @classmethod
+    def from_key_file(cls, path: Path) -> Keys:
+        keys = json.loads(path.read_text())
+        return cls(management=keys["management"]["key"], inference=keys["inference"]["key"])
+
+
+def bearer(key: str | None) -> dict[str, str]:
+    """The header TorchServe's token authorization expects, or none without a key."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class TorchServeProcess:
     """One TorchServe in the foreground of its own process group, configured from ``config.properties``."""
 
@@ -122,6 +145,7 @@ class TorchServeProcess:
 
     def start(self) -> TorchServeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / KEY_FILE).unlink(missing_ok=True)  # an earlier run's keys, refused by this one
         config = self.write_config()
         env = {
             **os.environ,
@@ -149,13 +173,21 @@ class TorchServeProcess:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited with {self.process.returncode}:\n{self.log_tail()}")
-            if model_ready(self.endpoints.management, model):
+            if model_ready(self.endpoints.management, model, self.keys().management):
                 return
             time.sleep(0.5)
         raise TimeoutError(f"{model} not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
+    def keys(self) -> Keys:
+        """The API keys of this instance (none until it has written its key file, or with token authorization off)."""
+        try:
+            return Keys.from_key_file(self.workdir / KEY_FILE)
+        except (FileNotFoundError, ValueError):  # not written yet, or being written
+            return Keys()
+
     def worker_pids(self, model: str = "dlrm") -> list[int]:
-        description = requests.get(f"{self.endpoints.management}/models/{model}", timeout=10).json()
+        url = f"{self.endpoints.management}/models/{model}"
+        description = requests.get(url, headers=bearer(self.keys().management), timeout=10).json()
         return [int(worker["pid"]) for worker in description[0]["workers"] if worker.get("pid")]
 
     def log_tail(self, lines: int = 60) -> str:
@@ -202,9 +234,9 @@ def _signal_group(group: int, sig: signal.Signals) -> None:
         os.killpg(group, sig)
 
 
-def model_ready(management_url: str, model: str) -> bool:
+def model_ready(management_url: str, model: str, key: str | None = None) -> bool:
     try:
-        response = requests.get(f"{management_url}/models/{model}", timeout=5)
+        response = requests.get(f"{management_url}/models/{model}", headers=bearer(key), timeout=5)
     except requests.RequestException:
         return False
     if response.status_code != 200:

@@ -281,7 +281,7 @@ def test_kubernetes_manifests_fit_together() -> None:
     workers_x_threads = int(env["DLRM_WORKERS"]) * int(env["DLRM_THREADS"])
     assert workers_x_threads == int(resources["limits"]["cpu"]), "workers x torch threads match the CPU limit"
     assert container["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
-    assert container["startupProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
+    assert "python -m rollout check" in container["startupProbe"]["exec"]["command"][-1]  # tests/test_rollout.py
     assert container["readinessProbe"]["exec"]["command"][:2] == ["python", "-c"]
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
