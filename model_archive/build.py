@@ -50,7 +50,7 @@ from model_factory.config import DEFAULT_PRESET, ConfigError, DLRMConfig, preset
 from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
 from model_factory.quantization import QuantizationSpec, quantize_model_tables, random_quantized_model
 from servers.torchserve import executable
-from training.criteo import NUM_INT, CriteoFormatError, open_text, parse_lines
+from training.criteo import CriteoFormatError, open_text, parse_lines, request_row
 
 # The packages a worker imports, copied whole into every archive.
 SERVED_PACKAGES = (Path(handler.__file__).parent, Path(model_factory.__file__).parent)
@@ -205,15 +205,7 @@ def read_golden_rows(path: Path, rows: int, config: DLRMConfig) -> tuple[list[di
         labels = parse_lines(chunk, path, first_line=1).labels.astype(np.int64)
     except (OSError, CriteoFormatError) as error:
         raise ConfigError(f"golden set: {error}") from error
-    json_rows = []
-    for line in chunk:
-        fields = line.rstrip("\r\n").split("\t")
-        ints, categories = fields[1 : 1 + NUM_INT], fields[1 + NUM_INT :]
-        row: dict[str, Any] = {
-            name: int(text) if text else None for name, text in zip(config.dense_feature_names, ints, strict=True)
-        }
-        row |= {name: text or None for name, text in zip(config.sparse_feature_names, categories, strict=True)}
-        json_rows.append(row)
+    json_rows: list[dict[str, Any]] = [request_row(line, config) for line in chunk]
     return json_rows, labels
 
 

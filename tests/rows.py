@@ -9,9 +9,8 @@ import torch
 from torchrec.models.dlrm import DLRM
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from model_factory.config import DLRMConfig
-from model_factory.features import DENSE_FEATURE_NAMES, SPARSE_FEATURE_NAMES
-from training.criteo import NUM_FIELDS, NUM_INT, CriteoFormatError
+from model_factory.config import DEFAULT_PRESET, DLRMConfig, preset
+from training.criteo import NUM_FIELDS, CriteoFormatError, request_row
 
 
 def random_row(config: DLRMConfig, rng: np.random.Generator, max_ids: int = 3) -> dict[str, Any]:
@@ -54,11 +53,4 @@ def raw_request_row(line: str) -> dict[str, int | str]:
     fields = line.rstrip("\r\n").split("\t")
     if len(fields) != NUM_FIELDS:
         raise CriteoFormatError(f"expected {NUM_FIELDS} tab-separated fields, got {len(fields)}")
-    row: dict[str, int | str] = {}
-    for name, value in zip(DENSE_FEATURE_NAMES, fields[1 : 1 + NUM_INT], strict=True):
-        if value:
-            row[name] = int(value)
-    for name, value in zip(SPARSE_FEATURE_NAMES, fields[1 + NUM_INT :], strict=True):
-        if value:
-            row[name] = value
-    return row
+    return {name: value for name, value in request_row(line, preset(DEFAULT_PRESET)).items() if value is not None}

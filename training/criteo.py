@@ -127,6 +127,18 @@ def _is_int64(text: str) -> bool:
     return bool(_DECIMAL.fullmatch(text)) and -(2**63) <= int(text) < 2**63
 
 
+def request_row(line: str, config: DLRMConfig) -> dict[str, int | str | None]:
+    """One TSV line (its label dropped) as a raw-row request of ``/predictions``: every feature keyed by
+    ``config``'s names, null for missing. The line is not validated: parse it with :func:`parse_lines` first."""
+    fields = line.rstrip("\r\n").split("\t")
+    row: dict[str, int | str | None] = {
+        name: int(text) if text else None
+        for name, text in zip(config.dense_feature_names, fields[1 : 1 + NUM_INT], strict=True)
+    }
+    row |= {name: text or None for name, text in zip(config.sparse_feature_names, fields[1 + NUM_INT :], strict=True)}
+    return row
+
+
 def read_raw_rows(paths: Iterable[Path], chunk_lines: int = _CHUNK_LINES) -> Iterator[RawRows]:
     """Chunks of parsed rows from the files in order, streaming."""
     for path in paths:
