@@ -21,6 +21,7 @@ class ErrorKind(StrEnum):
     INVALID_BODY = "invalid_body"
     INVALID_ROW = "invalid_row"
     MISSING_FIELD = "missing_field"
+    DUPLICATE_FIELD = "duplicate_field"
     UNKNOWN_FIELD = "unknown_field"
     WRONG_TYPE = "wrong_type"
     WRONG_COUNT = "wrong_count"

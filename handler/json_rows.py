@@ -21,6 +21,12 @@ Request bodies (JSON):
   an absent key means missing. It goes through the archive's
   :class:`~model_factory.features.Preprocessing`, exactly as in training.
 - several rows: ``{"instances": [row, ...]}`` (all rows in the format of the first).
+- a ranking request, one user and ``N`` candidates in raw Criteo rows:
+  ``{"context": {features shared by all rows}, "instances": [{the other features}, ...]}``;
+  every feature is given exactly once, in the context or in every candidate (null for
+  missing). The context's sparse ids are looked up once for all candidates
+  (:class:`RankingRequest`); its dense values are copied into every row, since the
+  dense MLP takes all dense features together. Scores as for ``instances``.
 
 Responses: ``{"score": p, "logit": z}`` for one row, ``{"predictions": [...]}``
 in request order for ``instances``. Invalid input raises
@@ -50,6 +56,7 @@ DENSE_FIELD = "float_features"
 LENGTHS_FIELD = "id_list_features.lengths"
 VALUES_FIELD = "id_list_features.values"
 INSTANCES_FIELD = "instances"
+CONTEXT_FIELD = "context"
 ROW_FIELDS = (DENSE_FIELD, LENGTHS_FIELD, VALUES_FIELD)
 _ROW_FIELD_SET = frozenset(ROW_FIELDS)
 FIELD_NAMES = FieldNames(dense=DENSE_FIELD, lengths=LENGTHS_FIELD, values=VALUES_FIELD)
@@ -74,6 +81,15 @@ class RowsRequest:
 
     def response(self, logits: np.ndarray, scores: np.ndarray) -> bytes:
         return encode_scores(logits, scores, self.single_row)
+
+
+@dataclass(frozen=True)
+class RankingRequest(RowsRequest):
+    """A ranking request's rows: ``rows``, the ``N`` candidates without the context's sparse ids (its dense
+    values copied in), and ``context``, one row with only the context's sparse ids, whose pooled embeddings
+    the forward adds to every candidate's."""
+
+    context: FeatureRows
 
 
 class RequestDecoder:
@@ -125,6 +141,12 @@ class RequestDecoder:
         results: dict[int, RowsRequest | InvalidRequest] = {}
         model_inputs: list[tuple[int, list, bool]] = []  # (payload index, rows, single row)
         for index, payload in enumerate(payloads):
+            if isinstance(payload, dict) and CONTEXT_FIELD in payload:
+                try:
+                    results[index] = self._decode_ranking(payload)
+                except InvalidRequest as error:
+                    results[index] = error
+                continue
             try:
                 rows, single_row = self._rows(payload)
             except InvalidRequest as error:
@@ -190,6 +212,98 @@ class RequestDecoder:
         self.validator.check_row_count(len(rows), INSTANCES_FIELD)
         return rows
 
+    def _decode_ranking(self, payload: dict) -> RankingRequest:
+        """A context and its candidates (raw Criteo rows), each feature given in exactly one of them."""
+        extra = sorted(payload.keys() - {CONTEXT_FIELD, INSTANCES_FIELD})
+        if extra:
+            raise InvalidRequest(
+                ErrorKind.UNKNOWN_FIELD,
+                f"a ranking request has only {CONTEXT_FIELD!r} and {INSTANCES_FIELD!r}, got {extra[0]!r}",
+                field=extra[0],
+            )
+        if INSTANCES_FIELD not in payload:
+            raise InvalidRequest(
+                ErrorKind.MISSING_FIELD, f"a ranking request needs {INSTANCES_FIELD!r}", field=INSTANCES_FIELD
+            )
+        context = payload[CONTEXT_FIELD]
+        if not isinstance(context, dict):
+            raise InvalidRequest(
+                ErrorKind.WRONG_TYPE,
+                f"{CONTEXT_FIELD!r} must be an object of raw Criteo features, got {json_type(context)}",
+                field=CONTEXT_FIELD,
+                expected="object",
+                got=json_type(context),
+            )
+        unknown = [name for name in context if name not in self.raw_fields]
+        if unknown:
+            raise InvalidRequest(
+                ErrorKind.UNKNOWN_FIELD,
+                f"{CONTEXT_FIELD}: unknown field {unknown[0]!r}; the context holds raw Criteo features "
+                f"({self.config.dense_feature_names[0]}.., {self.config.sparse_feature_names[0]}..)",
+                field=unknown[0],
+            )
+        candidates = self._instances({INSTANCES_FIELD: payload[INSTANCES_FIELD]})
+        self._check_each_feature_once(context, candidates)
+        dense_names, sparse_names = self.config.dense_feature_names, self.config.sparse_feature_names
+        shared_dense = np.array([name in context for name in dense_names])
+        shared_sparse = np.array([name in context for name in sparse_names])
+        # Each side decodes and preprocesses only its own features: the context's once.
+        try:
+            context_ints, context_categories = self._raw_columns(
+                [context], [name for name in dense_names if name in context], [n for n in sparse_names if n in context]
+            )
+        except InvalidRequest as error:  # named as the context's, not as a row's
+            message = error.message.replace("row 0: ", f"{CONTEXT_FIELD}: ", 1)
+            raise InvalidRequest(
+                error.kind, message, field=error.field, expected=error.expected, got=error.got
+            ) from None
+        ints, categories = self._raw_columns(
+            candidates,
+            [name for name in dense_names if name not in context],
+            [name for name in sparse_names if name not in context],
+        )
+        num_rows, tables = len(candidates), self.validator.table_sizes
+        dense = np.empty((num_rows, self.num_dense), dtype=np.float32)
+        dense[:, ~shared_dense] = self.preprocessing.dense(ints)
+        dense[:, shared_dense] = self.preprocessing.dense(context_ints)
+        rows = FeatureRows(
+            dense=dense,
+            lengths=np.repeat((~shared_sparse)[None].astype(np.int64), num_rows, axis=0),
+            values=self.preprocessing.category_rows(categories, tables[~shared_sparse]).ravel(),
+        )
+        context_row = FeatureRows(
+            dense=np.zeros((1, self.num_dense), dtype=np.float32),  # already in every row
+            lengths=shared_sparse[None].astype(np.int64),
+            values=self.preprocessing.category_rows(context_categories, tables[shared_sparse]).ravel(),
+        )
+        return RankingRequest(rows=rows, single_row=False, context=context_row)
+
+    def _check_each_feature_once(self, context: dict, candidates: list) -> None:
+        own_fields = self.raw_fields - context.keys()
+        if all(type(row) is dict and row.keys() == own_fields for row in candidates):
+            return
+        schema = self.config.dense_feature_names + self.config.sparse_feature_names
+        for index, row in enumerate(candidates):
+            if not isinstance(row, dict):
+                continue  # the raw-row decode names it
+            both = next((name for name in schema if name in row and name in context), None)
+            if both is not None:
+                raise InvalidRequest(
+                    ErrorKind.DUPLICATE_FIELD,
+                    f"row {index}: {both!r} is given both in {CONTEXT_FIELD!r} and in the row: give it once",
+                    field=both,
+                    row=index,
+                )
+            neither = next((name for name in schema if name not in row and name not in context), None)
+            if neither is not None:
+                raise InvalidRequest(
+                    ErrorKind.MISSING_FIELD,
+                    f"row {index}: {neither!r} is in neither {CONTEXT_FIELD!r} nor the row: a ranking request "
+                    "gives every feature once (null for missing)",
+                    field=neither,
+                    row=index,
+                )
+
     def _decode_rows(self, rows: list, single_row: bool) -> RowsRequest:
         dense_rows, length_rows, value_rows = self._well_formed_fields(rows) or self._checked_fields(rows)
         dense = self._dense_array(dense_rows)
@@ -203,7 +317,21 @@ class RequestDecoder:
 
     def _decode_raw_rows(self, rows: list, single_row: bool) -> RowsRequest:
         """Raw Criteo rows → the same arrays as the reference format, through the archive's preprocessing."""
-        dense_names, sparse_names = self.config.dense_feature_names, self.config.sparse_feature_names
+        raw_ints, categories = self._raw_columns(
+            rows, self.config.dense_feature_names, self.config.sparse_feature_names
+        )
+        return RowsRequest(
+            preprocessed(self.preprocessing, self.validator.table_sizes, raw_ints, categories), single_row
+        )
+
+    def _raw_columns(
+        self, rows: list, dense_names: Sequence[str], sparse_names: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The checked raw values of these features in ``rows`` (an absent key is a missing value).
+
+        ``raw_ints``: ``[N, len(dense_names)]`` float64, NaN for missing; categories:
+        ``[N, len(sparse_names)]`` parsed hex values.
+        """
         raw_ints: list[list[int | None]] = []
         raw_categories: list[str] = []
         for index, row in enumerate(rows):
@@ -217,10 +345,11 @@ class RequestDecoder:
                 )
             unknown = sorted(row.keys() - self.raw_fields)
             if unknown:
+                all_dense, all_sparse = self.config.dense_feature_names, self.config.sparse_feature_names
                 raise InvalidRequest(
                     ErrorKind.UNKNOWN_FIELD,
                     f"row {index}: unknown field {unknown[0]!r}; a raw row has the keys "
-                    f"{dense_names[0]}..{dense_names[-1]} and {sparse_names[0]}..{sparse_names[-1]}",
+                    f"{all_dense[0]}..{all_dense[-1]} and {all_sparse[0]}..{all_sparse[-1]}",
                     field=unknown[0],
                     row=index,
                 )
@@ -252,20 +381,18 @@ class RequestDecoder:
             categories = [row.get(name) for name in sparse_names]
             if not set(map(type, categories)) <= _RAW_CATEGORY_TYPES:
                 position = next(i for i, v in enumerate(categories) if type(v) not in _RAW_CATEGORY_TYPES)
-                raise self._invalid_category(index, position, categories[position])
+                raise self._invalid_category(index, sparse_names[position], categories[position])
             raw_ints.append(ints)
             raw_categories.extend("" if value is None else value for value in categories)
         try:
             parsed = parse_categories(raw_categories)
         except CategoryFormatError as error:
-            row, position = divmod(error.index, self.num_sparse)
-            raise self._invalid_category(row, position, error.value) from None
+            row, position = divmod(error.index, len(sparse_names))
+            raise self._invalid_category(row, sparse_names[position], error.value) from None
         dense = np.array([[np.nan if v is None else float(v) for v in ints] for ints in raw_ints], dtype=np.float64)
-        parsed_rows = parsed.reshape(len(rows), self.num_sparse)
-        return RowsRequest(preprocessed(self.preprocessing, self.validator.table_sizes, dense, parsed_rows), single_row)
+        return dense.reshape(len(rows), len(dense_names)), parsed.reshape(len(rows), len(sparse_names))
 
-    def _invalid_category(self, row: int, position: int, value: Any) -> InvalidRequest:
-        name = self.config.sparse_feature_names[position]
+    def _invalid_category(self, row: int, name: str, value: Any) -> InvalidRequest:
         return InvalidRequest(
             ErrorKind.INVALID_CATEGORY,
             f"row {row}: {name} must be 8 hex digits (like '05db9164'), empty or null, "

@@ -25,7 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from handler import oip
 from handler.errors import ErrorKind, InvalidRequest
-from handler.json_rows import RequestDecoder, RowsRequest, encode_error, parse_json
+from handler.json_rows import RankingRequest, RequestDecoder, RowsRequest, encode_error, parse_json
 from handler.rows import FeatureRows, concatenate
 from handler.settings import DEFAULT_MAX_ROWS
 from model_factory.artifact import ModelArtifact, load_model
@@ -137,7 +137,9 @@ class DLRMPredictor:
         rows = 0
         if decoded:
             order = sorted(decoded)
-            logits, scores = self.forward([decoded[index].rows for index in order])
+            batch = [decoded[index] for index in order]
+            contexts = [part.context if isinstance(part, RankingRequest) else None for part in batch]
+            logits, scores = self.forward([part.rows for part in batch], contexts)
             for index in order:
                 end = rows + decoded[index].num_rows
                 responses[index] = self._answer(decoded[index], requests[index], logits[rows:end], scores[rows:end])
@@ -172,14 +174,24 @@ class DLRMPredictor:
         body = self.oip.encode_error(error, grpc=request.grpc) if as_oip else encode_error(error)
         return Response(error.status, body, error_kind=error.kind)
 
-    def forward(self, parts: Sequence[FeatureRows]) -> tuple[np.ndarray, np.ndarray]:
+    def forward(
+        self, parts: Sequence[FeatureRows], contexts: Sequence[FeatureRows | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Logits and click probabilities for all rows of ``parts``, in one forward pass.
+
+        ``contexts[i]``, when given, is one row of sparse ids shared by every row of
+        ``parts[i]`` (a ranking request): its ids are looked up once, with the other
+        rows' in the same lookup, and its pooled embeddings are added to each of
+        those rows' (their own bags for those features are empty) before the
+        interaction. Sum pooling makes that the expanded rows' result.
 
         On a GPU the rows go over as they are, from pinned host memory with
         asynchronous copies, and the ids are reordered for the KJT there; the only
         synchronisation is the copy of the scores back.
         """
-        rows = concatenate(parts)
+        shared = [(index, context) for index, context in enumerate(contexts or ()) if context is not None]
+        num_rows = sum(part.num_rows for part in parts)
+        rows = concatenate([*parts, *(context for _, context in shared)])
         keys = list(self.artifact.model.sparse_feature_names)
         with torch.inference_mode():
             if self.device.type == "cpu":
@@ -194,9 +206,32 @@ class DLRMPredictor:
                 )
                 kjt_lengths, kjt_values = feature_major_on_device(lengths, values)
                 sparse = KeyedJaggedTensor(keys=keys, values=kjt_values, lengths=kjt_lengths)
-            logits = self.model(dense, sparse).squeeze(1).float()
+            if shared:
+                logits = self._forward_with_contexts(dense[:num_rows], sparse, parts, shared)
+            else:
+                logits = self.model(dense, sparse).squeeze(1).float()
             scores = torch.sigmoid(logits)
         return logits.cpu().numpy(), scores.cpu().numpy()
+
+    def _forward_with_contexts(
+        self,
+        dense: torch.Tensor,
+        sparse: KeyedJaggedTensor,
+        parts: Sequence[FeatureRows],
+        shared: Sequence[tuple[int, FeatureRows]],
+    ) -> torch.Tensor:
+        """TorchRec's ``DLRM.forward``, with each context row's embeddings added to its part's rows."""
+        num_rows = dense.shape[0]
+        embedded = self.model.sparse_arch(sparse)  # [rows + contexts, F, D]
+        owner = np.full(num_rows, -1)
+        starts = np.cumsum([0, *(part.num_rows for part in parts)])
+        for context_row, (part, _) in enumerate(shared):
+            owner[starts[part] : starts[part + 1]] = num_rows + context_row
+        with_context = torch.from_numpy(np.flatnonzero(owner >= 0)).to(embedded.device)
+        source = torch.from_numpy(owner[owner >= 0]).to(embedded.device)
+        candidates = embedded[:num_rows].index_add(0, with_context, embedded.index_select(0, source))
+        interaction = self.model.inter_arch(dense_features=self.model.dense_arch(dense), sparse_features=candidates)
+        return self.model.over_arch(interaction).squeeze(1).float()
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         """An asynchronous copy from pinned host memory (a pageable source would make it synchronous)."""

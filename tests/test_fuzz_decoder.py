@@ -1,7 +1,8 @@
 """Property-based fuzzing of the request decoder: any body gives a valid request or a 4xx, nothing else.
 
 12,000 generated bodies per run (the ``max_examples`` below), the same ones on
-every run (derandomized, no example database): valid bodies in both row formats,
+every run (derandomized, no example database): valid bodies in both row formats and
+ranking bodies (a context and candidates),
 near-valid ones (a valid body with one to three structural mutations: keys
 dropped or added, counts changed, ids replaced by floats, strings, negative or
 huge numbers, NaN-like tokens), byte-level corruptions of valid bodies,
@@ -27,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handler.errors import InvalidRequest
-from handler.json_rows import RequestDecoder, RowsRequest, encode_error
+from handler.json_rows import RankingRequest, RequestDecoder, RowsRequest, encode_error
 from model_factory.config import preset
 from model_factory.features import Preprocessing
 from tests import fuzzing
@@ -68,6 +69,8 @@ def expected_status(body: bytes) -> int | None:
         return 400
     if not isinstance(payload, dict):
         return 400
+    if "context" in payload:
+        return expected_ranking_status(payload)
     if "instances" not in payload:
         rows = [payload]
     else:
@@ -78,6 +81,22 @@ def expected_status(body: bytes) -> int | None:
             return 413
     valid_row = valid_raw_row if is_raw_row(rows[0]) else valid_reference_row
     return None if all(valid_row(row) for row in rows) else 400
+
+
+def expected_ranking_status(payload: dict) -> int | None:
+    """A context of raw features and candidates holding every other feature, each exactly once."""
+    names = {*DENSE_NAMES, *SPARSE_NAMES}
+    context, rows = payload["context"], payload.get("instances")
+    if set(payload) != {"context", "instances"} or not isinstance(context, dict) or not set(context) <= names:
+        return 400
+    if not isinstance(rows, list) or not rows:
+        return 400
+    if len(rows) > MAX_ROWS:
+        return 413
+    own = names - set(context)
+    if not all(isinstance(row, dict) and set(row) == own for row in rows):
+        return 400
+    return None if valid_raw_row(context) and all(map(valid_raw_row, rows)) else 400
 
 
 def is_raw_row(row: Any) -> bool:
@@ -154,6 +173,12 @@ def check_invariants(decoded: RowsRequest, payload: dict) -> None:
     request = decoded.rows
     rows = payload.get("instances", [payload])
     n = len(rows)
+    if "context" in payload:
+        assert isinstance(decoded, RankingRequest) and decoded.context.num_rows == 1
+        shared = np.array([name in payload["context"] for name in SPARSE_NAMES])
+        assert request.lengths.tolist() == [(~shared).astype(int).tolist()] * n
+        assert decoded.context.lengths.tolist() == [shared.astype(int).tolist()]
+        assert decoded.context.values.size == shared.sum()
     assert decoded.single_row == ("instances" not in payload)
     assert decoded.num_rows == n
     assert request.dense.shape == (n, NUM_DENSE) and request.dense.dtype == np.float32
@@ -164,7 +189,9 @@ def check_invariants(decoded: RowsRequest, payload: dict) -> None:
     assert request.values.size == request.lengths.sum()
     feature_of_id = np.repeat(np.tile(np.arange(NUM_SPARSE), n), request.lengths.ravel())
     assert ((request.values >= 0) & (request.values < np.asarray(TABLE_SIZES)[feature_of_id])).all()
-    if is_raw_row(rows[0]):
+    if "context" in payload:
+        assert (request.dense >= 0).all()
+    elif is_raw_row(rows[0]):
         assert (request.lengths == 1).all() and (request.dense >= 0).all()
     else:  # exact: ids and lengths as sent, dense values as their float32 rounding
         assert request.lengths.tolist() == [row["id_list_features.lengths"] for row in rows]
@@ -193,8 +220,24 @@ def raw_row(rng: np.random.Generator) -> dict[str, Any]:
     return row
 
 
+def ranking_payload(rng: np.random.Generator) -> dict[str, Any]:
+    """A context of some raw features and 1..MAX_ROWS candidates holding all the others (null for missing)."""
+    names = [*DENSE_NAMES, *SPARSE_NAMES]
+    in_context = rng.random(len(names)) < rng.random()
+
+    def complete(chosen: list[str]) -> dict[str, Any]:
+        row = raw_row(rng)
+        return {name: row.get(name) for name in chosen}
+
+    context = complete([name for name, shared in zip(names, in_context, strict=True) if shared])
+    own = [name for name, shared in zip(names, in_context, strict=True) if not shared]
+    return {"context": context, "instances": [complete(own) for _ in range(rng.integers(1, MAX_ROWS + 1))]}
+
+
 def valid_payload(rng: np.random.Generator) -> dict[str, Any]:
-    """One row or 1..MAX_ROWS ``instances``, all in the reference format or all raw."""
+    """One row or 1..MAX_ROWS ``instances``, all in the reference format or all raw, or a ranking body."""
+    if rng.integers(4) == 0:
+        return ranking_payload(rng)
     make_row = (lambda: random_row(CONFIG, rng)) if rng.integers(2) else (lambda: raw_row(rng))
     if rng.integers(2):
         return make_row()
@@ -219,7 +262,7 @@ EDGE_NUMBERS: list[int | float] = [
 ]
 EDGE_NUMBERS += [3.0, -0.0, 0.5, 3.4028234e38, 3.4028236e38, 1e39, 1e300, -1e300, 5e-324]
 NAN_LIKE = ["NaN", "Infinity", "-Infinity", "1", "", "05db9164", "05DB9164", "0x05db91", "05db916g"]
-EXTRA_KEYS = ["instances", "extra", *REFERENCE_KEYS, DENSE_NAMES[3], SPARSE_NAMES[25]]
+EXTRA_KEYS = ["instances", "context", "extra", *REFERENCE_KEYS, DENSE_NAMES[3], SPARSE_NAMES[25]]
 
 
 def nasty_value(rng: np.random.Generator) -> Any:

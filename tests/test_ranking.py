@@ -1,0 +1,184 @@
+"""Ranking requests (one context, N candidates): the expanded rows' scores, batching, errors; in-process and served."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+import requests
+import torch
+
+from handler.errors import ErrorKind
+from handler.predictor import DLRMPredictor
+from model_factory.artifact import ModelArtifact, Provenance
+from model_factory.config import preset
+from model_factory.quantization import QuantizationSpec, random_quantized_model
+from servers.torchserve import REPO_ROOT, TorchServeProcess
+from tests.archives import QUANTIZATION_SPECS
+from training.criteo import request_row
+from training.synthetic import PlantedClickModel, format_tsv
+
+CONFIG = preset("small")
+SAMPLE = REPO_ROOT / "sample_data" / "sample_ranking.json"
+TOLERANCE = 1e-5
+
+
+def planted_rows(count: int, seed: int) -> list[dict[str, Any]]:
+    """Raw Criteo rows of the planted synthetic data (realistic values, some missing), null for missing."""
+    sample, _ = PlantedClickModel(seed=0).sample(count, np.random.default_rng(seed))
+    return [request_row(line, CONFIG) for line in format_tsv(sample).splitlines()]
+
+
+def ranking(context_names: list[str], candidates: int, seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A ranking body (one user's values of ``context_names``) and the same candidates fully expanded."""
+    user, *rows = planted_rows(candidates + 1, seed)
+    context = {name: user[name] for name in context_names}
+    own = [{name: value for name, value in row.items() if name not in context} for row in rows]
+    return {"context": context, "instances": own}, [row | context for row in own]
+
+
+def logits(predictor: DLRMPredictor, *bodies: Any) -> list[Any]:
+    """Each body's logits (or its error body), from one batch."""
+    result = predictor.predict_bodies([orjson.dumps(body) for body in bodies])
+    answers: list[Any] = []
+    for response in result.responses:
+        body = orjson.loads(response.body)
+        if response.status != 200:
+            answers.append(body | {"status": response.status})
+        else:
+            answers.append(np.array([prediction["logit"] for prediction in body.get("predictions", [body])]))
+    return answers
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8", "mixed"])
+def predictor(request: pytest.FixtureRequest, artifact_dir) -> DLRMPredictor:
+    if request.param == "fp32":
+        return DLRMPredictor.from_artifact(artifact_dir, torch.device("cpu"), max_rows=64)
+    spec: QuantizationSpec = QUANTIZATION_SPECS[request.param]
+    artifact = ModelArtifact(CONFIG, Provenance(trained=False, seed=5), quantization=spec)
+    model = random_quantized_model(CONFIG, spec, seed=5).eval()
+    return DLRMPredictor(model, artifact, torch.device("cpu"), max_rows=64)
+
+
+SPARSE = list(CONFIG.sparse_feature_names)
+DENSE = list(CONFIG.dense_feature_names)
+
+
+@pytest.mark.parametrize(
+    "context_names",
+    [SPARSE[:13], SPARSE[::2] + DENSE[:4], DENSE, SPARSE, DENSE + SPARSE, []],
+    ids=["13-sparse", "mixed", "all-dense", "all-sparse", "everything", "empty"],
+)
+def test_scores_equal_the_expanded_rows(predictor: DLRMPredictor, context_names: list[str]) -> None:
+    body, expanded = ranking(context_names, candidates=37, seed=len(context_names))
+    ranked, plain = logits(predictor, body, {"instances": expanded})
+    np.testing.assert_allclose(ranked, plain, rtol=0, atol=TOLERANCE)
+
+
+def test_a_batch_of_rankings_and_other_formats_each_get_their_own_rows(predictor: DLRMPredictor) -> None:
+    """Requests of different N and different contexts in one forward, between plain requests and a bad one."""
+    first, first_expanded = ranking(SPARSE[:13], candidates=5, seed=1)
+    second, second_expanded = ranking(SPARSE[7:20] + DENSE[:2], candidates=11, seed=2)
+    single = first_expanded[0]
+    bad = {"context": {"cat_0": "nothex!!"}, "instances": [dict.fromkeys(DENSE + SPARSE[1:])]}
+    answers = logits(
+        predictor, first, {"instances": second_expanded}, bad, second, single, {"instances": first_expanded}
+    )
+    ranked_first, plain_second, error, ranked_second, _, plain_first = answers
+    assert isinstance(error, dict) and error["type"] == ErrorKind.INVALID_CATEGORY
+    np.testing.assert_allclose(ranked_first, plain_first, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(ranked_second, plain_second, rtol=0, atol=TOLERANCE)
+    alone = logits(predictor, first)[0]
+    np.testing.assert_allclose(ranked_first, alone, rtol=0, atol=TOLERANCE)
+
+
+def test_request_bytes_shrink_with_the_context() -> None:
+    """13 of 26 sparse features as context: each candidate keeps 26 of its 39 values (0.62 of the bytes here)."""
+    body, expanded = ranking(SPARSE[:13], candidates=500, seed=3)
+    assert len(orjson.dumps(body)) <= 0.65 * len(orjson.dumps({"instances": expanded}))
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "field", "message"),
+    [
+        (
+            {"context": {"cat_0": "05db9164"}, "instances": [{"cat_0": "05db9164"}]},
+            ErrorKind.DUPLICATE_FIELD,
+            "cat_0",
+            "row 0: 'cat_0' is given both in 'context' and in the row",
+        ),
+        (
+            {"context": {"cat_0": None}, "instances": [{}]},
+            ErrorKind.MISSING_FIELD,
+            "int_0",
+            "row 0: 'int_0' is in neither 'context' nor the row",
+        ),
+        ({"context": {"cat_99": "05db9164"}, "instances": [{}]}, ErrorKind.UNKNOWN_FIELD, "cat_99", "context: unknown"),
+        ({"context": [], "instances": [{}]}, ErrorKind.WRONG_TYPE, "context", "must be an object"),
+        ({"context": {}}, ErrorKind.MISSING_FIELD, "instances", "needs 'instances'"),
+        ({"context": {}, "instances": [], "extra": 1}, ErrorKind.UNKNOWN_FIELD, "extra", "got 'extra'"),
+        ({"context": {}, "instances": []}, ErrorKind.EMPTY_INSTANCES, "instances", ""),
+        ({"context": {}, "instances": {}}, ErrorKind.WRONG_TYPE, "instances", "must be a list"),
+        ({"context": {"int_3": 1.5}, "instances": [{}]}, ErrorKind.NON_INTEGER, "int_3", "context: int_3 must be"),
+        ({"context": {"cat_2": "xyz"}, "instances": [{}]}, ErrorKind.INVALID_CATEGORY, "cat_2", "context: cat_2"),
+    ],
+)
+def test_invalid_ranking_requests_get_a_4xx_naming_the_field(
+    predictor: DLRMPredictor, body: dict[str, Any], kind: ErrorKind, field: str, message: str
+) -> None:
+    if body.get("instances") == [{}]:  # complete the candidates: every feature not in the context
+        own = [name for name in DENSE + SPARSE if name not in body["context"]]
+        if kind != ErrorKind.MISSING_FIELD:
+            body = body | {"instances": [dict.fromkeys(own)]}
+    (error,) = logits(predictor, body)
+    assert isinstance(error, dict)
+    assert (error["status"], error["type"], error.get("field")) == (400, kind, field), error
+    assert message in error["message"]
+
+
+def test_too_many_candidates_is_413(predictor: DLRMPredictor) -> None:
+    body, _ = ranking(SPARSE[:13], candidates=65, seed=4)
+    (error,) = logits(predictor, body)
+    assert isinstance(error, dict) and (error["status"], error["type"]) == (413, ErrorKind.TOO_MANY_ROWS)
+
+
+# ---------------------------------------------------------------------------------------------- served
+
+
+def served_logits(server: TorchServeProcess, body: dict[str, Any]) -> np.ndarray:
+    response = requests.post(f"{server.endpoints.inference}/predictions/dlrm", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return np.array([prediction["logit"] for prediction in response.json()["predictions"]])
+
+
+def test_served_rankings_batched_together_score_as_expanded_rows(server: TorchServeProcess) -> None:
+    """Rankings of different sizes and contexts, sent at once so TorchServe batches them with expanded rows."""
+    contexts = [SPARSE[:13], SPARSE[13:] + DENSE[:3], DENSE, SPARSE[::3]]
+    cases = [ranking(contexts[i % 4], candidates=1 + 7 * i, seed=100 + i) for i in range(8)]
+    bodies = [body for body, _ in cases] + [{"instances": expanded} for _, expanded in cases]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: served_logits(server, body), bodies))
+    for index in range(len(cases)):
+        np.testing.assert_allclose(answers[index], answers[len(cases) + index], rtol=0, atol=TOLERANCE)
+
+
+def test_served_ranking_errors_and_the_sample(server: TorchServeProcess) -> None:
+    url = f"{server.endpoints.inference}/predictions/dlrm"
+    body, _ = ranking(SPARSE[:13], candidates=3, seed=7)
+    body["instances"][1]["cat_0"] = "05db9164"  # cat_0 is in the context too
+    refused = requests.post(url, json=body, timeout=30)
+    assert refused.status_code == 400
+    assert refused.json() | {"message": ""} == {
+        "code": 400,
+        "type": "duplicate_field",
+        "message": "",
+        "field": "cat_0",
+        "row": 1,
+    }
+    sample = json.loads(SAMPLE.read_text())
+    expanded = {"instances": [row | sample["context"] for row in sample["instances"]]}
+    np.testing.assert_allclose(served_logits(server, sample), served_logits(server, expanded), rtol=0, atol=TOLERANCE)
