@@ -63,8 +63,9 @@ gpu = torch.version.cuda is not None; \
 print('torch', torch.__version__, '| torchserve', ts.__version__); \
 sys.exit(0 if gpu == ('$VARIANT' == 'gpu') else f'torch {torch.__version__} is not a $VARIANT build')"
 # The TorchServe frontend agent (OIP model metadata and readiness), compiled against the installed
-# TorchServe jar: the JDK stays in this stage, the image gets the jar.
-RUN apt-get update \
+# TorchServe jar: the JDK stays in this stage, the image gets the jar. (Its postinst needs the man directory.)
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
     && apt-get install -y --no-install-recommends openjdk-17-jdk-headless \
     && rm -rf /var/lib/apt/lists/*
 COPY servers/frontend_agent.py /tmp/agent/servers/

@@ -6,19 +6,20 @@ Slow (minutes: the image holds PyTorch and a Java runtime), so it is not part of
    containers.conf goes to .cache/containers/ (runc, cgroupfs, file events: no systemd needed).
 2. The base image (debian:bookworm-slim) is used when present. Where no registry is reachable
    it is made once with debootstrap from the host's Debian mirror and kept under that name.
-3. build_mar.py writes .cache/containers/dlrm.mar from the current code: the image never
-   serves a stale model_store/dlrm.mar.
+3. build_mar.py writes .cache/containers/dlrm.mar from the current code, with a golden set of
+   planted rows: the image never serves a stale model_store/dlrm.mar.
 4. `podman build` gets the host's CA bundle for pip (TLS-inspecting proxies) and, when
    --torch-wheels names a directory (default: $TORCH_WHEELS, else $PIP_FIND_LINKS), the
    torch wheel from there instead of the PyTorch CPU index.
 5. The container runs with its inference, management and metrics ports published on free
    loopback ports of the host and with every DLRM_* setting, until a prediction of
    sample_data/sample_data.json succeeds.
-6. Checks: the answer is a score in [0, 1]; management and metrics are refused from the host
-   while they answer inside the container; the DLRM_* settings reached TorchServe and the
-   handler; TorchServe runs as a non-root user; the HEALTHCHECK passes; `podman stop` stops
-   TorchServe on SIGTERM, well before its timeout; a container given a bad DLRM_* value
-   exits at once with a message that names it.
+6. Checks: the answer is a score in [0, 1]; the OIP model metadata route (the frontend agent)
+   answers; the Kubernetes startup probe (the golden check) passes inside the container;
+   management and metrics are refused from the host while they answer inside the container;
+   the DLRM_* settings reached TorchServe and the handler; TorchServe runs as a non-root user;
+   the HEALTHCHECK passes; `podman stop` stops TorchServe on SIGTERM, well before its timeout;
+   a container given a bad DLRM_* value exits at once with a message that names it.
 7. Containers are removed whatever happens.
 """
 
@@ -38,8 +39,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import requests
+import yaml
 
 from servers.torchserve import REPO_ROOT, free_port
+from training.synthetic import PlantedClickModel, write_tsv
 
 CACHE = REPO_ROOT / ".cache" / "containers"
 CONTAINERS_CONF = """\
@@ -66,6 +69,11 @@ path-exclude /usr/share/lintian/*
 """
 ARCHIVE = CACHE / "dlrm.mar"
 SAMPLE = REPO_ROOT / "sample_data" / "sample_data.json"
+DEPLOYMENT = REPO_ROOT / "deploy" / "k8s" / "deployment.yaml"
+# The Deployment's startup probe, as the pod runs it.
+STARTUP_PROBE = next(doc for doc in yaml.safe_load_all(DEPLOYMENT.read_text()) if doc["kind"] == "Deployment")["spec"][
+    "template"
+]["spec"]["containers"][0]["startupProbe"]["exec"]["command"][-1]
 SETTINGS = {"DLRM_WORKERS": 2, "DLRM_THREADS": 1, "DLRM_BATCH_SIZE": 8, "DLRM_MAX_BATCH_DELAY": 10}
 CONTAINER_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
 STOP_TIMEOUT = 30
@@ -155,9 +163,11 @@ def slim_down(rootfs: Path) -> None:
 
 
 def build_archive() -> None:
-    subprocess.run(
-        [sys.executable, "build_mar.py", "--output", str(ARCHIVE)], cwd=REPO_ROOT, check=True, capture_output=True
-    )
+    """The default (untrained) archive, with a golden set of planted rows for the startup probe's check."""
+    golden = CACHE / "golden.tsv"
+    write_tsv(golden, 200, PlantedClickModel(seed=0), seed=1)
+    command = [sys.executable, "build_mar.py", "--output", str(ARCHIVE), "--golden-set", str(golden)]
+    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
 
 
 def host_ca_bundle() -> Path | None:
@@ -239,6 +249,20 @@ def fetch_inside(name: str, url: str) -> str:
     """``url`` fetched inside the container, where the loopback-only APIs listen."""
     script = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
     return inside(name, "python", "-c", script)
+
+
+def check_open_inference_protocol(name: str, inference: str) -> None:
+    """The frontend agent's routes answer (model metadata), and the Deployment's startup probe passes."""
+    metadata = requests.get(f"{inference}/v2/models/dlrm", timeout=10).json()
+    if [tensor.get("name") for tensor in metadata.get("inputs", [])] != [
+        "dense_features",
+        "sparse_lengths",
+        "sparse_ids",
+    ]:
+        raise CheckFailed(f"GET /v2/models/dlrm: expected the model's OIP metadata, got {metadata}")
+    probe = podman("exec", name, "sh", "-c", STARTUP_PROBE, check=False)
+    if probe.returncode != 0 or "passed" not in probe.stdout:
+        raise CheckFailed(f"the startup probe's golden check failed: {probe.stdout}{probe.stderr}")
 
 
 def check_settings(name: str) -> None:
@@ -323,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         clock.log(f"prediction: {response.text}")
         score = check_score(response)
         clock.log(f"score {score:.6f} is in [0, 1]")
+        check_open_inference_protocol(name, inference)
+        clock.log("OIP model metadata (frontend agent) and the startup probe's golden check: answered, passed")
         for api in ("management", "metrics"):
             check_refused_from_host(api, ports[api])
         fetch_inside(name, "http://127.0.0.1:8081/models")
