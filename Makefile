@@ -97,7 +97,8 @@ clean:
 clean-all: clean
 	rm -rf $(DATA_DIR) $(DEFAULT_RUN)
 
-# Benchmarks (bench/, see bench/README.md): `make bench` gives the figures to publish, `make bench-quick`
+# Benchmarks (bench/, see bench/README.md): `make bench` gives the figures to publish (bench.run, then
+# bench.ranking: one user and 100-700 candidates per query, Poisson arrivals), `make bench-quick`
 # (or BENCH_MODE=quick) a smoke test in a few minutes. BENCH_ARGS passes options to `python -m bench.run`,
 # e.g. BENCH_ARGS="--sweep", "--profile" or "--archive-args='--quantize int8'".
 BENCH_MODE ?= full
@@ -114,6 +115,7 @@ check-wrk:
 
 bench: install $(VENV)/.bench-installed check-wrk
 	$(PY) -m bench.run --mode $(BENCH_MODE) $(BENCH_ARGS)
+	$(PY) -m bench.ranking --mode $(BENCH_MODE)
 
 bench-quick:
 	$(MAKE) bench BENCH_MODE=quick

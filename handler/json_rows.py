@@ -25,7 +25,7 @@ Request bodies (JSON):
   ``{"context": {features shared by all rows}, "instances": [{the other features}, ...]}``;
   every feature is given exactly once, in the context or in every candidate (null for
   missing). The context's sparse ids are looked up once for all candidates
-  (:class:`RankingRequest`); its dense values are copied into every row, since the
+  (:attr:`RowsRequest.context`); its dense values are copied into every row, since the
   dense MLP takes all dense features together. Scores as for ``instances``.
 
 Responses: ``{"score": p, "logit": z}`` for one row, ``{"predictions": [...]}``
@@ -70,10 +70,16 @@ _RAW_CATEGORY_TYPES: frozenset[type] = frozenset({str, type(None)})
 
 @dataclass(frozen=True)
 class RowsRequest:
-    """The rows of one JSON request, and whether it was one row rather than ``instances``."""
+    """The rows of one JSON request, and whether it was one row rather than ``instances``.
+
+    ``context``, for a ranking request: one row with only the context's sparse ids, whose
+    pooled embeddings the forward adds to every row's (``rows`` then hold the candidates,
+    without the context's sparse ids and with its dense values copied in).
+    """
 
     rows: FeatureRows
     single_row: bool
+    context: FeatureRows | None = None
 
     @property
     def num_rows(self) -> int:
@@ -81,15 +87,6 @@ class RowsRequest:
 
     def response(self, logits: np.ndarray, scores: np.ndarray) -> bytes:
         return encode_scores(logits, scores, self.single_row)
-
-
-@dataclass(frozen=True)
-class RankingRequest(RowsRequest):
-    """A ranking request's rows: ``rows``, the ``N`` candidates without the context's sparse ids (its dense
-    values copied in), and ``context``, one row with only the context's sparse ids, whose pooled embeddings
-    the forward adds to every candidate's."""
-
-    context: FeatureRows
 
 
 class RequestDecoder:
@@ -212,7 +209,7 @@ class RequestDecoder:
         self.validator.check_row_count(len(rows), INSTANCES_FIELD)
         return rows
 
-    def _decode_ranking(self, payload: dict) -> RankingRequest:
+    def _decode_ranking(self, payload: dict) -> RowsRequest:
         """A context and its candidates (raw Criteo rows), each feature given in exactly one of them."""
         extra = sorted(payload.keys() - {CONTEXT_FIELD, INSTANCES_FIELD})
         if extra:
@@ -276,7 +273,7 @@ class RequestDecoder:
             lengths=shared_sparse[None].astype(np.int64),
             values=self.preprocessing.category_rows(context_categories, tables[shared_sparse]).ravel(),
         )
-        return RankingRequest(rows=rows, single_row=False, context=context_row)
+        return RowsRequest(rows=rows, single_row=False, context=context_row)
 
     def _check_each_feature_once(self, context: dict, candidates: list) -> None:
         own_fields = self.raw_fields - context.keys()

@@ -25,7 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from handler import oip
 from handler.errors import ErrorKind, InvalidRequest
-from handler.json_rows import RankingRequest, RequestDecoder, RowsRequest, encode_error, parse_json
+from handler.json_rows import RequestDecoder, RowsRequest, encode_error, parse_json
 from handler.rows import FeatureRows, concatenate
 from handler.settings import DEFAULT_MAX_ROWS
 from model_factory.artifact import ModelArtifact, load_model
@@ -138,7 +138,7 @@ class DLRMPredictor:
         if decoded:
             order = sorted(decoded)
             batch = [decoded[index] for index in order]
-            contexts = [part.context if isinstance(part, RankingRequest) else None for part in batch]
+            contexts = [part.context if isinstance(part, RowsRequest) else None for part in batch]
             logits, scores = self.forward([part.rows for part in batch], contexts)
             for index in order:
                 end = rows + decoded[index].num_rows

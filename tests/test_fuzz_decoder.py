@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handler.errors import InvalidRequest
-from handler.json_rows import RankingRequest, RequestDecoder, RowsRequest, encode_error
+from handler.json_rows import RequestDecoder, RowsRequest, encode_error
 from model_factory.config import preset
 from model_factory.features import Preprocessing
 from tests import fuzzing
@@ -174,11 +174,13 @@ def check_invariants(decoded: RowsRequest, payload: dict) -> None:
     rows = payload.get("instances", [payload])
     n = len(rows)
     if "context" in payload:
-        assert isinstance(decoded, RankingRequest) and decoded.context.num_rows == 1
+        assert decoded.context is not None and decoded.context.num_rows == 1
         shared = np.array([name in payload["context"] for name in SPARSE_NAMES])
         assert request.lengths.tolist() == [(~shared).astype(int).tolist()] * n
         assert decoded.context.lengths.tolist() == [shared.astype(int).tolist()]
         assert decoded.context.values.size == shared.sum()
+    else:
+        assert decoded.context is None
     assert decoded.single_row == ("instances" not in payload)
     assert decoded.num_rows == n
     assert request.dense.shape == (n, NUM_DENSE) and request.dense.dtype == np.float32

@@ -14,7 +14,7 @@ import torch
 
 from handler.errors import ErrorKind
 from handler.predictor import DLRMPredictor
-from model_factory.artifact import ModelArtifact, Provenance
+from model_factory.artifact import ModelArtifact, Provenance, write_artifact
 from model_factory.config import preset
 from model_factory.quantization import QuantizationSpec, random_quantized_model
 from servers.torchserve import REPO_ROOT, TorchServeProcess
@@ -182,3 +182,22 @@ def test_served_ranking_errors_and_the_sample(server: TorchServeProcess) -> None
     sample = json.loads(SAMPLE.read_text())
     expanded = {"instances": [row | sample["context"] for row in sample["instances"]]}
     np.testing.assert_allclose(served_logits(server, sample), served_logits(server, expanded), rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tables", ["fp32", "int8"])
+def test_rankings_on_gpu_score_as_expanded_rows_on_cpu(tables: str, artifact_dir, tmp_path) -> None:
+    if tables == "fp32":
+        directory = artifact_dir
+    else:
+        spec = QUANTIZATION_SPECS[tables]
+        artifact = ModelArtifact(CONFIG, Provenance(trained=False, seed=5), quantization=spec)
+        write_artifact(tmp_path, artifact, random_quantized_model(CONFIG, spec, seed=5))
+        directory = tmp_path
+    cpu = DLRMPredictor.from_artifact(directory, torch.device("cpu"), max_rows=64)
+    gpu = DLRMPredictor.from_artifact(directory, torch.device("cuda", 0), max_rows=64)
+    body, expanded = ranking(SPARSE[:13] + DENSE[:2], candidates=50, seed=9)
+    (ranked,) = logits(gpu, body)
+    (plain,) = logits(cpu, {"instances": expanded})
+    np.testing.assert_allclose(ranked, plain, rtol=0, atol=1e-3)  # GPU kernels sum in another order

@@ -1,0 +1,328 @@
+"""MLPerf's DLRM server scenario, in miniature: one user and N candidates per query, Poisson arrivals.
+
+A query is one user with N candidate items, N uniform in [100, 700]; queries arrive
+as a Poisson process at a target rate (an open loop: a slow answer does not slow the
+arrivals, as it would with wrk's closed loop), and a system is judged by the highest
+rate at which the 99th percentile of latency stays within 60 ms (MLPerf Inference's
+DLRM-v2 server scenario). Each query is sent in two formats (README, "Ranking
+requests"):
+
+- ``expanded``: ``{"instances": [...]}``, every candidate a full raw Criteo row;
+- ``ranking``: ``{"context": {...}, "instances": [...]}``, the user's 13 first sparse
+  features once as context, each candidate with the other 26 features.
+
+The run builds an archive (``--preset``, default ``small``, the model ``make serve``
+serves), measures one 500-candidate query of each format in-process (one thread,
+alternately) and then serves the archive with the shipped settings, driven by an
+asyncio/aiohttp Poisson client: first the closed-loop capacity, then a short search
+over rates around it. Latency counts from each query's scheduled arrival time, so a
+client that falls behind shows as latency, not as a lower rate. Results go to
+``bench/results/<time>-ranking-<mode>/`` (JSON, Markdown, plot).
+
+    python -m bench.ranking                 # full: 15 s per rate (about 5 minutes)
+    python -m bench.ranking --mode quick    # 4 s per rate, fewer rates
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+import torch
+
+from bench import environment
+from handler.predictor import DLRMPredictor
+from model_archive.build import ArchiveFormat, BuildOptions, build_archive
+from model_archive.contents import extracted, serving_settings
+from model_factory.config import DLRMConfig
+from servers.torchserve import REPO_ROOT, TorchServeProcess
+from training.criteo import request_row
+from training.synthetic import PlantedClickModel, format_tsv
+
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+P99_BOUND_MS = 60.0
+CANDIDATES = (100, 700)
+CONTEXT_FEATURES = 13  # of the 26 sparse features: the user's
+FORMATS = ("expanded", "ranking")
+# MLPerf Inference v5.0, DLRM-v2 server scenario, Intel's result on one Xeon 6980P socket (128 cores).
+MLPERF_ANCHOR: dict[str, Any] = {
+    "queries_per_s": 9100,
+    "cores": 128,
+    "model": "DLRM-v2 (DCNv2 interaction, 26 multi-hot tables, dim 128, about 100 GB)",
+}
+
+
+@dataclass(frozen=True)
+class Query:
+    candidates: int
+    bodies: dict[str, bytes]  # format -> request body
+
+
+@dataclass(frozen=True)
+class RatePoint:
+    format: str
+    offered_per_s: float
+    seconds: float
+    queries: int
+    errors: int
+    completed_per_s: float
+    candidates_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def within_bound(self) -> bool:
+        return self.errors == 0 and self.p99_ms <= P99_BOUND_MS
+
+
+@dataclass(frozen=True)
+class Mode:
+    seconds: float
+    fractions: tuple[float, ...]  # offered rates, as fractions of the closed-loop capacity
+
+
+MODES = {
+    "full": Mode(seconds=15, fractions=(0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)),
+    "quick": Mode(seconds=4, fractions=(0.1, 0.25, 0.5)),
+}
+
+
+def make_query(config: DLRMConfig, candidates: int, rng: np.random.Generator) -> Query:
+    """A user row and ``candidates`` candidate rows of planted Criteo data, in both formats."""
+    sample, _ = PlantedClickModel(seed=0).sample(candidates + 1, rng)
+    user, *rows = [request_row(line, config) for line in format_tsv(sample).splitlines()]
+    context = {name: user[name] for name in config.sparse_feature_names[:CONTEXT_FEATURES]}
+    own = [{name: value for name, value in row.items() if name not in context} for row in rows]
+    bodies = {
+        "expanded": orjson.dumps({"instances": [row | context for row in own]}),
+        "ranking": orjson.dumps({"context": context, "instances": own}),
+    }
+    return Query(candidates, bodies)
+
+
+def make_queries(config: DLRMConfig, count: int, seed: int) -> list[Query]:
+    """``count`` queries of N candidates each, N uniform in ``CANDIDATES``."""
+    rng = np.random.default_rng(seed)
+    return [make_query(config, int(rng.integers(CANDIDATES[0], CANDIDATES[1] + 1)), rng) for _ in range(count)]
+
+
+def inprocess(archive: Path, config: DLRMConfig, repeats: int) -> dict[str, Any]:
+    """One 500-candidate query in each format through ``DLRMPredictor`` (one thread), timed alternately."""
+    query = make_query(config, 500, np.random.default_rng(7))
+    torch.set_num_threads(1)
+    with extracted(archive) as directory:
+        predictor = DLRMPredictor.from_artifact(directory, torch.device("cpu"), max_rows=CANDIDATES[1])
+    seconds: dict[str, list[float]] = {name: [] for name in FORMATS}
+    for _ in range(repeats):
+        for name in FORMATS:
+            started = time.perf_counter()
+            (response,) = predictor.predict_bodies([query.bodies[name]]).responses
+            seconds[name].append(time.perf_counter() - started)
+            assert response.status == 200, response.body[:200]
+    medians = {name: float(np.median(values)) for name, values in seconds.items()}
+    return {
+        "candidates": query.candidates,
+        "ms": {name: round(value * 1e3, 2) for name, value in medians.items()},
+        "candidates_per_s": {name: round(query.candidates / value) for name, value in medians.items()},
+        "speedup": round(medians["expanded"] / medians["ranking"], 3),
+        "bytes": {name: len(query.bodies[name]) for name in FORMATS},
+        "bytes_ratio": round(len(query.bodies["ranking"]) / len(query.bodies["expanded"]), 3),
+    }
+
+
+async def _send(session: aiohttp.ClientSession, url: str, body: bytes, scheduled: float) -> tuple[float, bool]:
+    loop = asyncio.get_running_loop()
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+            await response.read()
+            ok = response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        ok = False
+    return loop.time() - scheduled, ok
+
+
+async def _poisson(url: str, queries: list[Query], name: str, rate: float, seconds: float, seed: int) -> RatePoint:
+    rng = np.random.default_rng(seed)
+    loop = asyncio.get_running_loop()
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        start = loop.time()
+        scheduled = start
+        tasks: list[asyncio.Task[tuple[float, bool]]] = []
+        candidates = 0
+        while (scheduled := scheduled + rng.exponential(1 / rate)) < start + seconds:
+            await asyncio.sleep(max(0.0, scheduled - loop.time()))
+            query = queries[len(tasks) % len(queries)]
+            candidates += query.candidates
+            tasks.append(asyncio.create_task(_send(session, url, query.bodies[name], scheduled)))
+        results = await asyncio.gather(*tasks)
+        elapsed = loop.time() - start
+    latencies = np.array([latency for latency, _ in results]) * 1e3
+    errors = sum(not ok for _, ok in results)
+    return RatePoint(
+        format=name,
+        offered_per_s=round(rate, 2),
+        seconds=round(elapsed, 1),
+        queries=len(results),
+        errors=errors,
+        completed_per_s=round((len(results) - errors) / elapsed, 2),
+        candidates_per_s=round(candidates / elapsed),
+        p50_ms=round(float(np.percentile(latencies, 50)), 1) if len(results) else float("nan"),
+        p99_ms=round(float(np.percentile(latencies, 99)), 1) if len(results) else float("nan"),
+    )
+
+
+def closed_loop_capacity(url: str, queries: list[Query], name: str, workers: int, seconds: float) -> float:
+    """Queries per second with ``workers`` clients sending back to back: the rate the search centres on."""
+
+    async def run() -> float:
+        deadline = asyncio.get_running_loop().time() + seconds
+        done = 0
+
+        async def client(offset: int) -> None:
+            nonlocal done
+            async with aiohttp.ClientSession() as session:
+                index = offset
+                while asyncio.get_running_loop().time() < deadline:
+                    query = queries[index % len(queries)]
+                    async with session.post(
+                        url, data=query.bodies[name], headers={"Content-Type": "application/json"}
+                    ) as r:
+                        await r.read()
+                    done += 1
+                    index += workers
+
+        await asyncio.gather(*(client(offset) for offset in range(workers)))
+        return done / seconds
+
+    return asyncio.run(run())
+
+
+def served(archive: Path, queries: list[Query], mode: Mode, workdir: Path) -> dict[str, Any]:
+    workers = serving_settings(archive).workers
+    store, name = archive.parent, archive.name
+    results: dict[str, Any] = {}
+    with TorchServeProcess(store, f"dlrm={name}", workdir / "torchserve") as server:
+        server.wait_ready()
+        url = f"{server.endpoints.inference}/predictions/dlrm"
+        for index, fmt in enumerate(FORMATS):
+            capacity = closed_loop_capacity(url, queries, fmt, workers, seconds=mode.seconds)
+            points = [
+                asyncio.run(_poisson(url, queries, fmt, capacity * fraction, mode.seconds, seed=index))
+                for fraction in mode.fractions
+            ]
+            best = max((p for p in points if p.within_bound), key=lambda p: p.completed_per_s, default=None)
+            results[fmt] = {
+                "closed_loop_queries_per_s": round(capacity, 2),
+                "points": [asdict(point) for point in points],
+                "best": asdict(best) if best else None,
+            }
+            summary = f"best {best.completed_per_s} q/s, p99 {best.p99_ms} ms" if best else "no rate within the bound"
+            print(f"{fmt}: closed loop {capacity:.1f} q/s; {summary}", flush=True)
+    return results
+
+
+def markdown(document: dict[str, Any]) -> str:
+    cores = int(document["machine"]["usable_cores"])
+    inproc = document["inprocess"]
+    lines = [
+        f"# Ranking queries: {document['preset']}, {document['mode']} run, {document['started']}",
+        "",
+        f"In-process, one thread, one query of {inproc['candidates']} candidates ({CONTEXT_FEATURES} sparse features "
+        f"as context): expanded {inproc['ms']['expanded']} ms, ranking {inproc['ms']['ranking']} ms "
+        f"(**{inproc['speedup']}x** the candidates/s); request bytes ranking/expanded **{inproc['bytes_ratio']}**.",
+        "",
+        f"Served (shipped settings, {cores} cores shared with the client), queries of {CANDIDATES[0]}-{CANDIDATES[1]}"
+        f" candidates, Poisson arrivals; the best rate with p99 <= {P99_BOUND_MS:.0f} ms and no error:",
+        "",
+        "| format | queries/s | candidates/s | p50 ms | p99 ms | queries/s per core | closed loop q/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for fmt in FORMATS:
+        found = document["served"][fmt]
+        best = found["best"]
+        if best is None:
+            lines.append(f"| {fmt} | none within the bound | | | | | {found['closed_loop_queries_per_s']} |")
+            continue
+        lines.append(
+            f"| {fmt} | {best['completed_per_s']} | {best['candidates_per_s']:,} | {best['p50_ms']} | {best['p99_ms']} "
+            f"| {best['completed_per_s'] / cores:.1f} | {found['closed_loop_queries_per_s']} |"
+        )
+    anchor = MLPERF_ANCHOR
+    lines += [
+        "",
+        f"MLPerf anchor: {anchor['queries_per_s']:,} queries/s on {anchor['cores']} cores "
+        f"({int(anchor['queries_per_s']) / int(anchor['cores']):.0f} per core), {anchor['model']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(document: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for fmt in FORMATS:
+        points = document["served"][fmt]["points"]
+        axes.plot([p["offered_per_s"] for p in points], [p["p99_ms"] for p in points], marker="o", label=fmt)
+    axes.axhline(P99_BOUND_MS, color="grey", linestyle="--", label=f"p99 bound {P99_BOUND_MS:.0f} ms")
+    axes.set_xlabel("offered queries/s (Poisson)")
+    axes.set_ylabel("p99 latency (ms)")
+    axes.set_yscale("log")
+    axes.set_title(f"Ranking queries of {CANDIDATES[0]}-{CANDIDATES[1]} candidates ({document['preset']})")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=sorted(MODES), default=os.environ.get("BENCH_MODE", "full"))
+    parser.add_argument("--preset", default="small", help="model preset (default: %(default)s)")
+    parser.add_argument("--queries", type=int, default=64, help="distinct queries, sent in turn")
+    parser.add_argument("--output-dir", type=Path)
+    args = parser.parse_args(argv)
+    mode = MODES[args.mode]
+    started = datetime.now(UTC)
+    output_dir = args.output_dir or RESULTS_DIR / f"{started:%Y%m%d-%H%M%S}-ranking-{args.mode}"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dlrm-ranking-") as tmp:
+        options = BuildOptions(
+            preset=args.preset, output=Path(tmp) / "store" / "dlrm.mar", archive_format=ArchiveFormat.UNZIPPED
+        )
+        archive, artifact = build_archive(options)
+        queries = make_queries(artifact.model, args.queries, seed=1)
+        document: dict[str, Any] = {
+            "mode": args.mode,
+            "preset": args.preset,
+            "started": started.isoformat(timespec="seconds"),
+            "machine": environment.machine(),
+            "versions": environment.versions(),
+            "p99_bound_ms": P99_BOUND_MS,
+            "mlperf_anchor": MLPERF_ANCHOR,
+            "inprocess": inprocess(archive, artifact.model, repeats=20 if args.mode == "full" else 6),
+        }
+        print(f"in-process: {document['inprocess']}", flush=True)
+        document["served"] = served(archive, queries, mode, Path(tmp))
+    (output_dir / "results.json").write_text(json.dumps(document, indent=2))
+    text = markdown(document)
+    (output_dir / "results.md").write_text(text)
+    plot(document, output_dir / "results.png")
+    print(f"\n{text}\nresults: {output_dir}")
+
+
+if __name__ == "__main__":
+    main()
