@@ -47,6 +47,9 @@ NUM_SPARSE = 26
 DENSE_INPUT = "dense_features"
 LENGTHS_INPUT = "sparse_lengths"
 IDS_INPUT = "sparse_ids"
+CONTEXT_DENSE_INPUT = "context_dense_features"
+CONTEXT_LENGTHS_INPUT = "context_sparse_lengths"
+CONTEXT_IDS_INPUT = "context_sparse_ids"
 RAW_INTS_INPUT = "int_features"
 RAW_CATEGORIES_INPUT = "cat_features"
 OUTPUTS = ("score", "logit")
@@ -198,6 +201,32 @@ def model_input_tensors(dense: Any, lengths: Any, ids: Any) -> list[Tensor]:
     ]
 
 
+def ranking_tensors(
+    lengths: Any, ids: Any, context_lengths: Any, context_ids: Any, dense: Any = None, context_dense: Any = None
+) -> list[Tensor]:
+    """A ranking request's tensors: ``N`` candidates and one context row whose sparse ids they share.
+
+    ``lengths`` ``[N, 26]``, ``ids``: the candidates' own ids; ``context_lengths`` ``[1, 26]``,
+    ``context_ids``: the context's, each feature's ids on one side only (its lengths 0 on the
+    other). The dense features: ``dense`` ``[N, 13]`` per candidate, or ``context_dense``
+    ``[1, 13]`` for all of them; exactly one of the two.
+    """
+    if (dense is None) == (context_dense is None):
+        raise ValueError("give the dense features once: dense [N, 13] or context_dense [1, 13]")
+    lengths_array, ids_array = _integers(lengths, LENGTHS_INPUT), _integers(ids, IDS_INPUT)
+    context_lengths_array = _integers(context_lengths, CONTEXT_LENGTHS_INPUT)
+    context_ids_array = _integers(context_ids, CONTEXT_IDS_INPUT)
+    name, values = (DENSE_INPUT, dense) if dense is not None else (CONTEXT_DENSE_INPUT, context_dense)
+    dense_array = np.asarray(values, dtype=np.float32)
+    return [
+        Tensor(name, "FP32", dense_array.shape, dense_array),
+        Tensor(LENGTHS_INPUT, "INT64", lengths_array.shape, lengths_array),
+        Tensor(IDS_INPUT, "INT64", ids_array.shape, ids_array),
+        Tensor(CONTEXT_LENGTHS_INPUT, "INT64", context_lengths_array.shape, context_lengths_array),
+        Tensor(CONTEXT_IDS_INPUT, "INT64", context_ids_array.shape, context_ids_array),
+    ]
+
+
 def raw_row_tensors(int_features: Any, cat_features: Any) -> list[Tensor]:
     """The two raw-row BYTES tensors from 2-D ``[N, 13]`` and ``[N, 26]`` tables of strings.
 
@@ -249,6 +278,19 @@ class DLRMClient:
         ``[N, 26]`` strings of 8 hex digits; ``""`` or ``None`` is missing.
         """
         return self._infer(raw_row_tensors(int_features, cat_features))
+
+    def predict_ranking(
+        self,
+        lengths: Any,
+        ids: Any,
+        context_lengths: Any,
+        context_ids: Any,
+        dense: Any = None,
+        context_dense: Any = None,
+    ) -> Prediction:
+        """Scores ``N`` candidates sharing one context row (see :func:`ranking_tensors`): the context's
+        sparse ids are looked up once for all of them."""
+        return self._infer(ranking_tensors(lengths, ids, context_lengths, context_ids, dense, context_dense))
 
     def ready(self) -> bool:
         """Whether the model answers ``GET /v2/models/{model}/ready`` with 200: all its workers are up.

@@ -15,6 +15,13 @@ input               datatype         shape               what
 ``cat_features``    BYTES            ``[N, 26]``         8 hex digits; ``""`` is missing
 ==================  ===============  ==================  ==========================================
 
+A ranking request (one user, ``N`` candidates) adds a context row beside the model
+inputs: ``context_sparse_lengths`` (INT32 or INT64 ``[1, 26]``) and
+``context_sparse_ids`` (INT64 ``[total]``), the features whose ids all candidates
+share (their ``sparse_lengths`` 0 there: ids on both sides are refused), looked up
+once; and the dense features either per candidate (``dense_features``) or once,
+as ``context_dense_features`` (FP32 ``[1, 13]``), copied into every row.
+
 Outputs ``score`` (click probability) and ``logit``, FP32 ``[N]``: both unless
 the request's ``outputs`` names some; as raw bytes when the request asks
 (``"parameters": {"binary_data_output": true}``, or ``binary_data`` per output).
@@ -47,12 +54,17 @@ LENGTHS_INPUT = "sparse_lengths"
 IDS_INPUT = "sparse_ids"
 RAW_INTS_INPUT = "int_features"
 RAW_CATEGORIES_INPUT = "cat_features"
+CONTEXT_DENSE_INPUT = "context_dense_features"
+CONTEXT_LENGTHS_INPUT = "context_sparse_lengths"
+CONTEXT_IDS_INPUT = "context_sparse_ids"
 MODEL_INPUTS = (DENSE_INPUT, LENGTHS_INPUT, IDS_INPUT)
 RAW_INPUTS = (RAW_INTS_INPUT, RAW_CATEGORIES_INPUT)
+CONTEXT_INPUTS = (CONTEXT_DENSE_INPUT, CONTEXT_LENGTHS_INPUT, CONTEXT_IDS_INPUT)
 SCORE_OUTPUT = "score"
 LOGIT_OUTPUT = "logit"
 OUTPUTS = (SCORE_OUTPUT, LOGIT_OUTPUT)
 FIELD_NAMES = FieldNames(dense=DENSE_INPUT, lengths=LENGTHS_INPUT, values=IDS_INPUT)
+CONTEXT_FIELD_NAMES = FieldNames(dense=CONTEXT_DENSE_INPUT, lengths=CONTEXT_LENGTHS_INPUT, values=CONTEXT_IDS_INPUT)
 # The binary data extension's header: the length of the JSON part of the body.
 # Written into every archive by build_mar.py, answered by the frontend agent (frontend_agent/).
 METADATA_FILE = "oip-metadata.json"
@@ -70,6 +82,9 @@ _ALLOWED_DATATYPES = {
     IDS_INPUT: ("INT64",),
     RAW_INTS_INPUT: ("BYTES",),
     RAW_CATEGORIES_INPUT: ("BYTES",),
+    CONTEXT_DENSE_INPUT: ("FP32",),
+    CONTEXT_LENGTHS_INPUT: ("INT32", "INT64"),
+    CONTEXT_IDS_INPUT: ("INT64",),
 }
 _JSON_TYPES: dict[str, frozenset[type]] = {
     "FP32": frozenset({int, float}),
@@ -112,11 +127,12 @@ class Encoded:
 
 @dataclass(frozen=True)
 class OipRequest:
-    """The rows of one OIP request, and how to answer it."""
+    """The rows of one OIP request, and how to answer it; ``context``: a ranking request's shared row."""
 
     id: str
     rows: FeatureRows
     outputs: OutputRequest
+    context: FeatureRows | None = None
 
     @property
     def num_rows(self) -> int:
@@ -186,6 +202,9 @@ class OipCodec:
             raise _wrong_type("id", "string", request_id)
         tensors = self._tensors(payload.get("inputs"), binary, grpc)
         outputs = _output_request(payload.get("parameters"), payload.get("outputs"))
+        if tensors.keys() & set(CONTEXT_INPUTS):
+            rows, context = self._ranking_rows(tensors)
+            return OipRequest(id=request_id, rows=rows, outputs=outputs, context=context)
         return OipRequest(id=request_id, rows=self._rows(tensors), outputs=outputs)
 
     def _tensors(self, inputs: Any, binary: memoryview | None, grpc: bool) -> dict[str, Tensor]:
@@ -225,7 +244,7 @@ class OipCodec:
             raise _wrong_type("inputs", "object", described)
         name = described.get("name")
         if not isinstance(name, str) or name not in _ALLOWED_DATATYPES:
-            known = ", ".join(MODEL_INPUTS + RAW_INPUTS)
+            known = ", ".join(MODEL_INPUTS + RAW_INPUTS + CONTEXT_INPUTS)
             field = name if isinstance(name, str) else "name"
             raise InvalidRequest(
                 ErrorKind.UNKNOWN_FIELD, f"unknown input {name!r}: the inputs are {known}", field=field, got=name
@@ -318,6 +337,76 @@ class OipCodec:
             values=np.asarray(ids.data),
         )
         return self.validator.check(features, FIELD_NAMES)
+
+    def _ranking_rows(self, tensors: dict[str, Tensor]) -> tuple[FeatureRows, FeatureRows]:
+        """A ranking request's candidates and context row: each sparse feature's ids in one of the two, the
+        dense features per candidate (``dense_features``) or once (``context_dense_features``)."""
+        extra = sorted(tensors.keys() - set(MODEL_INPUTS) - set(CONTEXT_INPUTS))
+        if extra:
+            raise InvalidRequest(
+                ErrorKind.UNKNOWN_FIELD,
+                f"input {extra[0]!r} cannot be combined with context inputs: a ranking request sends model "
+                f"inputs ({', '.join(MODEL_INPUTS)}) beside {', '.join(CONTEXT_INPUTS)}",
+                field=extra[0],
+            )
+        if DENSE_INPUT in tensors and CONTEXT_DENSE_INPUT in tensors:
+            raise InvalidRequest(
+                ErrorKind.DUPLICATE_FIELD,
+                f"the dense features are given both as {DENSE_INPUT!r} and as {CONTEXT_DENSE_INPUT!r}: send one",
+                field=CONTEXT_DENSE_INPUT,
+            )
+        dense_input = CONTEXT_DENSE_INPUT if CONTEXT_DENSE_INPUT in tensors else DENSE_INPUT
+        pairs = ((LENGTHS_INPUT, IDS_INPUT), (CONTEXT_LENGTHS_INPUT, CONTEXT_IDS_INPUT))
+        required = [dense_input, LENGTHS_INPUT, IDS_INPUT]
+        required += [name for pair in pairs[1:] if tensors.keys() & set(pair) for name in pair]
+        missing = next((name for name in required if name not in tensors), None)
+        if missing is not None:
+            raise InvalidRequest(ErrorKind.MISSING_FIELD, f"the request lacks input {missing!r}", field=missing)
+        lengths, ids = tensors[LENGTHS_INPUT], tensors[IDS_INPUT]
+        rows = lengths.shape[0] if lengths.shape else 0
+        self.validator.check_row_count(rows, LENGTHS_INPUT)
+        _check_shape(lengths, (rows, self.num_sparse))
+        context = self._context_row(tensors)
+        if DENSE_INPUT in tensors:
+            _check_shape(tensors[DENSE_INPUT], (rows, self.num_dense))
+            dense = np.asarray(tensors[DENSE_INPUT].data).reshape(rows, self.num_dense)
+        else:
+            dense = np.repeat(context.dense, rows, axis=0)
+        if len(ids.shape) != 1:
+            raise _shape_error(ids, "[total]")
+        candidates = FeatureRows(
+            dense=dense,
+            lengths=np.asarray(lengths.data, dtype=np.int64).reshape(lengths.shape),
+            values=np.asarray(ids.data),
+        )
+        self.validator.check(candidates, FIELD_NAMES)
+        both = np.argwhere((candidates.lengths > 0) & (context.lengths > 0))
+        if both.size:
+            row, feature = (int(i) for i in both[0])
+            name = self.config.sparse_feature_names[feature]
+            raise InvalidRequest(
+                ErrorKind.DUPLICATE_FIELD,
+                f"row {row}: {name} has ids both in {CONTEXT_LENGTHS_INPUT!r} and in {LENGTHS_INPUT!r}: "
+                "give each feature's ids in one of them",
+                field=LENGTHS_INPUT,
+                row=row,
+            )
+        return candidates, context
+
+    def _context_row(self, tensors: dict[str, Tensor]) -> FeatureRows:
+        """The one context row: its dense values (zeros when the candidates carry them) and its sparse ids."""
+        dense = np.zeros((1, self.num_dense), dtype=np.float32)
+        if CONTEXT_DENSE_INPUT in tensors:
+            _check_shape(tensors[CONTEXT_DENSE_INPUT], (1, self.num_dense))
+            dense = np.asarray(tensors[CONTEXT_DENSE_INPUT].data).reshape(1, self.num_dense)
+        lengths, ids = np.zeros((1, self.num_sparse), dtype=np.int64), np.zeros(0, dtype=np.int64)
+        if CONTEXT_LENGTHS_INPUT in tensors:
+            _check_shape(tensors[CONTEXT_LENGTHS_INPUT], (1, self.num_sparse))
+            if len(tensors[CONTEXT_IDS_INPUT].shape) != 1:
+                raise _shape_error(tensors[CONTEXT_IDS_INPUT], "[total]")
+            lengths = np.asarray(tensors[CONTEXT_LENGTHS_INPUT].data, dtype=np.int64).reshape(1, self.num_sparse)
+            ids = np.asarray(tensors[CONTEXT_IDS_INPUT].data)
+        return self.validator.check(FeatureRows(dense, lengths, ids), CONTEXT_FIELD_NAMES)
 
     def _raw_rows(self, ints: Tensor, categories: Tensor) -> FeatureRows:
         rows = ints.shape[0] if ints.shape else 0

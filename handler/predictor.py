@@ -138,7 +138,7 @@ class DLRMPredictor:
         if decoded:
             order = sorted(decoded)
             batch = [decoded[index] for index in order]
-            contexts = [part.context if isinstance(part, RowsRequest) else None for part in batch]
+            contexts = [part.context for part in batch]
             logits, scores = self.forward([part.rows for part in batch], contexts)
             for index in order:
                 end = rows + decoded[index].num_rows

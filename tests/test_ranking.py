@@ -12,15 +12,17 @@ import pytest
 import requests
 import torch
 
+from dlrm_client import DLRMClient
+from dlrm_client.client import Tensor, decode_response, encode_request, model_input_tensors, ranking_tensors
 from handler.errors import ErrorKind
-from handler.predictor import DLRMPredictor
+from handler.predictor import DLRMPredictor, Request
 from model_factory.artifact import ModelArtifact, Provenance, write_artifact
 from model_factory.config import preset
 from model_factory.quantization import QuantizationSpec, random_quantized_model
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from tests.archives import QUANTIZATION_SPECS
 from training.criteo import request_row
-from training.synthetic import PlantedClickModel, format_tsv
+from training.synthetic import PlantedClickModel, format_tsv, random_inputs
 
 CONFIG = preset("small")
 SAMPLE = REPO_ROOT / "sample_data" / "sample_ranking.json"
@@ -201,3 +203,113 @@ def test_rankings_on_gpu_score_as_expanded_rows_on_cpu(tables: str, artifact_dir
     (ranked,) = logits(gpu, body)
     (plain,) = logits(cpu, {"instances": expanded})
     np.testing.assert_allclose(ranked, plain, rtol=0, atol=1e-3)  # GPU kernels sum in another order
+
+
+# ---------------------------------------------------------------------------------------------- Open Inference Protocol
+
+
+def oip_case(rows: int, shared: np.ndarray, seed: int) -> tuple[list[Tensor], list[Tensor], np.ndarray]:
+    """A ranking request's tensors (the ``shared`` sparse features' ids in the context row, multi-hot, some
+    empty), the same rows expanded as plain model inputs, and the expanded rows' dense values."""
+    rng = np.random.default_rng(seed)
+    dense, lengths, ids = random_inputs(CONFIG, rows + 1, rng, num_indices_per_lookup=3, fixed_lookups=False)
+    owner = np.repeat(np.arange(lengths.size), lengths.ravel())  # (row, feature) cell of each id
+    cells = lengths.size // (rows + 1)
+    context_ids, own_ids = ids[owner < cells], ids[owner >= cells]
+    context_lengths, own_lengths = lengths[:1].copy(), lengths[1:].copy()
+    context_lengths[:, ~shared] = 0
+    context_ids = context_ids[shared[owner[owner < cells]]]
+    feature_of = owner[owner >= cells] % cells
+    own_ids = own_ids[~shared[feature_of]]
+    own_lengths[:, shared] = 0
+    ranking = ranking_tensors(own_lengths, own_ids, context_lengths, context_ids, dense=dense[1:])
+    # Expanded: each row's ids of every feature, the context's where shared.
+    expanded_lengths = np.where(shared, context_lengths, own_lengths)
+    per_cell_own = np.split(own_ids, np.cumsum(own_lengths.ravel())[:-1])
+    per_feature_context = np.split(context_ids, np.cumsum(context_lengths.ravel())[:-1])
+    expanded_ids = np.concatenate(
+        [
+            per_feature_context[f] if shared[f] else per_cell_own[r * cells + f]
+            for r in range(rows)
+            for f in range(cells)
+        ]
+        + [np.zeros(0, dtype=np.int64)]
+    )
+    return ranking, model_input_tensors(dense[1:], expanded_lengths, expanded_ids), dense[1:]
+
+
+def oip_logits(predictor: DLRMPredictor, tensors: list[Tensor], binary: bool) -> Any:
+    body, headers = encode_request(tensors, binary)
+    (response,) = predictor.predict([Request(body, {key.lower(): value for key, value in headers.items()})]).responses
+    if response.status != 200:
+        return orjson.loads(response.body) | {"status": response.status}
+    return decode_response(response.body, response.headers)["logit"]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("context_dense", [False, True], ids=["own-dense", "context-dense"])
+def test_oip_rankings_score_as_expanded_rows(predictor: DLRMPredictor, binary: bool, context_dense: bool) -> None:
+    shared = np.arange(len(SPARSE)) % 2 == 0
+    ranking_request, expanded, dense = oip_case(rows=23, shared=shared, seed=int(binary) + 2 * int(context_dense))
+    if context_dense:  # every candidate with the first row's dense values
+        dense[:] = dense[:1]
+        ranking_request[0] = Tensor("context_dense_features", "FP32", (1, len(DENSE)), dense[:1].copy())
+        expanded[0] = Tensor("dense_features", "FP32", dense.shape, dense)
+    ranked = oip_logits(predictor, ranking_request, binary)
+    plain = oip_logits(predictor, expanded, binary)
+    np.testing.assert_allclose(ranked, plain, rtol=0, atol=TOLERANCE)
+
+
+def test_invalid_oip_rankings_get_a_4xx_naming_the_input(predictor: DLRMPredictor) -> None:
+    shared = np.zeros(len(SPARSE), dtype=bool)
+    shared[:3] = True
+    ranking_request, _, dense = oip_case(rows=4, shared=shared, seed=5)
+    by_name = {tensor.name: tensor for tensor in ranking_request}
+    context_lengths = by_name["context_sparse_lengths"].data
+    own_lengths = by_name["sparse_lengths"].data
+
+    def refused(tensors: list[Tensor]) -> tuple[str, str | None, str]:
+        error = oip_logits(predictor, tensors, binary=True)
+        assert isinstance(error, dict) and error["status"] == 400, error
+        return error["type"], error.get("field"), error["message"]
+
+    both_dense = [*ranking_request, Tensor("context_dense_features", "FP32", (1, len(DENSE)), dense[:1])]
+    assert refused(both_dense)[:2] == ("duplicate_field", "context_dense_features")
+    without_ids = [t for t in ranking_request if t.name != "context_sparse_ids"]
+    assert refused(without_ids)[:2] == ("missing_field", "context_sparse_ids")
+    overlapping = own_lengths.copy()
+    overlapping[2, 1] = 1  # cat_1 is the context's
+    position = int(own_lengths.ravel()[: 2 * len(SPARSE) + 1].sum())  # where row 2's cat_1 ids go
+    ids = np.insert(by_name["sparse_ids"].data, position, 0)
+    clash = [t for t in ranking_request if t.name not in ("sparse_lengths", "sparse_ids")]
+    clash += [
+        Tensor("sparse_lengths", "INT64", overlapping.shape, overlapping),
+        Tensor("sparse_ids", "INT64", ids.shape, ids),
+    ]
+    kind, field, message = refused(clash)
+    assert (kind, field) == ("duplicate_field", "sparse_lengths") and message.startswith("row 2: cat_1 has ids both")
+    two_rows = np.repeat(context_lengths, 2, axis=0)
+    bad_shape = [t for t in ranking_request if t.name != "context_sparse_lengths"]
+    bad_shape.append(Tensor("context_sparse_lengths", "INT64", two_rows.shape, two_rows))
+    assert refused(bad_shape)[:2] == ("wrong_shape", "context_sparse_lengths")
+    too_large = by_name["context_sparse_ids"].data.copy()
+    too_large[0] = 10**9
+    out_of_range = [t for t in ranking_request if t.name != "context_sparse_ids"]
+    out_of_range.append(Tensor("context_sparse_ids", "INT64", too_large.shape, too_large))
+    assert refused(out_of_range)[:2] == ("id_out_of_range", "context_sparse_ids")
+
+
+def test_served_oip_ranking_through_the_client(server: TorchServeProcess) -> None:
+    shared = np.arange(len(SPARSE)) < 13
+    ranking_request, expanded, dense = oip_case(rows=30, shared=shared, seed=11)
+    by_name = {tensor.name: tensor.data for tensor in ranking_request}
+    with DLRMClient(server.endpoints.inference) as client:
+        ranked = client.predict_ranking(
+            by_name["sparse_lengths"],
+            by_name["sparse_ids"],
+            by_name["context_sparse_lengths"],
+            by_name["context_sparse_ids"],
+            dense=dense,
+        )
+        plain = client.predict(*(tensor.data for tensor in expanded))
+    np.testing.assert_allclose(ranked.logit, plain.logit, rtol=0, atol=TOLERANCE)
