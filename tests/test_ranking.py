@@ -264,9 +264,8 @@ def test_invalid_oip_rankings_get_a_4xx_naming_the_input(predictor: DLRMPredicto
     shared = np.zeros(len(SPARSE), dtype=bool)
     shared[:3] = True
     ranking_request, _, dense = oip_case(rows=4, shared=shared, seed=5)
-    by_name = {tensor.name: tensor for tensor in ranking_request}
-    context_lengths = by_name["context_sparse_lengths"].data
-    own_lengths = by_name["sparse_lengths"].data
+    arrays = {tensor.name: np.asarray(tensor.data) for tensor in ranking_request}
+    context_lengths, own_lengths = arrays["context_sparse_lengths"], arrays["sparse_lengths"]
 
     def refused(tensors: list[Tensor]) -> tuple[str, str | None, str]:
         error = oip_logits(predictor, tensors, binary=True)
@@ -280,7 +279,7 @@ def test_invalid_oip_rankings_get_a_4xx_naming_the_input(predictor: DLRMPredicto
     overlapping = own_lengths.copy()
     overlapping[2, 1] = 1  # cat_1 is the context's
     position = int(own_lengths.ravel()[: 2 * len(SPARSE) + 1].sum())  # where row 2's cat_1 ids go
-    ids = np.insert(by_name["sparse_ids"].data, position, 0)
+    ids = np.insert(arrays["sparse_ids"], position, 0)
     clash = [t for t in ranking_request if t.name not in ("sparse_lengths", "sparse_ids")]
     clash += [
         Tensor("sparse_lengths", "INT64", overlapping.shape, overlapping),
@@ -292,7 +291,7 @@ def test_invalid_oip_rankings_get_a_4xx_naming_the_input(predictor: DLRMPredicto
     bad_shape = [t for t in ranking_request if t.name != "context_sparse_lengths"]
     bad_shape.append(Tensor("context_sparse_lengths", "INT64", two_rows.shape, two_rows))
     assert refused(bad_shape)[:2] == ("wrong_shape", "context_sparse_lengths")
-    too_large = by_name["context_sparse_ids"].data.copy()
+    too_large = arrays["context_sparse_ids"].copy()
     too_large[0] = 10**9
     out_of_range = [t for t in ranking_request if t.name != "context_sparse_ids"]
     out_of_range.append(Tensor("context_sparse_ids", "INT64", too_large.shape, too_large))
