@@ -9,7 +9,10 @@ requests"):
 
 - ``expanded``: ``{"instances": [...]}``, every candidate a full raw Criteo row;
 - ``ranking``: ``{"context": {...}, "instances": [...]}``, the user's 13 first sparse
-  features once as context, each candidate with the other 26 features.
+  features once as context, each candidate with the other 26 features;
+- ``oip_expanded``, ``oip_ranking``: the same rows as Open Inference Protocol binary
+  tensors (the model inputs the server's preprocessing makes of them), expanded, or
+  with the context as ``context_sparse_lengths``/``context_sparse_ids``.
 
 The run builds an archive (``--preset``, default ``small``, the model ``make serve``
 serves), measures one 500-candidate query of each format in-process (one thread,
@@ -42,9 +45,11 @@ import orjson
 import torch
 
 from bench import environment
-from handler.predictor import DLRMPredictor
+from dlrm_client.client import encode_request, model_input_tensors, ranking_tensors
+from handler.json_rows import RequestDecoder
+from handler.predictor import DLRMPredictor, Request
 from model_archive.build import ArchiveFormat, BuildOptions, build_archive
-from model_archive.contents import extracted, serving_settings
+from model_archive.contents import serving_settings
 from model_factory.config import DLRMConfig
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from training.criteo import request_row
@@ -54,7 +59,8 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 P99_BOUND_MS = 60.0
 CANDIDATES = (100, 700)
 CONTEXT_FEATURES = 13  # of the 26 sparse features: the user's
-FORMATS = ("expanded", "ranking")
+FORMATS = ("expanded", "ranking", "oip_expanded", "oip_ranking")
+JSON_HEADERS = {"Content-Type": "application/json"}
 # MLPerf Inference v5.0, DLRM-v2 server scenario, Intel's result on one Xeon 6980P socket (128 cores).
 MLPERF_ANCHOR: dict[str, Any] = {
     "queries_per_s": 9100,
@@ -64,9 +70,16 @@ MLPERF_ANCHOR: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
+class Message:
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Query:
     candidates: int
-    bodies: dict[str, bytes]  # format -> request body
+    messages: dict[str, Message]  # format -> request
 
 
 @dataclass(frozen=True)
@@ -98,36 +111,58 @@ MODES = {
 }
 
 
-def make_query(config: DLRMConfig, candidates: int, rng: np.random.Generator) -> Query:
-    """A user row and ``candidates`` candidate rows of planted Criteo data, in both formats."""
+def make_query(config: DLRMConfig, decoder: RequestDecoder, candidates: int, rng: np.random.Generator) -> Query:
+    """A user row and ``candidates`` candidate rows of planted Criteo data, in every format.
+
+    The OIP bodies (binary tensors) carry the rows as the server's preprocessing turns them into
+    model inputs (``decoder``), so every format scores the same rows.
+    """
     sample, _ = PlantedClickModel(seed=0).sample(candidates + 1, rng)
     user, *rows = [request_row(line, config) for line in format_tsv(sample).splitlines()]
     context = {name: user[name] for name in config.sparse_feature_names[:CONTEXT_FEATURES]}
     own = [{name: value for name, value in row.items() if name not in context} for row in rows]
-    bodies = {
-        "expanded": orjson.dumps({"instances": [row | context for row in own]}),
-        "ranking": orjson.dumps({"context": context, "instances": own}),
-    }
-    return Query(candidates, bodies)
+    expanded_body = orjson.dumps({"instances": [row | context for row in own]})
+    ranking_body = orjson.dumps({"context": context, "instances": own})
+    expanded, ranking = decoder.decode(expanded_body).rows, decoder.decode(ranking_body)
+    assert ranking.context is not None
+    oip_expanded = encode_request(model_input_tensors(expanded.dense, expanded.lengths, expanded.values), True)
+    oip_ranking = encode_request(
+        ranking_tensors(
+            ranking.rows.lengths,
+            ranking.rows.values,
+            ranking.context.lengths,
+            ranking.context.values,
+            dense=ranking.rows.dense,
+        ),
+        True,
+    )
+    return Query(
+        candidates,
+        {
+            "expanded": Message("/predictions/dlrm", expanded_body, JSON_HEADERS),
+            "ranking": Message("/predictions/dlrm", ranking_body, JSON_HEADERS),
+            "oip_expanded": Message("/v2/models/dlrm/infer", *oip_expanded),
+            "oip_ranking": Message("/v2/models/dlrm/infer", *oip_ranking),
+        },
+    )
 
 
-def make_queries(config: DLRMConfig, count: int, seed: int) -> list[Query]:
+def make_queries(config: DLRMConfig, decoder: RequestDecoder, count: int, seed: int) -> list[Query]:
     """``count`` queries of N candidates each, N uniform in ``CANDIDATES``."""
     rng = np.random.default_rng(seed)
-    return [make_query(config, int(rng.integers(CANDIDATES[0], CANDIDATES[1] + 1)), rng) for _ in range(count)]
+    sizes = rng.integers(CANDIDATES[0], CANDIDATES[1] + 1, count)
+    return [make_query(config, decoder, int(size), rng) for size in sizes]
 
 
-def inprocess(archive: Path, config: DLRMConfig, repeats: int) -> dict[str, Any]:
-    """One 500-candidate query in each format through ``DLRMPredictor`` (one thread), timed alternately."""
-    query = make_query(config, 500, np.random.default_rng(7))
-    torch.set_num_threads(1)
-    with extracted(archive) as directory:
-        predictor = DLRMPredictor.from_artifact(directory, torch.device("cpu"), max_rows=CANDIDATES[1])
+def inprocess(predictor: DLRMPredictor, query: Query, repeats: int) -> dict[str, Any]:
+    """One query in each format through ``DLRMPredictor`` (one thread), the formats timed in turn."""
     seconds: dict[str, list[float]] = {name: [] for name in FORMATS}
     for _ in range(repeats):
         for name in FORMATS:
+            message = query.messages[name]
+            request = Request(message.body, {key.lower(): value for key, value in message.headers.items()})
             started = time.perf_counter()
-            (response,) = predictor.predict_bodies([query.bodies[name]]).responses
+            (response,) = predictor.predict([request]).responses
             seconds[name].append(time.perf_counter() - started)
             assert response.status == 200, response.body[:200]
     medians = {name: float(np.median(values)) for name, values in seconds.items()}
@@ -136,15 +171,17 @@ def inprocess(archive: Path, config: DLRMConfig, repeats: int) -> dict[str, Any]
         "ms": {name: round(value * 1e3, 2) for name, value in medians.items()},
         "candidates_per_s": {name: round(query.candidates / value) for name, value in medians.items()},
         "speedup": round(medians["expanded"] / medians["ranking"], 3),
-        "bytes": {name: len(query.bodies[name]) for name in FORMATS},
-        "bytes_ratio": round(len(query.bodies["ranking"]) / len(query.bodies["expanded"]), 3),
+        "oip_speedup": round(medians["oip_expanded"] / medians["oip_ranking"], 3),
+        "bytes": {name: len(query.messages[name].body) for name in FORMATS},
+        "bytes_ratio": round(len(query.messages["ranking"].body) / len(query.messages["expanded"].body), 3),
+        "oip_bytes_ratio": round(len(query.messages["oip_ranking"].body) / len(query.messages["oip_expanded"].body), 3),
     }
 
 
-async def _send(session: aiohttp.ClientSession, url: str, body: bytes, scheduled: float) -> tuple[float, bool]:
+async def _send(session: aiohttp.ClientSession, url: str, message: Message, scheduled: float) -> tuple[float, bool]:
     loop = asyncio.get_running_loop()
     try:
-        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+        async with session.post(url + message.path, data=message.body, headers=message.headers) as response:
             await response.read()
             ok = response.status == 200
     except (aiohttp.ClientError, TimeoutError):
@@ -165,7 +202,7 @@ async def _poisson(url: str, queries: list[Query], name: str, rate: float, secon
             await asyncio.sleep(max(0.0, scheduled - loop.time()))
             query = queries[len(tasks) % len(queries)]
             candidates += query.candidates
-            tasks.append(asyncio.create_task(_send(session, url, query.bodies[name], scheduled)))
+            tasks.append(asyncio.create_task(_send(session, url, query.messages[name], scheduled)))
         results = await asyncio.gather(*tasks)
         elapsed = loop.time() - start
     latencies = np.array([latency for latency, _ in results]) * 1e3
@@ -195,10 +232,8 @@ def closed_loop_capacity(url: str, queries: list[Query], name: str, workers: int
             async with aiohttp.ClientSession() as session:
                 index = offset
                 while asyncio.get_running_loop().time() < deadline:
-                    query = queries[index % len(queries)]
-                    async with session.post(
-                        url, data=query.bodies[name], headers={"Content-Type": "application/json"}
-                    ) as r:
+                    message = queries[index % len(queries)].messages[name]
+                    async with session.post(url + message.path, data=message.body, headers=message.headers) as r:
                         await r.read()
                     done += 1
                     index += workers
@@ -215,7 +250,7 @@ def served(archive: Path, queries: list[Query], mode: Mode, workdir: Path) -> di
     results: dict[str, Any] = {}
     with TorchServeProcess(store, f"dlrm={name}", workdir / "torchserve") as server:
         server.wait_ready()
-        url = f"{server.endpoints.inference}/predictions/dlrm"
+        url = server.endpoints.inference
         for index, fmt in enumerate(FORMATS):
             capacity = closed_loop_capacity(url, queries, fmt, workers, seconds=mode.seconds)
             points = [
@@ -240,8 +275,10 @@ def markdown(document: dict[str, Any]) -> str:
         f"# Ranking queries: {document['preset']}, {document['mode']} run, {document['started']}",
         "",
         f"In-process, one thread, one query of {inproc['candidates']} candidates ({CONTEXT_FEATURES} sparse features "
-        f"as context): expanded {inproc['ms']['expanded']} ms, ranking {inproc['ms']['ranking']} ms "
-        f"(**{inproc['speedup']}x** the candidates/s); request bytes ranking/expanded **{inproc['bytes_ratio']}**.",
+        f"as context): JSON expanded {inproc['ms']['expanded']} ms, ranking {inproc['ms']['ranking']} ms "
+        f"(**{inproc['speedup']}x** the candidates/s, request bytes **{inproc['bytes_ratio']}**); OIP binary "
+        f"expanded {inproc['ms']['oip_expanded']} ms, ranking {inproc['ms']['oip_ranking']} ms "
+        f"(**{inproc['oip_speedup']}x**, bytes **{inproc['oip_bytes_ratio']}**).",
         "",
         f"Served (shipped settings, {cores} cores shared with the client), queries of {CANDIDATES[0]}-{CANDIDATES[1]}"
         f" candidates, Poisson arrivals; the best rate with p99 <= {P99_BOUND_MS:.0f} ms and no error:",
@@ -304,7 +341,11 @@ def main(argv: list[str] | None = None) -> None:
             preset=args.preset, output=Path(tmp) / "store" / "dlrm.mar", archive_format=ArchiveFormat.UNZIPPED
         )
         archive, artifact = build_archive(options)
-        queries = make_queries(artifact.model, args.queries, seed=1)
+        decoder = RequestDecoder(artifact.model, artifact.preprocessing, max_rows=CANDIDATES[1])
+        queries = make_queries(artifact.model, decoder, args.queries, seed=1)
+        torch.set_num_threads(1)
+        predictor = DLRMPredictor.from_artifact(archive, torch.device("cpu"), max_rows=CANDIDATES[1])
+        one_query = make_query(artifact.model, decoder, 500, np.random.default_rng(7))
         document: dict[str, Any] = {
             "mode": args.mode,
             "preset": args.preset,
@@ -313,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             "versions": environment.versions(),
             "p99_bound_ms": P99_BOUND_MS,
             "mlperf_anchor": MLPERF_ANCHOR,
-            "inprocess": inprocess(archive, artifact.model, repeats=20 if args.mode == "full" else 6),
+            "inprocess": inprocess(predictor, one_query, repeats=20 if args.mode == "full" else 6),
         }
         print(f"in-process: {document['inprocess']}", flush=True)
         document["served"] = served(archive, queries, mode, Path(tmp))
