@@ -197,7 +197,10 @@ class RequestDecoder:
                 f"a body with {INSTANCES_FIELD!r} must have no other keys, got {extra}",
                 field=extra[0],
             )
-        rows = payload[INSTANCES_FIELD]
+        return self._instance_list(payload[INSTANCES_FIELD])
+
+    def _instance_list(self, rows: Any) -> list:
+        """The value of ``instances``: a list of at most ``max_rows`` rows."""
         if not isinstance(rows, list):
             raise InvalidRequest(
                 ErrorKind.WRONG_TYPE,
@@ -239,7 +242,7 @@ class RequestDecoder:
                 f"({self.config.dense_feature_names[0]}.., {self.config.sparse_feature_names[0]}..)",
                 field=unknown[0],
             )
-        candidates = self._instances({INSTANCES_FIELD: payload[INSTANCES_FIELD]})
+        candidates = self._instance_list(payload[INSTANCES_FIELD])
         self._check_each_feature_once(context, candidates)
         dense_names, sparse_names = self.config.dense_feature_names, self.config.sparse_feature_names
         shared_dense = np.array([name in context for name in dense_names])
