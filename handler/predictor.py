@@ -232,8 +232,3 @@ class DLRMPredictor:
         candidates = embedded[:num_rows].index_add(0, with_context, embedded.index_select(0, source))
         interaction = self.model.inter_arch(dense_features=self.model.dense_arch(dense), sparse_features=candidates)
         return self.model.over_arch(interaction).squeeze(1).float()
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """An asynchronous copy from pinned host memory (a pageable source would make it synchronous)."""
-        pinned = torch.from_numpy(np.require(array, requirements="W")).pin_memory()
-        return pinned.to(self.device, non_blocking=True)
