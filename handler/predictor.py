@@ -223,12 +223,9 @@ class DLRMPredictor:
         """TorchRec's ``DLRM.forward``, with each context row's embeddings added to its part's rows."""
         num_rows = dense.shape[0]
         embedded = self.model.sparse_arch(sparse)  # [rows + contexts, F, D]
-        owner = np.full(num_rows, -1)
-        starts = np.cumsum([0, *(part.num_rows for part in parts)])
-        for context_row, (part, _) in enumerate(shared):
-            owner[starts[part] : starts[part + 1]] = num_rows + context_row
-        with_context = torch.from_numpy(np.flatnonzero(owner >= 0)).to(embedded.device)
-        source = torch.from_numpy(owner[owner >= 0]).to(embedded.device)
-        candidates = embedded[:num_rows].index_add(0, with_context, embedded.index_select(0, source))
+        candidates = embedded[:num_rows]
+        starts = np.cumsum([0, *(part.num_rows for part in parts)]).tolist()
+        for context_row, (part, _) in enumerate(shared):  # each part's rows are consecutive: a broadcast add
+            candidates[starts[part] : starts[part + 1]] += embedded[num_rows + context_row]
         interaction = self.model.inter_arch(dense_features=self.model.dense_arch(dense), sparse_features=candidates)
         return self.model.over_arch(interaction).squeeze(1).float()
