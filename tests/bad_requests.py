@@ -18,6 +18,7 @@ class BadRequest:
     kind: str
     field: str | None = None
     row: int | None = None
+    headers: dict[str, str] | None = None  # the format's usual headers unless given
 
 
 def row(**changes: Any) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 from handler.predictor import DLRMPredictor, Request, Response
 from model_factory.config import DLRMConfig
 from servers.torchserve import REPO_ROOT
-from tests.bad_requests import raw_row
+from tests.bad_requests import BadRequest, raw_row
 from tests.rows import random_row
 
 MAX_ROWS = 8
@@ -354,24 +353,13 @@ def test_grpc_errors_are_oip_responses_with_an_error_output(predictor: DLRMPredi
 # ---------------------------------------------------------------- errors
 
 
-@dataclass(frozen=True)
-class BadOip:
-    name: str
-    body: bytes
-    status: int
-    kind: str
-    field: str | None = None
-    row: int | None = None
-    headers: dict[str, str] | None = None  # OIP_ROUTE unless given
-
-
-def binary_case(name: str, inputs: list[dict[str, Any]], kind: str, field: str | None, **options: Any) -> BadOip:
+def binary_case(name: str, inputs: list[dict[str, Any]], kind: str, field: str | None, **options: Any) -> BadRequest:
     """A case sent with the binary data extension; ``edit(body, headers)`` changes it after encoding."""
     body, headers = binary_request(inputs, options.pop("names", None))
     edit = options.pop("edit", None)
     if edit is not None:
         body, headers = edit(body, headers)
-    return BadOip(name, body, options.pop("status", 400), kind, field, options.pop("row", None), headers)
+    return BadRequest(name, body, options.pop("status", 400), kind, field, options.pop("row", None), headers)
 
 
 def with_header(value: str) -> Callable[[bytes, dict[str, str]], tuple[bytes, dict[str, str]]]:
@@ -389,7 +377,7 @@ def rows_of(count: int, raw: bool = False) -> list[dict[str, Any]]:
     ]
 
 
-def bad_oip_requests() -> list[BadOip]:
+def bad_oip_requests() -> list[BadRequest]:
     ids_with = lambda position, value: [*[0] * position, value, *[0] * (25 - position)]  # noqa: E731
     dense = one_row()[0]
     two_rows_nan = rows_of(2)
@@ -397,48 +385,50 @@ def bad_oip_requests() -> list[BadOip]:
     raw = lambda **changes: raw_inputs([raw_row(**changes)])  # noqa: E731
     return [
         # the request and its tensors
-        BadOip("unknown tensor", payload([*one_row(), tensor("extra", "FP32", [1], [1.0])]), 400, "unknown_field",
-               "extra"),
-        BadOip("missing tensor", payload(one_row(sparse_ids=None)), 400, "missing_field", "sparse_ids"),
-        BadOip("duplicate tensor", payload([*one_row(), dense]), 400, "unknown_field", "dense_features"),
-        BadOip("unknown tensor key", payload(one_row(dense_features={**dense, "extra": 1})), 400, "unknown_field",
-               "dense_features"),
-        BadOip("dense INT64", payload(one_row(dense_features={**dense, "datatype": "INT64"})), 400,
-               "wrong_datatype", "dense_features"),
-        BadOip("dense FP64", payload(one_row(dense_features={**dense, "datatype": "FP64"})), 400, "wrong_datatype",
-               "dense_features"),
-        BadOip("lengths FP32", payload(one_row(sparse_lengths=tensor("sparse_lengths", "FP32", [1, 26], ONE_HOT))),
-               400, "wrong_datatype", "sparse_lengths"),
-        BadOip("ids INT32", payload(one_row(sparse_ids=tensor("sparse_ids", "INT32", [26], [0] * 26))), 400,
-               "wrong_datatype", "sparse_ids"),
-        BadOip("raw ints INT64", payload([tensor("int_features", "INT64", [1, 13], [1] * 13), raw()[1]]), 400,
-               "wrong_datatype", "int_features"),
-        BadOip("datatype missing", payload(one_row(dense_features={k: v for k, v in dense.items() if k != "datatype"})),
-               400, "wrong_datatype", "dense_features"),
-        BadOip("dense [1, 12]", payload(one_row(dense_features=tensor("dense_features", "FP32", [1, 12], [0.5] * 12))),
-               400, "wrong_shape", "dense_features"),
-        BadOip("lengths [1, 25]", payload(one_row(
+        BadRequest("unknown tensor", payload([*one_row(), tensor("extra", "FP32", [1], [1.0])]), 400, "unknown_field",
+                   "extra"),
+        BadRequest("missing tensor", payload(one_row(sparse_ids=None)), 400, "missing_field", "sparse_ids"),
+        BadRequest("duplicate tensor", payload([*one_row(), dense]), 400, "unknown_field", "dense_features"),
+        BadRequest("unknown tensor key", payload(one_row(dense_features={**dense, "extra": 1})), 400, "unknown_field",
+                   "dense_features"),
+        BadRequest("dense INT64", payload(one_row(dense_features={**dense, "datatype": "INT64"})), 400,
+                   "wrong_datatype", "dense_features"),
+        BadRequest("dense FP64", payload(one_row(dense_features={**dense, "datatype": "FP64"})), 400, "wrong_datatype",
+                   "dense_features"),
+        BadRequest("lengths FP32", payload(one_row(sparse_lengths=tensor("sparse_lengths", "FP32", [1, 26], ONE_HOT))),
+                   400, "wrong_datatype", "sparse_lengths"),
+        BadRequest("ids INT32", payload(one_row(sparse_ids=tensor("sparse_ids", "INT32", [26], [0] * 26))), 400,
+                   "wrong_datatype", "sparse_ids"),
+        BadRequest("raw ints INT64", payload([tensor("int_features", "INT64", [1, 13], [1] * 13), raw()[1]]), 400,
+                   "wrong_datatype", "int_features"),
+        BadRequest("datatype missing",
+                   payload(one_row(dense_features={k: v for k, v in dense.items() if k != "datatype"})), 400,
+                   "wrong_datatype", "dense_features"),
+        BadRequest("dense [1, 12]",
+                   payload(one_row(dense_features=tensor("dense_features", "FP32", [1, 12], [0.5] * 12))), 400,
+                   "wrong_shape", "dense_features"),
+        BadRequest("lengths [1, 25]", payload(one_row(
             sparse_lengths=tensor("sparse_lengths", "INT64", [1, 25], [1] * 25),
             sparse_ids=tensor("sparse_ids", "INT64", [25], [0] * 25))),
             400, "wrong_shape", "sparse_lengths"),
-        BadOip("ids 2-D", payload(one_row(sparse_ids=tensor("sparse_ids", "INT64", [1, 26], [0] * 26))), 400,
-               "wrong_shape", "sparse_ids"),
-        BadOip("dense 3-D", payload(one_row(dense_features={**dense, "shape": [1, 13, 1]})), 400, "wrong_shape",
-               "dense_features"),
-        BadOip("raw cats [1, 25]", payload([raw()[0], tensor("cat_features", "BYTES", [1, 25], [""] * 25)]), 400,
-               "wrong_shape", "cat_features"),
-        BadOip("shape not a list", payload(one_row(dense_features={**dense, "shape": 13})), 400, "wrong_shape",
-               "dense_features"),
-        BadOip("negative dimension", payload(one_row(dense_features={**dense, "shape": [-1, 13]})), 400,
-               "wrong_shape", "dense_features"),
-        BadOip("data count vs shape", payload(one_row(dense_features=[0.5] * 12)), 400, "wrong_count",
-               "dense_features"),
-        BadOip("nested data count vs shape", payload(one_row(sparse_lengths=[[1] * 25])), 400, "wrong_count",
-               "sparse_lengths"),
-        BadOip("BYTES count vs shape", payload([raw()[0], {**raw()[1], "data": [""] * 25}]), 400, "wrong_count",
-               "cat_features"),
-        BadOip("data not a list", payload(one_row(dense_features=0.5)), 400, "wrong_type", "dense_features.data"),
-        BadOip("neither data nor binary_data_size", payload(one_row(
+        BadRequest("ids 2-D", payload(one_row(sparse_ids=tensor("sparse_ids", "INT64", [1, 26], [0] * 26))), 400,
+                   "wrong_shape", "sparse_ids"),
+        BadRequest("dense 3-D", payload(one_row(dense_features={**dense, "shape": [1, 13, 1]})), 400, "wrong_shape",
+                   "dense_features"),
+        BadRequest("raw cats [1, 25]", payload([raw()[0], tensor("cat_features", "BYTES", [1, 25], [""] * 25)]), 400,
+                   "wrong_shape", "cat_features"),
+        BadRequest("shape not a list", payload(one_row(dense_features={**dense, "shape": 13})), 400, "wrong_shape",
+                   "dense_features"),
+        BadRequest("negative dimension", payload(one_row(dense_features={**dense, "shape": [-1, 13]})), 400,
+                   "wrong_shape", "dense_features"),
+        BadRequest("data count vs shape", payload(one_row(dense_features=[0.5] * 12)), 400, "wrong_count",
+                   "dense_features"),
+        BadRequest("nested data count vs shape", payload(one_row(sparse_lengths=[[1] * 25])), 400, "wrong_count",
+                   "sparse_lengths"),
+        BadRequest("BYTES count vs shape", payload([raw()[0], {**raw()[1], "data": [""] * 25}]), 400, "wrong_count",
+                   "cat_features"),
+        BadRequest("data not a list", payload(one_row(dense_features=0.5)), 400, "wrong_type", "dense_features.data"),
+        BadRequest("neither data nor binary_data_size", payload(one_row(
             dense_features={k: v for k, v in dense.items() if k != "data"})), 400, "missing_field", "dense_features"),
         # the binary data extension
         binary_case("binary: too many bytes", one_row(), "invalid_binary", "binary_data_size",
@@ -466,8 +456,8 @@ def bad_oip_requests() -> list[BadOip]:
         binary_case("both data and binary_data_size", one_row(), "invalid_binary", "dense_features",
                     edit=lambda body, headers: (body.replace(b'"parameters"', b'"data": [], "parameters"', 1), {
                         **headers, LENGTH_HEADER: str(int(headers[LENGTH_HEADER]) + len(b'"data": [], '))})),
-        BadOip("binary_data_size without the header",
-               binary_request(one_row(), ("dense_features",))[0][:-52], 400, "invalid_binary", "dense_features"),
+        BadRequest("binary_data_size without the header",
+                   binary_request(one_row(), ("dense_features",))[0][:-52], 400, "invalid_binary", "dense_features"),
         binary_case("binary_data_size not an integer", one_row(), "wrong_type",
                     "dense_features.parameters.binary_data_size", names=("dense_features",),
                     edit=lambda body, headers: (body.replace(b": 52}", b": 5.2}", 1), {
@@ -478,94 +468,96 @@ def bad_oip_requests() -> list[BadOip]:
         binary_case("infinite dense (binary FP32)", one_row(dense_features=[0.5] * 12 + [float("-inf")]),
                     "non_finite", "dense_features", row=0),
         binary_case("NaN dense in the second row", two_rows_nan, "non_finite", "dense_features", row=1),
-        BadOip("dense beyond float32 (JSON)", payload(one_row(dense_features=[1e39] + [0.5] * 12)), 400, "non_finite",
-               "dense_features", 0),
-        BadOip("dense string", payload(one_row(dense_features=["0.5"] + [0.5] * 12)), 400, "non_numeric",
-               "dense_features"),
-        BadOip("dense boolean", payload(one_row(dense_features=[True] + [0.5] * 12)), 400, "non_numeric",
-               "dense_features"),
-        BadOip("dense null", payload(one_row(dense_features=[None] + [0.5] * 12)), 400, "non_numeric",
-               "dense_features"),
-        BadOip("negative id", payload(one_row(sparse_ids=ids_with(3, -1))), 400, "id_out_of_range", "sparse_ids", 0),
-        BadOip("id = table size", payload(one_row(sparse_ids=ids_with(25, 35))), 400, "id_out_of_range",
-               "sparse_ids", 0),
-        BadOip("id beyond int64 (JSON)", payload(one_row(sparse_ids=ids_with(0, 2**63))), 400, "id_out_of_range",
-               "sparse_ids"),
+        BadRequest("dense beyond float32 (JSON)", payload(one_row(dense_features=[1e39] + [0.5] * 12)), 400,
+                   "non_finite", "dense_features", 0),
+        BadRequest("dense string", payload(one_row(dense_features=["0.5"] + [0.5] * 12)), 400, "non_numeric",
+                   "dense_features"),
+        BadRequest("dense boolean", payload(one_row(dense_features=[True] + [0.5] * 12)), 400, "non_numeric",
+                   "dense_features"),
+        BadRequest("dense null", payload(one_row(dense_features=[None] + [0.5] * 12)), 400, "non_numeric",
+                   "dense_features"),
+        BadRequest("negative id", payload(one_row(sparse_ids=ids_with(3, -1))), 400, "id_out_of_range",
+                   "sparse_ids", 0),
+        BadRequest("id = table size", payload(one_row(sparse_ids=ids_with(25, 35))), 400, "id_out_of_range",
+                   "sparse_ids", 0),
+        BadRequest("id beyond int64 (JSON)", payload(one_row(sparse_ids=ids_with(0, 2**63))), 400, "id_out_of_range",
+                   "sparse_ids"),
         binary_case("negative id (binary)", one_row(sparse_ids=ids_with(7, -(2**63))), "id_out_of_range",
                     "sparse_ids", row=0),
-        BadOip("id out of range in the second row",
-               payload([*rows_of(2)[:2], tensor("sparse_ids", "INT64", [52], [0] * 51 + [35])]), 400,
-               "id_out_of_range", "sparse_ids", 1),
-        BadOip("float id", payload(one_row(sparse_ids=ids_with(2, 2.0))), 400, "non_integer", "sparse_ids"),
-        BadOip("boolean id", payload(one_row(sparse_ids=ids_with(2, True))), 400, "non_integer", "sparse_ids"),
-        BadOip("string id", payload(one_row(sparse_ids=ids_with(2, "2"))), 400, "non_integer", "sparse_ids"),
-        BadOip("float length", payload(one_row(sparse_lengths=[1.0] + [1] * 25)), 400, "non_integer",
-               "sparse_lengths"),
-        BadOip("boolean length", payload(one_row(sparse_lengths=[True] + [1] * 25)), 400, "non_integer",
-               "sparse_lengths"),
-        BadOip("string length (INT32)", payload(one_row(
+        BadRequest("id out of range in the second row",
+                   payload([*rows_of(2)[:2], tensor("sparse_ids", "INT64", [52], [0] * 51 + [35])]), 400,
+                   "id_out_of_range", "sparse_ids", 1),
+        BadRequest("float id", payload(one_row(sparse_ids=ids_with(2, 2.0))), 400, "non_integer", "sparse_ids"),
+        BadRequest("boolean id", payload(one_row(sparse_ids=ids_with(2, True))), 400, "non_integer", "sparse_ids"),
+        BadRequest("string id", payload(one_row(sparse_ids=ids_with(2, "2"))), 400, "non_integer", "sparse_ids"),
+        BadRequest("float length", payload(one_row(sparse_lengths=[1.0] + [1] * 25)), 400, "non_integer",
+                   "sparse_lengths"),
+        BadRequest("boolean length", payload(one_row(sparse_lengths=[True] + [1] * 25)), 400, "non_integer",
+                   "sparse_lengths"),
+        BadRequest("string length (INT32)", payload(one_row(
             sparse_lengths=tensor("sparse_lengths", "INT32", [1, 26], ["1"] + [1] * 25))), 400, "non_integer",
             "sparse_lengths"),
-        BadOip("length beyond INT32", payload(one_row(
+        BadRequest("length beyond INT32", payload(one_row(
             sparse_lengths=tensor("sparse_lengths", "INT32", [1, 26], [2**31] + [1] * 25))), 400, "non_integer",
             "sparse_lengths"),
-        BadOip("length beyond int64 (JSON)", payload(one_row(sparse_lengths=[2**63] + [1] * 25)), 400,
-               "non_integer", "sparse_lengths"),
-        BadOip("lengths do not add up to the ids", payload(one_row(sparse_ids=tensor("sparse_ids", "INT64", [25],
-               [0] * 25))), 400, "length_mismatch", "sparse_ids"),
-        BadOip("negative length", payload(one_row(sparse_lengths=[2, -1] + [1] * 24)), 400, "negative_length",
-               "sparse_lengths", 0),
+        BadRequest("length beyond int64 (JSON)", payload(one_row(sparse_lengths=[2**63] + [1] * 25)), 400,
+                   "non_integer", "sparse_lengths"),
+        BadRequest("lengths do not add up to the ids", payload(one_row(sparse_ids=tensor("sparse_ids", "INT64", [25],
+                   [0] * 25))), 400, "length_mismatch", "sparse_ids"),
+        BadRequest("negative length", payload(one_row(sparse_lengths=[2, -1] + [1] * 24)), 400, "negative_length",
+                   "sparse_lengths", 0),
         binary_case("negative length (binary INT32)",
                     one_row(sparse_lengths=tensor("sparse_lengths", "INT32", [1, 26], [2, -1] + [1] * 24)),
                     "negative_length", "sparse_lengths", row=0),
         # rows
-        BadOip("no rows", payload([tensor("dense_features", "FP32", [0, 13], []),
+        BadRequest("no rows", payload([tensor("dense_features", "FP32", [0, 13], []),
                                    tensor("sparse_lengths", "INT64", [0, 26], []),
                                    tensor("sparse_ids", "INT64", [0], [])]), 400, "empty_instances",
-               "dense_features"),
-        BadOip("no raw rows", payload([tensor("int_features", "BYTES", [0, 13], []),
+                   "dense_features"),
+        BadRequest("no raw rows", payload([tensor("int_features", "BYTES", [0, 13], []),
                                        tensor("cat_features", "BYTES", [0, 26], [])]), 400, "empty_instances",
-               "int_features"),
-        BadOip("too many rows", payload(rows_of(MAX_ROWS + 1)), 413, "too_many_rows", "dense_features"),
+                   "int_features"),
+        BadRequest("too many rows", payload(rows_of(MAX_ROWS + 1)), 413, "too_many_rows", "dense_features"),
         binary_case("too many rows (binary)", rows_of(MAX_ROWS + 1), "too_many_rows", "dense_features", status=413),
-        BadOip("too many raw rows", payload(rows_of(MAX_ROWS + 1, raw=True)), 413, "too_many_rows", "int_features"),
+        BadRequest("too many raw rows", payload(rows_of(MAX_ROWS + 1, raw=True)), 413, "too_many_rows", "int_features"),
         # raw rows
-        BadOip("model and raw inputs mixed", payload([*one_row(), raw()[0]]), 400, "unknown_field", "int_features"),
-        BadOip("raw and one model input", payload([*raw(), one_row()[0]]), 400, "unknown_field", "cat_features"),
-        BadOip("raw input missing", payload([raw()[1]]), 400, "missing_field", "int_features"),
-        BadOip("raw integer not decimal", payload(raw(int_3="1.5")), 400, "non_integer", "int_features", 0),
-        BadOip("raw integer hex", payload(raw(int_3="0x1f")), 400, "non_integer", "int_features", 0),
-        BadOip("raw integer with a sign", payload(raw(int_3="+5")), 400, "non_integer", "int_features", 0),
-        BadOip("raw integer beyond int64", payload(raw(int_3=str(2**63))), 400, "non_integer", "int_features", 0),
-        BadOip("raw integer not a string", payload([{**raw()[0], "data": [1] * 13}, raw()[1]]), 400, "non_integer",
-               "int_features"),
-        BadOip("raw category not hex", payload(raw(cat_7="05db916g")), 400, "invalid_category", "cat_features", 0),
-        BadOip("raw category of 7 digits", payload(raw(cat_7="5db9164")), 400, "invalid_category", "cat_features", 0),
-        BadOip("raw category in the second row", payload(raw_inputs([raw_row(), raw_row(cat_0="xyz")])), 400,
-               "invalid_category", "cat_features", 1),
+        BadRequest("model and raw inputs mixed", payload([*one_row(), raw()[0]]), 400, "unknown_field", "int_features"),
+        BadRequest("raw and one model input", payload([*raw(), one_row()[0]]), 400, "unknown_field", "cat_features"),
+        BadRequest("raw input missing", payload([raw()[1]]), 400, "missing_field", "int_features"),
+        BadRequest("raw integer not decimal", payload(raw(int_3="1.5")), 400, "non_integer", "int_features", 0),
+        BadRequest("raw integer hex", payload(raw(int_3="0x1f")), 400, "non_integer", "int_features", 0),
+        BadRequest("raw integer with a sign", payload(raw(int_3="+5")), 400, "non_integer", "int_features", 0),
+        BadRequest("raw integer beyond int64", payload(raw(int_3=str(2**63))), 400, "non_integer", "int_features", 0),
+        BadRequest("raw integer not a string", payload([{**raw()[0], "data": [1] * 13}, raw()[1]]), 400, "non_integer",
+                   "int_features"),
+        BadRequest("raw category not hex", payload(raw(cat_7="05db916g")), 400, "invalid_category", "cat_features", 0),
+        BadRequest("raw category of 7 digits", payload(raw(cat_7="5db9164")), 400, "invalid_category",
+                   "cat_features", 0),
+        BadRequest("raw category in the second row", payload(raw_inputs([raw_row(), raw_row(cat_0="xyz")])), 400,
+                   "invalid_category", "cat_features", 1),
         binary_case("raw integer not UTF-8", [{**raw()[0], "data": [b"\xff"] + ["1"] * 12}, raw()[1]],
                     "invalid_binary", "int_features"),
         binary_case("raw category not UTF-8", [raw()[0], {**raw()[1], "data": [b"\xc3"] + [""] * 25}],
                     "invalid_binary", "cat_features"),
         # outputs
-        BadOip("unknown output", payload(one_row(), outputs=[{"name": "probability"}]), 400, "unknown_field",
-               "outputs"),
-        BadOip("outputs not a list", payload(one_row(), outputs={"name": "score"}), 400, "wrong_type", "outputs"),
-        BadOip("outputs empty", payload(one_row(), outputs=[]), 400, "wrong_type", "outputs"),
-        BadOip("parameters not an object", payload(one_row(), parameters=[1]), 400, "wrong_type", "parameters"),
+        BadRequest("unknown output", payload(one_row(), outputs=[{"name": "probability"}]), 400, "unknown_field",
+                   "outputs"),
+        BadRequest("outputs not a list", payload(one_row(), outputs={"name": "score"}), 400, "wrong_type", "outputs"),
+        BadRequest("outputs empty", payload(one_row(), outputs=[]), 400, "wrong_type", "outputs"),
+        BadRequest("parameters not an object", payload(one_row(), parameters=[1]), 400, "wrong_type", "parameters"),
         # the body
-        BadOip("invalid JSON", b'{"inputs": [', 400, "invalid_json"),
-        BadOip("JSON array", b"[]", 400, "invalid_body"),
-        BadOip("empty body", b"", 415, "empty_body"),
-        BadOip("unknown top-level key", payload(one_row(), extra=1), 400, "unknown_field", "extra"),
-        BadOip("id not a string", payload(one_row(), id=7), 400, "wrong_type", "id"),
-        BadOip("no inputs", b'{"id": "x"}', 400, "missing_field", "inputs"),
-        BadOip("inputs empty", payload([]), 400, "wrong_type", "inputs"),
-        BadOip("input not an object", payload([7]), 400, "wrong_type", "inputs"),
+        BadRequest("invalid JSON", b'{"inputs": [', 400, "invalid_json"),
+        BadRequest("JSON array", b"[]", 400, "invalid_body"),
+        BadRequest("empty body", b"", 415, "empty_body"),
+        BadRequest("unknown top-level key", payload(one_row(), extra=1), 400, "unknown_field", "extra"),
+        BadRequest("id not a string", payload(one_row(), id=7), 400, "wrong_type", "id"),
+        BadRequest("no inputs", b'{"id": "x"}', 400, "missing_field", "inputs"),
+        BadRequest("inputs empty", payload([]), 400, "wrong_type", "inputs"),
+        BadRequest("input not an object", payload([7]), 400, "wrong_type", "inputs"),
     ]  # fmt: skip
 
 
-def check_error(response: Response, case: BadOip) -> dict[str, Any]:
+def check_error(response: Response, case: BadRequest) -> dict[str, Any]:
     assert (response.status, response.error_kind) == (case.status, case.kind), response.body
     body = orjson.loads(response.body)
     assert list(body)[0] == "error" and body["error"] == body["message"] and body["message"]
@@ -576,7 +568,7 @@ def check_error(response: Response, case: BadOip) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("case", bad_oip_requests(), ids=lambda case: case.name)
-def test_bad_requests_get_the_documented_error(predictor: DLRMPredictor, case: BadOip) -> None:
+def test_bad_requests_get_the_documented_error(predictor: DLRMPredictor, case: BadRequest) -> None:
     check_error(infer(predictor, case.body, case.headers), case)
 
 
@@ -585,7 +577,7 @@ def test_bad_requests_get_the_documented_error(predictor: DLRMPredictor, case: B
     [case for case in bad_oip_requests() if case.headers is None and b'"BYTES"' not in case.body],
     ids=lambda case: case.name,
 )
-def test_bad_requests_over_grpc_carry_the_same_error(predictor: DLRMPredictor, case: BadOip) -> None:
+def test_bad_requests_over_grpc_carry_the_same_error(predictor: DLRMPredictor, case: BadRequest) -> None:
     """JSON requests without BYTES inputs (gRPC hands those over base64-encoded: tested below)."""
     response = infer(predictor, case.body, grpc=True)
     assert (response.status, response.error_kind) == (case.status, case.kind)
