@@ -328,11 +328,15 @@ class OipCodec:
         rows = dense.shape[0] if dense.shape else 0
         self.validator.check_row_count(rows, DENSE_INPUT)
         _check_shape(dense, (rows, self.num_dense))
-        _check_shape(lengths, (rows, self.num_sparse))
+        return self._model_rows(np.asarray(dense.data).reshape(dense.shape), lengths, ids)
+
+    def _model_rows(self, dense: np.ndarray, lengths: Tensor, ids: Tensor) -> FeatureRows:
+        """``len(dense)`` rows of model inputs with these lengths and ids, checked by the shared rules."""
+        _check_shape(lengths, (len(dense), self.num_sparse))
         if len(ids.shape) != 1:
             raise _shape_error(ids, "[total]")
         features = FeatureRows(
-            dense=np.asarray(dense.data).reshape(dense.shape),
+            dense=dense,
             lengths=np.asarray(lengths.data, dtype=np.int64).reshape(lengths.shape),
             values=np.asarray(ids.data),
         )
@@ -355,10 +359,9 @@ class OipCodec:
                 f"the dense features are given both as {DENSE_INPUT!r} and as {CONTEXT_DENSE_INPUT!r}: send one",
                 field=CONTEXT_DENSE_INPUT,
             )
-        dense_input = CONTEXT_DENSE_INPUT if CONTEXT_DENSE_INPUT in tensors else DENSE_INPUT
-        pairs = ((LENGTHS_INPUT, IDS_INPUT), (CONTEXT_LENGTHS_INPUT, CONTEXT_IDS_INPUT))
-        required = [dense_input, LENGTHS_INPUT, IDS_INPUT]
-        required += [name for pair in pairs[1:] if tensors.keys() & set(pair) for name in pair]
+        required = [CONTEXT_DENSE_INPUT if CONTEXT_DENSE_INPUT in tensors else DENSE_INPUT, LENGTHS_INPUT, IDS_INPUT]
+        if tensors.keys() & {CONTEXT_LENGTHS_INPUT, CONTEXT_IDS_INPUT}:  # the context's ids come as a pair
+            required += [CONTEXT_LENGTHS_INPUT, CONTEXT_IDS_INPUT]
         missing = next((name for name in required if name not in tensors), None)
         if missing is not None:
             raise InvalidRequest(ErrorKind.MISSING_FIELD, f"the request lacks input {missing!r}", field=missing)
@@ -372,14 +375,7 @@ class OipCodec:
             dense = np.asarray(tensors[DENSE_INPUT].data).reshape(rows, self.num_dense)
         else:
             dense = np.repeat(context.dense, rows, axis=0)
-        if len(ids.shape) != 1:
-            raise _shape_error(ids, "[total]")
-        candidates = FeatureRows(
-            dense=dense,
-            lengths=np.asarray(lengths.data, dtype=np.int64).reshape(lengths.shape),
-            values=np.asarray(ids.data),
-        )
-        self.validator.check(candidates, FIELD_NAMES)
+        candidates = self._model_rows(dense, lengths, ids)
         both = np.argwhere((candidates.lengths > 0) & (context.lengths > 0))
         if both.size:
             row, feature = (int(i) for i in both[0])
