@@ -117,6 +117,15 @@ def parser() -> argparse.ArgumentParser:
     )
     serving.add_argument("--max-rows", type=int, default=SERVING.max_rows, help="rows allowed in one request")
     serving.add_argument(
+        "--shard-tables-gpus",
+        type=int,
+        default=SERVING.shard_tables_gpus,
+        metavar="N",
+        help="shard the quantized tables table-wise over cuda:0..N-1 of one worker, for tables larger than one GPU "
+        "(needs --quantize and --workers 1; the worker uses all N GPUs and fails to load with fewer; "
+        "default: 0 = off, as is 1)",
+    )
+    serving.add_argument(
         "--response-timeout", type=int, default=SERVING.response_timeout_s, help="TorchServe responseTimeout (s)"
     )
     serving.add_argument(
@@ -140,6 +149,12 @@ def feature_dtype(text: str) -> tuple[str, TableDtype]:
 def parse_args(argv: list[str] | None = None) -> BuildOptions:
     arguments = parser()
     args = arguments.parse_args(argv)
+    unquantized = args.quantize == TableDtype.NONE and not args.quantize_table
+    if args.shard_tables_gpus > 1 and (unquantized or args.quantize_mlp == MlpDtype.INT8):
+        arguments.error(
+            "--shard-tables-gpus shards quantized tables over GPUs: it needs --quantize, and MLPs that "
+            "run on a GPU (not --quantize-mlp int8)"
+        )
     try:
         return BuildOptions(
             preset=args.preset,
@@ -161,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
                 threads=args.threads,
                 max_rows=args.max_rows,
                 metrics_flush_seconds=args.metrics_flush_seconds,
+                shard_tables_gpus=args.shard_tables_gpus,
             ),
         )
     except (ConfigError, SettingsError) as error:

@@ -35,13 +35,14 @@ class DLRMHandler:
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
         settings = ServingSettings.from_model_yaml(context.model_yaml_config)
-        device = select_device(properties.get("gpu_id"))
+        device = select_device(properties.get("gpu_id"), settings.shard_tables_gpus)
         if device.type == "cpu":
             torch.set_num_threads(settings.threads_per_worker())
         self.predictor = DLRMPredictor.from_artifact(
             Path(properties["model_dir"]),
             device,
             max_rows=settings.max_rows,
+            shard_tables_gpus=settings.shard_tables_gpus,
             name=context.model_name,
             version=str(context.manifest.get("model", {}).get("modelVersion", "")),
         )
@@ -105,8 +106,15 @@ def request_of(context: Any, index: int, data: dict[str, Any]) -> Request:
     return Request(request_body(data), headers, grpc=not headers)
 
 
-def select_device(gpu_id: int | str | None) -> torch.device:
-    """The GPU TorchServe assigned to this worker when there is one and CUDA works, else the CPU."""
+def select_device(gpu_id: int | str | None, shard_tables_gpus: int = 0) -> torch.device:
+    """The GPU TorchServe assigned to this worker when there is one and CUDA works, else the CPU.
+
+    A worker sharding its tables over N GPUs uses ``cuda:0`` .. ``cuda:N-1``, its
+    inputs on ``cuda:0``, whatever TorchServe assigned; loading then fails where
+    fewer GPUs are present rather than fall back to the CPU.
+    """
+    if shard_tables_gpus > 1:
+        return torch.device("cuda", 0)
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device("cuda", int(gpu_id))
     return torch.device("cpu")

@@ -30,6 +30,7 @@ from handler.rows import FeatureRows, concatenate
 from handler.settings import DEFAULT_MAX_ROWS
 from model_factory.artifact import ModelArtifact, load_model
 from model_factory.features import feature_major_on_device, rows_to_kjt
+from model_factory.sharding import load_sharded_model
 
 JSON = "application/json"
 INTERNAL_ERROR = orjson.dumps({"code": 500, "type": "internal_error", "message": "the server failed; see its log"})
@@ -92,9 +93,25 @@ class DLRMPredictor:
 
     @classmethod
     def from_artifact(
-        cls, directory: Path, device: torch.device, max_rows: int = DEFAULT_MAX_ROWS, **names: str
+        cls,
+        directory: Path,
+        device: torch.device,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        shard_tables_gpus: int = 0,
+        **names: str,
     ) -> DLRMPredictor:
-        model, artifact = load_model(directory, device)
+        """The predictor of the artifact in ``directory``, its model on ``device``.
+
+        ``shard_tables_gpus`` above 1 shards the quantized tables over that many
+        ranks (:mod:`model_factory.sharding`): ``cuda:0`` .. ``cuda:N-1`` when
+        ``device`` is ``cuda:0``, which gets the inputs and the dense MLPs (TorchRec's
+        sharded tables send each GPU its features' ids and gather the embeddings
+        back), or every rank on the CPU.
+        """
+        if shard_tables_gpus > 1:
+            model, artifact = load_sharded_model(directory, shard_tables_gpus, device)
+        else:
+            model, artifact = load_model(directory, device)
         return cls(model, artifact, device, max_rows, **names)
 
     def predict_bodies(self, bodies: Sequence[Any]) -> BatchResult:

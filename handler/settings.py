@@ -35,6 +35,11 @@ class ServingSettings:
     ``threads``: torch threads per worker, 0 for the usable cores split between the workers.
     ``max_rows``: rows allowed in one request. ``metrics_flush_seconds``: the handler reports its
     counters at most this often.
+    ``shard_tables_gpus``: N above 1 shards the quantized tables table-wise over ``cuda:0`` ..
+    ``cuda:N-1`` (TorchRec's inference sharding: for tables larger than one GPU), the inputs and
+    the dense MLPs on ``cuda:0``; 0 or 1 is off. Such a worker uses all N GPUs, whatever GPU
+    TorchServe assigned it, so the model runs one worker per host (``workers`` must be 1); it
+    fails to load where fewer than N GPUs are present.
     """
 
     workers: int = 2
@@ -45,6 +50,7 @@ class ServingSettings:
     threads: int = 0
     max_rows: int = DEFAULT_MAX_ROWS
     metrics_flush_seconds: float = DEFAULT_FLUSH_SECONDS
+    shard_tables_gpus: int = 0
 
     def __post_init__(self) -> None:
         for setting in fields(self):
@@ -56,9 +62,14 @@ class ServingSettings:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_batch_delay_ms", "threads", "metrics_flush_seconds"):
+        for name in ("max_batch_delay_ms", "threads", "metrics_flush_seconds", "shard_tables_gpus"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.shard_tables_gpus > 1 and self.workers != 1:
+            raise SettingsError(
+                f"workers must be 1 when shard_tables_gpus is {self.shard_tables_gpus}: a worker sharding its "
+                f"tables uses all {self.shard_tables_gpus} GPUs, got {self.workers} workers"
+            )
 
     @classmethod
     def from_model_yaml(cls, model_yaml: Mapping[str, Any] | None) -> ServingSettings:
@@ -75,6 +86,7 @@ class ServingSettings:
             threads=handler.get("num_threads", defaults.threads),
             max_rows=handler.get("max_rows_per_request", defaults.max_rows),
             metrics_flush_seconds=handler.get("metrics_flush_seconds", defaults.metrics_flush_seconds),
+            shard_tables_gpus=handler.get("shard_tables_gpus", defaults.shard_tables_gpus),
         )
 
     def to_model_yaml(self) -> dict[str, Any]:
@@ -85,6 +97,8 @@ class ServingSettings:
         }
         if self.threads:
             handler["num_threads"] = self.threads
+        if self.shard_tables_gpus:
+            handler["shard_tables_gpus"] = self.shard_tables_gpus
         return {
             "minWorkers": self.workers,
             "maxWorkers": self.workers,
