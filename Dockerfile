@@ -105,6 +105,8 @@ COPY model_factory /opt/dlrm/model_factory
 COPY model_archive /opt/dlrm/model_archive
 COPY rollout /opt/dlrm/rollout
 COPY servers /opt/dlrm/servers
+# The same image runs training (deploy/k8s/training/): `torchrun -m training.train` from /opt/dlrm.
+COPY training /opt/dlrm/training
 ARG MODEL_ARCHIVE=model_store/dlrm.mar
 RUN --mount=type=bind,target=/context \
     if [ ! -f "/context/$MODEL_ARCHIVE" ]; then \

@@ -9,6 +9,7 @@ archive records as untrained.
     python build_mar.py                               # small preset, random weights, seed 0
     python build_mar.py --preset criteo-kaggle --batch-size 64
     python build_mar.py --checkpoint runs/small       # a trainer output directory
+    python build_mar.py --preset criteo-1tb --quantize int8 --checkpoint ckpt/step-100  # a DCP checkpoint
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--checkpoint",
         type=Path,
-        help="trained weights: a trainer output directory (model_config.json + weights.pt; the shape comes "
-        "from it) or a state_dict .pt file for the chosen preset/config. Loaded with weights_only=True.",
+        help="trained weights: a trainer output directory (model_config.json + weights.pt or DCP checkpoints; "
+        "the shape comes from it), a torch.distributed.checkpoint directory written by any TorchRec DMP training "
+        "of the chosen preset/config (read one table at a time), or a state_dict .pt file for the chosen "
+        "preset/config. Loaded with weights_only=True.",
     )
     source.add_argument(
         "--seed", type=int, default=DEFAULTS.seed, help="seed of the random initialisation used without --checkpoint"

@@ -34,6 +34,7 @@ import model_factory
 from handler import oip
 from handler.predictor import DLRMPredictor
 from handler.settings import ServingSettings
+from model_archive.checkpoint import write_artifact_from_checkpoint
 from model_archive.contents import MODEL_YAML, unzipped_path
 from model_archive.golden import DEFAULT_GOLDEN_ROWS, GOLDEN_FILE, GoldenSet
 from model_factory.artifact import (
@@ -50,6 +51,7 @@ from model_factory.config import DEFAULT_PRESET, ConfigError, DLRMConfig, preset
 from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
 from model_factory.quantization import QuantizationSpec, quantize_model_tables, random_quantized_model
 from servers.torchserve import executable
+from training.checkpoint import is_checkpoint, latest_checkpoint
 from training.criteo import CriteoFormatError, open_text, parse_lines, request_row
 
 # The packages a worker imports, copied whole into every archive.
@@ -70,7 +72,9 @@ class BuildOptions:
     """Everything ``build_mar.py`` can be told; the defaults are what ``python build_mar.py`` builds.
 
     The model's shape comes from ``config_file``, else from a checkpoint directory,
-    else from ``preset``. ``checkpoint`` is a trainer output directory or a
+    else from ``preset``. ``checkpoint`` is a trainer output directory (its
+    ``weights.pt``, or its newest DCP checkpoint after a run of several ranks), a
+    DCP checkpoint directory of any TorchRec DMP training of the shape, or a
     ``state_dict`` file; without one the weights are random from ``seed``.
     ``golden_set``: a held-out Criteo TSV file whose first ``golden_rows`` rows
     the archive carries for the rollout gate (model_archive/golden.py).
@@ -111,13 +115,28 @@ def write_model_artifact(options: BuildOptions, directory: Path) -> ModelArtifac
     """Write the artifact to archive into ``directory``: from a checkpoint or seeded random weights, quantized."""
     quantization = options.quantization
     checkpoint = options.checkpoint
+    if checkpoint is not None and is_checkpoint(checkpoint):  # DCP: any TorchRec DMP training of this shape
+        provenance = Provenance(trained=True, checkpoint=checkpoint.name)
+        artifact = ModelArtifact(model=options.model_config(), provenance=provenance, quantization=quantization)
+        write_artifact_from_checkpoint(directory, artifact, checkpoint)
+        return artifact
     if checkpoint is not None and checkpoint.is_dir():
+        if not (checkpoint / CONFIG_FILE).exists():
+            raise ConfigError(
+                f"{checkpoint} is neither a trainer output ({CONFIG_FILE}) nor a DCP checkpoint (.metadata)"
+            )
         if options.preset or options.config_file:
             raise ConfigError("a checkpoint directory carries its own model config: drop --preset/--config")
         trained = read_artifact(checkpoint)
         if trained.quantized_tables:
             raise ConfigError(f"{checkpoint} is already quantized: archive the fp32 checkpoint the trainer wrote")
         artifact = replace(trained, quantization=quantization)
+        if not (checkpoint / WEIGHTS_FILE).exists():  # a run of several ranks: its newest DCP checkpoint
+            latest = latest_checkpoint(checkpoint)
+            if latest is None:
+                raise ConfigError(f"{checkpoint} holds neither {WEIGHTS_FILE} nor a complete DCP checkpoint")
+            write_artifact_from_checkpoint(directory, artifact, latest)
+            return artifact
         model = load_checkpoint(artifact, checkpoint / WEIGHTS_FILE)
     elif checkpoint is not None:
         provenance = Provenance(trained=True, checkpoint=checkpoint.name)

@@ -144,6 +144,13 @@ def write_artifact(directory: Path, artifact: ModelArtifact, model: DLRM) -> Non
         state = {key: value for key, value in state.items() if not key.startswith(_TABLES_PREFIX)}
         write_tables(model.sparse_arch.embedding_bag_collection, artifact.table_file(), directory / TABLES_FILE)
     torch.save(state, directory / WEIGHTS_FILE)
+    write_description(directory, artifact)
+
+
+def write_description(directory: Path, artifact: ModelArtifact) -> None:
+    """``model_config.json`` alone, in the current format: for weights written some other way."""
+    directory.mkdir(parents=True, exist_ok=True)
+    artifact = replace(artifact, format_version=FORMAT_VERSION, recorded_table_file=None)
     (directory / CONFIG_FILE).write_text(json.dumps(artifact.to_dict(), indent=2) + "\n")
 
 

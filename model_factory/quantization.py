@@ -31,7 +31,7 @@ import logging
 import mmap
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -49,7 +49,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
 from torch import nn
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.models.dlrm import DLRM
-from torchrec.modules.embedding_configs import DataType, data_type_to_sparse_type
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, data_type_to_sparse_type
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
@@ -334,17 +334,47 @@ def _row_blocks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
 def write_tables(collection: QuantEmbeddingBagCollection, layout: TableFile, path: Path) -> None:
     """Write the collection's tables (any device, any row alignment) as ``layout`` lays them out; padding is zero."""
     views = table_views(collection)
+    write_table_file(layout, path, lambda table: views[table.name])
+
+
+def write_table_file(layout: TableFile, path: Path, rows_of: Callable[[StoredTable], torch.Tensor]) -> None:
+    """Write ``path`` as ``layout`` lays it out, asking ``rows_of`` for each table's ``(rows, row_bytes)`` rows in turn.
+
+    Tables are asked for one at a time, in file order, and nothing of one is kept
+    once it is written: a caller that makes each table when asked (quantizing it
+    from a checkpoint) never holds more than one.
+    """
     with open(path, "wb") as output:
         for part in layout.tbes:
             for table in part.tables:
                 output.write(bytes(part.offset + table.offset - output.tell()))
-                view = views[table.name]
+                view = rows_of(table)
                 assert view.shape == (table.rows, table.row_bytes), (table, view.shape)
                 for start, end in _row_blocks(table.rows, table.stride):
                     block = torch.zeros((end - start, table.stride), dtype=torch.uint8)
                     block[:, : table.row_bytes] = view[start:end]
                     output.write(block.numpy().data)
+                del view
         output.write(bytes(layout.size - output.tell()))
+
+
+def quantize_table(table: StoredTable, weight: torch.Tensor) -> torch.Tensor:
+    """One fp32 table quantized exactly as :func:`quantize_model_tables` quantizes a model's: ``(rows, row_bytes)``.
+
+    Rows are quantized independently of each other and of other tables, so a
+    table quantized alone is byte for byte the table quantized with the rest.
+    """
+    config = EmbeddingBagConfig(
+        name=table.name, embedding_dim=table.dim, num_embeddings=table.rows, feature_names=[table.name]
+    )
+    collection = EmbeddingBagCollection(tables=[config], device=META)
+    collection.embedding_bags[table.name].weight = nn.Parameter(weight, requires_grad=False)
+    holder = nn.ModuleDict({"tables": collection})  # quantize_embeddings swaps a module's children
+    quant_prep_customize_row_alignment(holder, [EmbeddingBagCollection], CPU_ROW_ALIGNMENT)
+    quantize_embeddings(holder, dtype=_TORCH_DTYPES[table.dtype], inplace=True)
+    quantized = holder["tables"]
+    assert isinstance(quantized, QuantEmbeddingBagCollection)
+    return table_views(quantized)[table.name]
 
 
 def check_size(path: Path, layout: TableFile) -> None:

@@ -141,6 +141,7 @@ def test_help_documents_every_flag() -> None:
         "--preset", "--config", "--checkpoint", "--seed", "--output", "--version", "--archive-format",
         "--quantize", "--quantize-table", "--quantize-mlp", "--batch-size", "--max-batch-delay", "--workers",
         "--threads", "--max-rows", "--response-timeout", "--startup-timeout", "--metrics-flush-seconds",
+        "--golden-set", "--golden-rows", "--shard-tables-gpus",
     )  # fmt: skip
     for flag in flags:
         assert flag in result.stdout

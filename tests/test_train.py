@@ -18,16 +18,16 @@ from servers.torchserve import TorchServeProcess
 from tests.archives import build_archive
 from tests.rows import raw_request_row
 from training.criteo import read_batches
+from training.distributed import init_process_group
 from training.synthetic import PlantedClickModel, write_tsv
 from training.train import (
     LearningRatePolicy,
     Loss,
     TrainingConfig,
-    init_single_process_group,
+    build_sharded_model,
     loss_function,
     make_optimizer,
     plain_state_dict,
-    sharded_model,
     train,
     train_step,
 )
@@ -74,8 +74,7 @@ def test_training_beats_random_and_records_its_metrics(trained: Path) -> None:
 def test_table_updates_are_row_wise(data: dict[str, Path], small_config: DLRMConfig, tmp_path: Path) -> None:
     """One step changes exactly the table rows its batch looked up: cost does not scale with table size."""
     config = TrainingConfig(small_config, (data["train"],), (data["validation"],), tmp_path, batch_size=64)
-    init_single_process_group()
-    model = sharded_model(config)
+    model, _ = build_sharded_model(config, init_process_group())
     optimizer = make_optimizer(model, config)
     batch = next(read_batches([data["train"]], 64, small_config, Preprocessing()))
     before = plain_state_dict(model)

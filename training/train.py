@@ -2,16 +2,24 @@
 
     python -m training.train --preset small \\
         --train data/synthetic/train.tsv --validation data/synthetic/validation.tsv --output runs/small
+    torchrun --nproc-per-node 2 -m training.train --preset small ...   # the same, on 2 ranks
 
 Embedding tables train with TorchRec's fused, row-wise optimizers: the table
 update runs inside the backward pass on the rows a batch touched (FBGEMM's
-kernels, via ``DistributedModelParallel`` on one CPU process), so a step costs
-the same whatever the table sizes. The MLPs use the matching dense optimizer.
-The learning rate follows the DLRM reference's policy: linear warm-up, constant,
-then polynomial (power 2) decay to zero.
+kernels, via ``DistributedModelParallel``), so a step costs the same whatever
+the table sizes. Under ``torchrun`` the tables are sharded between the ranks as
+TorchRec's planner decides and the MLPs are data parallel
+(:mod:`training.distributed`); ``--batch-size`` is per rank, and each rank
+reads its own part of every global batch. The MLPs use the matching dense
+optimizer. The learning rate follows the DLRM reference's policy: linear
+warm-up, constant, then polynomial (power 2) decay to zero.
 
 The output directory is a model artifact (``model_config.json`` with the
-preprocessing and the validation metrics, ``weights.pt``) plus ``metrics.json``.
+preprocessing and the validation metrics) with ``metrics.json``,
+``sharding.json`` (the plan, each rank's table bytes) and DCP checkpoints
+(:mod:`training.checkpoint`), the newest holding the final weights; a
+one-process run also writes them as ``weights.pt``. ``--resume`` continues from
+the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -20,39 +28,53 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
-from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
-from model_factory.artifact import ModelArtifact, Provenance, write_artifact
-from model_factory.config import DEFAULT_PRESET, PRESETS, DLRMConfig, preset
-from model_factory.factory import build_dlrm, load_weights, table_name
-from model_factory.features import Preprocessing
+from model_factory.artifact import WEIGHTS_FILE, ModelArtifact, Provenance, write_artifact, write_description
+from model_factory.config import DEFAULT_PRESET, PRESETS, ConfigError, DLRMConfig, preset
+from model_factory.factory import build_dlrm, load_weights
+from model_factory.features import Preprocessing, rows_to_kjt
+from training import checkpoint
+from training.checkpoint import Progress
 from training.criteo import metadata_path, read_batches
+from training.distributed import (
+    Ranks,
+    Sharding,
+    ShardingChoices,
+    all_ranks,
+    any_rank,
+    describe_plan,
+    gather,
+    init_process_group,
+    init_weights,
+    local_table_bytes,
+    shard,
+    sharding_plan,
+)
+from training.loader import prefetched_batches
 
-# Share of each device's memory the planner keeps free for everything but the tables.
-STORAGE_RESERVATION = 0.15
+SHARDING_FILE = "sharding.json"
 
 
 class Optimizer(StrEnum):
@@ -102,39 +124,23 @@ class TrainingConfig:
     positive_weight: float = 3.0
     seed: int = 0
     progress: bool = True
+    sharding: ShardingChoices = field(default_factory=ShardingChoices)
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch only
+    loader_workers: int = 1  # processes reading ahead per rank; 0: read in the training process
+    resume: bool = False
 
 
-def init_single_process_group() -> None:
-    """TorchRec's sharded modules need a process group, even for one CPU process; no port is opened."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-
-
-def sharded_model(config: TrainingConfig) -> DistributedModelParallel:
-    torch.manual_seed(config.seed)
+def build_sharded_model(config: TrainingConfig, ranks: Ranks) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """The DLRM with its table optimizer fused into the backward pass, sharded over the ranks by TorchRec's planner."""
     model = build_dlrm(config.model)
     if config.optimizer == Optimizer.ADAGRAD:
         apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.parameters(), {"lr": config.learning_rate})
     else:
         apply_optimizer_in_backward(torch.optim.SGD, model.sparse_arch.parameters(), {"lr": config.learning_rate})
-    # Every table table-wise with the fused kernel: left to itself the planner makes small tables
-    # data-parallel, which trains them densely (and through an FBGEMM op without an autograd kernel).
-    fused = ParameterConstraints(
-        sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=[EmbeddingComputeKernel.FUSED.value]
-    )
-    constraints = {table_name(feature): fused for feature in config.model.sparse_feature_names}
-    topology = TopologyFactory.create_topology(TrainerConfig(world_size=1), kernel_config=KernelConfig("cpu"))
-    planner = EmbeddingShardingPlanner(
-        topology=topology,
-        constraints=constraints,
-        # A fixed share: TorchRec's default heuristic warns that it misjudges models built on meta, as ours is.
-        storage_reservation=FixedPercentageStorageReservation(STORAGE_RESERVATION),
-    )
-    plan = planner.collective_plan(model, None, dist.GroupMember.WORLD)
-    with warnings.catch_warnings():
-        # TorchRec 1.8 passes DDP's deprecated `broadcast_buffers` itself; nothing a caller can change.
-        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        return DistributedModelParallel(module=model, device=torch.device("cpu"), plan=plan)
+    plan = sharding_plan(model, config.model, ranks, config.sharding)
+    sharded = shard(model, plan, ranks)
+    init_weights(sharded, config.seed)
+    return sharded, plan
 
 
 def make_optimizer(model: DistributedModelParallel, config: TrainingConfig) -> CombinedOptimizer:
@@ -174,13 +180,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn
 
 
 def plain_state_dict(model: DistributedModelParallel) -> dict[str, torch.Tensor]:
-    """The sharded model's weights as an ordinary ``DLRM`` state dict (tables gathered to full tensors)."""
+    """A one-process model's weights as an ordinary ``DLRM`` state dict (its table shards are whole tables)."""
     plain = {}
     with warnings.catch_warnings():
         # TorchRec 1.8's sharded tables are ShardedTensors, which PyTorch deprecates in favour of DTensor.
         warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
         for key, value in model.state_dict().items():
-            if hasattr(value, "local_shards"):  # a ShardedTensor: one process holds every shard
+            if hasattr(value, "local_shards"):  # a ShardedTensor: the one process holds every shard
                 full = torch.empty(value.size(), dtype=value.dtype)
                 value.gather(dst=0, out=full)
                 value = full
@@ -196,22 +202,49 @@ class Evaluation:
     rows: int
 
 
-def evaluate(model: nn.Module, batches: Iterator[Batch]) -> Evaluation:
-    """AUC, log loss and accuracy (threshold 0.5) with torchmetrics, streaming over ``batches``."""
-    auc, accuracy, logloss = BinaryAUROC(), BinaryAccuracy(), MeanMetric()
-    rows = 0
+def filler_batch(config: DLRMConfig) -> Batch:
+    """One all-zero row: what a rank without data left feeds to the sharded model while the others finish."""
+    features = config.num_sparse_features
+    return Batch(
+        dense_features=torch.zeros((1, config.num_dense_features)),
+        sparse_features=rows_to_kjt(
+            config.sparse_feature_names, np.ones((1, features), dtype=np.int64), np.zeros(features, dtype=np.int64)
+        ),
+        labels=torch.zeros(1),
+    )
+
+
+def evaluate(model: nn.Module, batches: Iterable[Batch], ranks: Ranks, config: DLRMConfig) -> Evaluation:
+    """AUC, log loss and accuracy (threshold 0.5) over every rank's ``batches`` together.
+
+    The sharded model's forward is collective: a rank whose data ran out feeds
+    :func:`filler_batch` (scored, not counted) until every rank's has.
+    """
+    scores, labels = [], []
+    filler = filler_batch(config)
+    iterator = iter(batches)
     model.eval()
-    with torch.inference_mode():
-        for batch in batches:
-            logits = model(batch.dense_features, batch.sparse_features).squeeze(1)
-            labels = batch.labels
-            auc.update(torch.sigmoid(logits), labels.long())
-            accuracy.update(torch.sigmoid(logits), labels.long())
-            losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-            logloss.update(losses)
-            rows += labels.numel()
+    # no_grad, not inference_mode: FBGEMM's CPU training lookup is registered under the autograd key only.
+    with torch.no_grad():
+        while any_rank((batch := next(iterator, None)) is not None, ranks):
+            logits = model((batch or filler).dense_features, (batch or filler).sparse_features).squeeze(1)
+            if batch is not None:
+                scores.append(logits.float().cpu())
+                labels.append(batch.labels)
     model.train()
-    return Evaluation(float(auc.compute()), float(logloss.compute()), float(accuracy.compute()), rows)
+    mine = (torch.cat(scores) if scores else torch.empty(0), torch.cat(labels) if labels else torch.empty(0))
+    parts = gather(mine, ranks)
+    logits = torch.cat([part[0] for part in parts])
+    targets = torch.cat([part[1] for part in parts])
+    if not len(targets):
+        raise ConfigError("the validation files hold no rows")
+    probabilities = torch.sigmoid(logits)
+    return Evaluation(
+        auc=float(binary_auroc(probabilities, targets.long())),
+        logloss=float(nn.functional.binary_cross_entropy_with_logits(logits, targets)),
+        accuracy=float(binary_accuracy(probabilities, targets.long())),
+        rows=len(targets),
+    )
 
 
 def planted_auc(paths: Sequence[Path]) -> float | None:
@@ -221,55 +254,158 @@ def planted_auc(paths: Sequence[Path]) -> float | None:
     return json.loads(metadata_path(paths[0]).read_text())["planted_auc"]
 
 
-def train(config: TrainingConfig) -> dict[str, float]:
-    """Train, evaluate, write the artifact and ``metrics.json``; returns the metrics."""
-    init_single_process_group()
+@dataclass
+class RunStats:
+    """What this rank did: rows trained on, seconds in the loop and, of those, seconds waiting for a batch."""
+
+    rows: int = 0
+    seconds: float = 0.0
+    waiting: float = 0.0
+
+
+def training_batches(config: TrainingConfig, ranks: Ranks, preprocessing: Preprocessing) -> Iterator[Batch]:
+    """This rank's batches of one epoch: read ahead by ``loader_workers`` background processes, or here."""
+    part = {"rank": ranks.rank, "world_size": ranks.world_size}
+    if config.loader_workers == 0:
+        return read_batches(config.train_paths, config.batch_size, config.model, preprocessing, **part)
+    return prefetched_batches(
+        config.train_paths, config.batch_size, config.model, preprocessing, workers=config.loader_workers, **part
+    )
+
+
+def torch_threads(ranks: Ranks, loader_workers: int) -> int:
+    """This rank's share of the usable cores, less its loader's: OpenMP threads that spin on the cores the
+    loader needs starve it, for no faster step."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores // ranks.local_world_size - loader_workers)
+
+
+def train_epochs(
+    config: TrainingConfig,
+    ranks: Ranks,
+    model: DistributedModelParallel,
+    optimizer: CombinedOptimizer,
+    start: Progress,
+) -> RunStats:
+    """Train from ``start`` to the end of the last epoch, checkpointing as configured; returns this rank's stats."""
     preprocessing = Preprocessing()
-    model = sharded_model(config)
-    optimizer = make_optimizer(model, config)
     base_rates = [group["lr"] for group in optimizer.param_groups]
     criterion = loss_function(config.loss, config.positive_weight)
-    step, rows_seen, started = 0, 0, time.perf_counter()
+    stats, step = RunStats(), start.step
+    global_batch = config.batch_size * ranks.world_size
+    started = time.perf_counter()
+    show = config.progress and ranks.is_first
     # disable=None: a progress bar on a terminal only, not a line per update in logs.
-    with tqdm(unit="rows", unit_scale=True, disable=None if config.progress else True, desc="training") as progress:
-        for epoch in range(config.epochs):
-            for batch in read_batches(config.train_paths, config.batch_size, config.model, preprocessing):
+    with tqdm(unit="rows", unit_scale=True, disable=None if show else True, desc="training") as bar:
+        for epoch in range(start.epoch, config.epochs):
+            done = start.batches if epoch == start.epoch else 0
+            batches = training_batches(config, ranks, preprocessing)
+            iterator = islice(batches, done, None)
+            while True:
+                waited = time.perf_counter()
+                batch = next(iterator, None)
+                stats.waiting += time.perf_counter() - waited
+                # Every rank steps together (the all-to-alls are collective): the epoch ends when one runs out.
+                if not all_ranks(batch is not None, ranks):
+                    break
+                assert batch is not None
                 multiplier = config.schedule.multiplier(step)
                 for group, base in zip(optimizer.param_groups, base_rates, strict=True):
                     group["lr"] = base * multiplier
                 loss = train_step(model, optimizer, criterion, batch)
-                step += 1
-                rows_seen += batch.labels.numel()
-                progress.update(batch.labels.numel())
+                step, done = step + 1, done + 1
+                stats.rows += batch.labels.numel()
+                bar.update(batch.labels.numel() * ranks.world_size)
                 if step % 20 == 0:
-                    progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", lr=f"{base_rates[0] * multiplier:.3g}")
-    train_seconds = time.perf_counter() - started
+                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", lr=f"{base_rates[0] * multiplier:.3g}")
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    checkpoint.save(config.output, model, optimizer, Progress(epoch, done, step, global_batch))
+            checkpoint.save(config.output, model, optimizer, Progress(epoch + 1, 0, step, global_batch))
+    stats.seconds = time.perf_counter() - started
+    return stats
 
-    plain = load_weights(build_dlrm(config.model), plain_state_dict(model)).eval()
+
+def train(config: TrainingConfig) -> dict[str, float]:
+    """Train (resuming if asked), evaluate, write the artifact, ``metrics.json`` and ``sharding.json``.
+
+    Collective: every rank calls it; rank 0 writes the files. Returns the metrics.
+    """
+    ranks = init_process_group()
+    torch.set_num_threads(torch_threads(ranks, config.loader_workers))
+    model, plan = build_sharded_model(config, ranks)
+    optimizer = make_optimizer(model, config)
+    start = Progress()
+    latest = checkpoint.latest_checkpoint(config.output) if config.resume else None
+    if latest is not None:
+        start = checkpoint.restore(latest, model, optimizer)
+        if ranks.is_first:
+            print(f"resuming from {latest}: epoch {start.epoch + 1}, step {start.step}", flush=True)
+        if start.global_batch != config.batch_size * ranks.world_size:
+            raise ConfigError(
+                f"--resume: {latest} was written with {start.global_batch} rows per step over all ranks, this run "
+                f"takes {config.batch_size} × {ranks.world_size} ranks: use --batch-size {start.global_batch} "
+                "divided by the number of ranks"
+            )
+    stats = train_epochs(config, ranks, model, optimizer, start)
     evaluation = evaluate(
-        plain, read_batches(config.validation_paths, max(config.batch_size, 4096), config.model, preprocessing)
+        model,
+        read_batches(
+            config.validation_paths,
+            max(config.batch_size, 4096),
+            config.model,
+            Preprocessing(),
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+        ),
+        ranks,
+        config.model,
     )
+    all_stats = gather(stats, ranks)
+    table_bytes = gather(local_table_bytes(model), ranks)
+    rows_seen = sum(rank_stats.rows for rank_stats in all_stats)
+    seconds = max(rank_stats.seconds for rank_stats in all_stats)
     metrics: dict[str, float] = {
         "auc": evaluation.auc,
         "logloss": evaluation.logloss,
         "accuracy": evaluation.accuracy,
         "validation_rows": evaluation.rows,
         "rows_seen": rows_seen,
-        "train_seconds": round(train_seconds, 1),
-        "train_rows_per_second": round(rows_seen / train_seconds, 1),
+        "ranks": ranks.world_size,
+        "train_seconds": round(seconds, 1),
+        "train_rows_per_second": round(rows_seen / seconds, 1) if seconds else 0.0,
+        "data_wait_share": round(max(s.waiting / s.seconds if s.seconds else 0.0 for s in all_stats), 4),
     }
     reference = planted_auc(config.validation_paths)
     if reference is not None:
         metrics["planted_auc"] = reference
         metrics["auc_vs_planted"] = evaluation.auc / reference
+    plain = plain_state_dict(model) if ranks.world_size == 1 else None
+    if ranks.is_first:
+        write_outputs(config, metrics, plan, table_bytes, plain)
+    return metrics
+
+
+def write_outputs(
+    config: TrainingConfig,
+    metrics: dict[str, float],
+    plan: ShardingPlan,
+    table_bytes: Sequence[int],
+    plain: dict[str, torch.Tensor] | None,
+) -> None:
+    """The artifact's description, metrics and sharding; ``weights.pt`` too when one process holds every table."""
     artifact = ModelArtifact(
         model=config.model,
         provenance=Provenance(trained=True, seed=config.seed, checkpoint=config.output.name, metrics=metrics),
-        preprocessing=preprocessing,
+        preprocessing=Preprocessing(),
     )
-    write_artifact(config.output, artifact, plain)
+    if plain is not None:
+        write_artifact(config.output, artifact, load_weights(build_dlrm(config.model), plain))
+    else:
+        (config.output / WEIGHTS_FILE).unlink(missing_ok=True)  # a one-process run's, now out of date
+        write_description(config.output, artifact)
+    sharding = {"world_size": len(table_bytes), "rank_table_bytes": list(table_bytes), "tables": describe_plan(plan)}
+    (config.output / SHARDING_FILE).write_text(json.dumps(sharding, indent=2) + "\n")
     (config.output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
 
 
 def parse_args(argv: list[str] | None = None) -> TrainingConfig:
@@ -281,7 +417,9 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     parser.add_argument("--validation", type=Path, nargs="+", required=True, help="held-out Criteo TSV file(s)")
     parser.add_argument("--output", type=Path, required=True, help="directory for the model artifact and metrics")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the training files (default: 1)")
-    parser.add_argument("--batch-size", type=int, default=1024, help="rows per step (default: 1024)")
+    parser.add_argument(
+        "--batch-size", type=int, default=1024, help="rows per step and rank: torchrun's N ranks step on N × this"
+    )
     parser.add_argument("--learning-rate", type=float, default=0.05, help="base learning rate (default: 0.05)")
     parser.add_argument(
         "--optimizer",
@@ -299,9 +437,43 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     parser.add_argument("--positive-weight", type=float, default=3.0, help="weight of clicks for wbce (default: 3.0)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=1,
+        help="background processes per rank that read and preprocess ahead; 0 = in the training loop (default: 1)",
+    )
+    parallel = parser.add_argument_group("ranks and checkpoints (torchrun --nproc-per-node N -m training.train ...)")
+    parallel.add_argument(
+        "--sharding",
+        type=Sharding,
+        nargs="+",
+        choices=list(Sharding),
+        default=list(ShardingChoices().allowed),
+        help="how TorchRec's planner may split each table between ranks (default: any of these)",
+    )
+    parallel.add_argument(
+        "--table-sharding",
+        action="append",
+        default=[],
+        type=feature_sharding,
+        metavar="FEATURE=TYPE",
+        help="the one sharding type allowed for a feature's table, e.g. cat_0=row_wise (repeatable)",
+    )
+    parallel.add_argument(
+        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (default: 0 = end of each epoch)"
+    )
+    parallel.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --output if there is one, with any number of ranks "
+        "(a restarted job picks up where it stopped)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.learning_rate <= 0 or not math.isfinite(args.learning_rate):
         parser.error("--epochs and --batch-size must be at least 1 and --learning-rate positive")
+    if args.checkpoint_every < 0 or args.loader_workers < 0:
+        parser.error("--checkpoint-every and --loader-workers must not be negative")
     model = DLRMConfig.from_json(args.config.read_text()) if args.config else preset(args.preset or DEFAULT_PRESET)
     return TrainingConfig(
         model=model,
@@ -317,7 +489,18 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
         positive_weight=args.positive_weight,
         seed=args.seed,
         progress=not args.no_progress,
+        sharding=ShardingChoices(tuple(args.sharding), {feature: (kind,) for feature, kind in args.table_sharding}),
+        checkpoint_every=args.checkpoint_every,
+        loader_workers=args.loader_workers,
+        resume=args.resume,
     )
+
+
+def feature_sharding(text: str) -> tuple[str, Sharding]:
+    feature, separator, kind = text.partition("=")
+    if not separator or kind not in set(Sharding):
+        raise argparse.ArgumentTypeError(f"expected FEATURE=TYPE with TYPE one of {', '.join(Sharding)}, got {text!r}")
+    return feature, Sharding(kind)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -325,6 +508,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     config = parse_args(argv)
     metrics = train(config)
+    first = dist.get_rank() == 0
+    dist.destroy_process_group()
+    if not first:
+        return
     planted = f" (planted {metrics['planted_auc']:.4f})" if "planted_auc" in metrics else ""
     print(
         f"validation AUC {metrics['auc']:.4f}{planted}, log loss {metrics['logloss']:.4f}, "
