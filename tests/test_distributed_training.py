@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import requests
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
+from torchrec.models.dlrm import DLRMTrain
 
 from model_archive.checkpoint import match_checkpoint
 from model_archive.contents import extracted
 from model_factory.artifact import WEIGHTS_FILE, load_model
 from model_factory.config import DLRMConfig, preset
-from model_factory.factory import build_dlrm, load_weights
+from model_factory.factory import build_dlrm, init_weights, load_weights
 from model_factory.features import Preprocessing
 from servers.torchserve import TorchServeProcess
 from tests.archives import build_archive
@@ -202,6 +204,21 @@ def test_converted_checkpoint_serves_the_trained_scores(
             assert response.status_code == 200, response.text
             served = [prediction["logit"] for prediction in response.json()["predictions"]]
             np.testing.assert_allclose(served, scores, rtol=0, atol=TOLERANCE, err_msg=name)
+
+
+def test_a_checkpoint_of_torchrec_s_own_training_wrapper_is_archived(small_config: DLRMConfig, tmp_path: Path) -> None:
+    """TorchRec's DLRM examples train ``DLRMTrain(DLRM)`` and checkpoint its keys under ``model.``: found by their
+    ending, archived exactly."""
+    model = init_weights(build_dlrm(small_config), seed=5)
+    checkpoint = tmp_path / "dlrm-train-step-10"
+    dcp.save(DLRMTrain(model).state_dict(), checkpoint_id=checkpoint, no_dist=True)
+    assert all(key.startswith("model.") for key in match_checkpoint(checkpoint, small_config).keys.values())
+    result = build_archive(tmp_path / "dlrm.mar", "--preset", "small", "--checkpoint", str(checkpoint))
+    assert result.returncode == 0, result.stderr
+    with extracted(tmp_path / "dlrm.mar") as directory:
+        archived, artifact = load_model(directory)
+    assert artifact.provenance.trained and artifact.provenance.checkpoint == checkpoint.name
+    assert_same_weights(archived.state_dict(), model.state_dict())
 
 
 def test_a_checkpoint_of_another_model_is_refused(runs: dict[int, Path], tmp_path: Path) -> None:
