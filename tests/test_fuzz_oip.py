@@ -2,7 +2,8 @@
 
 4,000 generated TorchServe batches of one to three OIP requests per run (the
 ``max_examples`` below), the same ones on every run (derandomized, no example database,
-no shrinking): valid requests (model inputs or raw rows; JSON tensors flat and nested,
+no shrinking): valid requests (model inputs, raw rows, or ranking requests with a context
+row beside the candidates; JSON tensors flat and nested,
 binary ones with the binary data extension, gRPC-shaped ones with base64 BYTES; chosen
 outputs, as JSON or binary), near-valid ones (one to three mutations: shapes,
 datatypes, binary sizes, binary parts truncated, extended or flipped, tensors dropped,
@@ -13,7 +14,8 @@ arbitrary JSON and arbitrary bytes under random header lengths.
 Every request is judged by :func:`judge`, an oracle written from the contract in
 ``handler/oip.py``'s docstring, not from the codec: it parses the body itself
 (struct, not NumPy, for binary tensors), and for an accepted request computes the
-rows the model must see, raw rows preprocessed by hand. The predictor must answer
+rows the model must see, raw rows preprocessed by hand, a ranking request's candidates
+with the context's ids and dense values written into every row. The predictor must answer
 each request exactly so: a 200 whose outputs have the requested names, encodings and
 shapes and whose scores equal an independent forward pass of the expected rows, or
 the expected 4xx with a JSON error body (``error``, ``code``, ``type``); never an
@@ -52,9 +54,12 @@ NUM_DENSE, NUM_SPARSE = CONFIG.num_dense_features, CONFIG.num_sparse_features
 # The contract's names, spelled out here (not imported from handler.oip) so that the oracle stays independent.
 DENSE, LENGTHS, IDS = "dense_features", "sparse_lengths", "sparse_ids"
 RAW_INTS, RAW_CATEGORIES = "int_features", "cat_features"
+CONTEXT_DENSE, CONTEXT_LENGTHS, CONTEXT_IDS = "context_dense_features", "context_sparse_lengths", "context_sparse_ids"
 MODEL_INPUTS, RAW_INPUTS = (DENSE, LENGTHS, IDS), (RAW_INTS, RAW_CATEGORIES)
+CONTEXT_INPUTS = (CONTEXT_DENSE, CONTEXT_LENGTHS, CONTEXT_IDS)
 DATATYPES = {DENSE: ("FP32",), LENGTHS: ("INT32", "INT64"), IDS: ("INT64",), RAW_INTS: ("BYTES",)}
-DATATYPES[RAW_CATEGORIES] = ("BYTES",)
+DATATYPES |= {RAW_CATEGORIES: ("BYTES",), CONTEXT_DENSE: ("FP32",), CONTEXT_LENGTHS: ("INT32", "INT64")}
+DATATYPES[CONTEXT_IDS] = ("INT64",)
 STRUCT_CODES = {"FP32": "f", "INT32": "i", "INT64": "q"}
 INT_RANGES = {"INT32": 2**31, "INT64": 2**63}
 # model_name and model_version: TorchServe's gRPC service adds them to the JSON it hands over.
@@ -144,6 +149,8 @@ def _judge(body: bytes, header_length: str | None, max_rows: int, grpc: bool) ->
     if binary is not None and offset != len(binary):
         raise Refused()
     outputs = requested_outputs(payload.get("parameters"), payload.get("outputs"))
+    if set(tensors) & set(CONTEXT_INPUTS):
+        return Accepted(request_id, *ranking_rows(tensors, max_rows), outputs)
     raw = bool(set(tensors) & set(RAW_INPUTS)) and not set(tensors) & set(MODEL_INPUTS)
     names = RAW_INPUTS if raw else MODEL_INPUTS
     if set(tensors) != set(names):
@@ -313,6 +320,37 @@ def model_rows(
     if not all(0 <= value < TABLE_SIZES[feature] for value, feature in zip(ids[1], features, strict=True)):
         raise Refused()
     return dense_values.reshape(rows, NUM_DENSE), np.array(lengths[1], np.int64).reshape(rows, NUM_SPARSE), ids[1]
+
+
+def ranking_rows(tensors: dict[str, tuple[list[int], list]], max_rows: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A ranking request as the expanded rows it stands for: model inputs for the candidates (dense values
+    per candidate or once, as context), and a context row whose ids every candidate shares (its own bags of
+    those features empty)."""
+    if set(tensors) - set(MODEL_INPUTS) - set(CONTEXT_INPUTS) or {DENSE, CONTEXT_DENSE} <= set(tensors):
+        raise Refused()
+    required = {CONTEXT_DENSE if CONTEXT_DENSE in tensors else DENSE, LENGTHS, IDS}
+    if set(tensors) & {CONTEXT_LENGTHS, CONTEXT_IDS}:  # the context's ids come as a pair
+        required |= {CONTEXT_LENGTHS, CONTEXT_IDS}
+    if not required <= set(tensors):
+        raise Refused()
+    # The row count (the candidates' lengths' first dimension) is checked before the other shapes and the values.
+    rows = tensors[LENGTHS][0][0] if tensors[LENGTHS][0] else 0
+    if rows == 0:
+        raise Refused()
+    if rows > max_rows:
+        raise Refused(413)
+    context_dense = tensors.get(CONTEXT_DENSE, ([1, NUM_DENSE], [0.0] * NUM_DENSE))
+    context_lengths = tensors.get(CONTEXT_LENGTHS, ([1, NUM_SPARSE], [0] * NUM_SPARSE))
+    context = model_rows(1, context_dense, context_lengths, tensors.get(CONTEXT_IDS, ([0], [])))
+    dense = tensors[DENSE] if DENSE in tensors else ([rows, NUM_DENSE], context_dense[1] * rows)
+    dense_values, lengths, ids = model_rows(rows, dense, tensors[LENGTHS], tensors[IDS])
+    if ((lengths > 0) & (context[1] > 0)).any():
+        raise Refused()
+    shared = dict(zip(range(NUM_SPARSE), split_ids(context[1].T, context[2]), strict=True))
+    own = [dict(zip(range(NUM_SPARSE), split_ids(row[:, None], row_ids), strict=True))
+           for row, row_ids in zip(lengths, split_ids(lengths, ids), strict=True)]  # fmt: skip
+    expanded = [value for row in own for feature in range(NUM_SPARSE) for value in row[feature] or shared[feature]]
+    return dense_values, lengths + context[1], expanded
 
 
 def raw_rows(
@@ -546,6 +584,29 @@ def model_inputs(rng: np.random.Generator, rows: int) -> list[tuple[str, str, li
     ]
 
 
+def ranking_inputs(rng: np.random.Generator, rows: int) -> list[tuple[str, str, list[int], list]]:
+    """Candidates' model inputs beside a context row: some features' ids (any number, also none) in the
+    context, the candidates' bags of them empty; the dense values per candidate or once, as context."""
+    candidates = model_inputs(rng, rows)
+    context = model_inputs(rng, 1)
+    shared = rng.random(NUM_SPARSE) < 0.5
+    (_, _, _, lengths), (_, _, _, ids) = candidates[1], candidates[2]
+    (_, _, _, context_lengths), (_, _, _, context_ids) = context[1], context[2]
+    kept_ids = [value for value, shared_id in zip(ids, np.repeat(np.tile(shared, rows), lengths), strict=True)
+                if not shared_id]  # fmt: skip
+    context_kept = [value for value, shared_id in zip(context_ids, np.repeat(shared, context_lengths), strict=True)
+                    if shared_id]  # fmt: skip
+    lengths = [0 if shared[index % NUM_SPARSE] else n for index, n in enumerate(lengths)]
+    context_lengths = [n if shared[index] else 0 for index, n in enumerate(context_lengths)]
+    tensors = [
+        candidates[1][:3] + (lengths,),
+        (IDS, "INT64", [len(kept_ids)], kept_ids),
+        (CONTEXT_LENGTHS, context[1][1], [1, NUM_SPARSE], context_lengths),
+        (CONTEXT_IDS, "INT64", [len(context_kept)], context_kept),
+    ]
+    return [candidates[0] if rng.integers(2) else (CONTEXT_DENSE, *context[0][1:]), *tensors]
+
+
 def raw_inputs(rng: np.random.Generator, rows: int) -> list[tuple[str, str, list[int], list]]:
     """Raw Criteo rows: decimal integers across int64 or empty, 8 hex digits in either case or empty."""
     ints = []
@@ -561,11 +622,12 @@ def raw_inputs(rng: np.random.Generator, rows: int) -> list[tuple[str, str, list
 
 
 def valid_plan(rng: np.random.Generator, rows: int | None = None) -> Plan:
-    """A valid request of 1..MAX_ROWS rows: model inputs or raw rows, each input JSON or binary, in any order;
+    """A valid request of 1..MAX_ROWS rows: model inputs, raw rows or a ranking request (candidates and a
+    context row), each input JSON or binary, in any order;
     an ``id`` or not; all outputs or some, as JSON or binary, by request or per output."""
     plan = Plan({"inputs": []}, grpc=rng.integers(6) == 0)
     rows = rows if rows is not None else int(rng.integers(1, MAX_ROWS + 1))
-    tensors = raw_inputs(rng, rows) if rng.integers(3) == 0 else model_inputs(rng, rows)
+    tensors = [raw_inputs, ranking_inputs, model_inputs, model_inputs][rng.integers(4)](rng, rows)
     for index in rng.permutation(len(tensors)):
         add_input(plan, rng, *tensors[index])
     if plan.grpc and rng.integers(2):  # as TorchServe's gRPC service adds them
@@ -594,7 +656,7 @@ EDGE_NUMBERS: list[int | float] = [-1, 0, 1, 12, 13, 25, 26, 35, 9999, 10000, 2*
 EDGE_NUMBERS += [2**63 - 1, 2**63, 2**64 - 1, -(2**63), -(2**63) - 1, 2**64, 3.0, -0.0, 0.5, 3.4028236e38, 1e39]
 DATATYPE_NAMES: list[Any] = ["FP32", "FP64", "FP16", "INT8", "INT32", "INT64", "UINT64", "BYTES", "BOOL", "fp32"]
 DATATYPE_NAMES += ["", None, 7]
-NAMES: list[Any] = [*MODEL_INPUTS, *RAW_INPUTS, "score", "dense", "", None, 3, ["dense_features"], {}]
+NAMES: list[Any] = [*MODEL_INPUTS, *RAW_INPUTS, *CONTEXT_INPUTS, "score", "dense", "", None, 3, ["dense_features"], {}]
 EXTRA_KEYS = ["id", "parameters", "outputs", "inputs", "data", "shape", "datatype", "name", "binary_data_size", "x"]
 EXTRA_KEYS += ["model_name"]
 BAD_TEXTS = ["", "1", "-", "+5", " 5", "1.5", "0x1f", "99999999999999999999", "05db9164", "05DB9164", "05db916g"]
@@ -744,15 +806,18 @@ def bad_binary_value(rng: np.random.Generator, described: dict[str, Any], chunk:
 
 def replace_inputs(plan: Plan, rng: np.random.Generator, rows: int) -> None:
     """The plan's inputs regenerated for ``rows`` rows (zero rows: empty tensors)."""
-    raw = any(d.get("name") in RAW_INPUTS for d in plan.payload["inputs"] if type(d.get("name")) is str)
+    given = {d.get("name") for d in plan.payload["inputs"] if type(d.get("name")) is str}
+    raw, ranking = bool(given & set(RAW_INPUTS)), bool(given & set(CONTEXT_INPUTS))
     fresh = Plan({**plan.payload, "inputs": []}, grpc=plan.grpc)
     if rows:
-        tensors = raw_inputs(rng, rows) if raw else model_inputs(rng, rows)
+        tensors = (raw_inputs if raw else ranking_inputs if ranking else model_inputs)(rng, rows)
     else:
         names = RAW_INPUTS if raw else MODEL_INPUTS
         datatypes = ["BYTES", "BYTES"] if raw else ["FP32", "INT64", "INT64"]
         widths = [[0, NUM_DENSE], [0, NUM_SPARSE]] if raw else [[0, NUM_DENSE], [0, NUM_SPARSE], [0]]
         tensors = [(n, t, s, []) for n, t, s in zip(names, datatypes, widths, strict=True)]
+        if ranking and not raw:  # a valid context beside no candidates
+            tensors += [t for t in ranking_inputs(rng, 1) if t[0] in (CONTEXT_LENGTHS, CONTEXT_IDS)]
     for tensor_ in tensors:
         add_input(fresh, rng, *tensor_)
     plan.payload, plan.chunks, plan.binary = fresh.payload, fresh.chunks, fresh.binary
