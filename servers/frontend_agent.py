@@ -1,7 +1,8 @@
 """Build the TorchServe frontend agent of ``frontend_agent/`` (a jar) with the JDK's ``javac``.
 
 The agent gives TorchServe 0.12 the Open Inference Protocol's model metadata and model
-readiness routes (``GET /v2/models/{m}[/versions/{v}][/ready]``); the Java sources say how
+readiness routes (``GET /v2/models/{m}[/versions/{v}][/ready]``) and restarts a dead worker
+at once the first time (not after TorchServe's one-second back-off); the Java sources say how
 and why. ``config.properties`` loads it through ``vmargs=-javaagent:...``, so it must exist
 before TorchServe starts: ``make install`` builds it, :class:`~servers.torchserve.TorchServeProcess`
 rebuilds it when a source changed, the container image builds it in its build stage.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent.parent / "frontend_agent" / "src"
 AGENT_JAR = SOURCES.parent / "build" / "dlrm-frontend-agent.jar"
-AGENT_CLASS = "dlrm.agent.OipRoutesAgent"
+AGENT_CLASS = "dlrm.agent.FrontendAgent"
 # The class the agent replaces: stored in the jar under a resource name, not as a class on the classpath.
 REPLACED_CLASS = "org/pytorch/serve/http/api/rest/OpenInferenceProtocolRequestHandler.class"
 REPLACEMENT_RESOURCE = "replacement/OpenInferenceProtocolRequestHandler.class.bin"

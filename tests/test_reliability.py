@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -28,6 +30,7 @@ import psutil
 import pytest
 import requests
 
+from servers.frontend_agent import torchserve_jar
 from servers.load import SteadyLoad
 from servers.torchserve import LOOPBACK, REPO_ROOT, TorchServeProcess
 from tests.archives import TEST_MAX_ROWS, build_archive
@@ -191,6 +194,9 @@ def test_killed_worker_is_replaced_and_no_request_hangs(own_server: TorchServePr
     assert all(o.started < killed_at + 1 for o in failed), "requests sent after the kill go to a live worker"
     slowest = max(o.finished - o.started for o in outcomes)
     assert slowest < FAULT_BOUND_S
+    # The frontend agent's ImmediateFirstRestart: TorchServe's first restart of a worker starts it at once.
+    restarts = re.findall(r"Retry worker: \d+ in (\d+) seconds", (own_server.log_dir / "ts_log.log").read_text())
+    assert restarts == ["0"], restarts
     recovery, replacement = recovered_at - killed_at, replaced_at - killed_at
     record_property("worker_recovery_s", round(recovery, 2))
     record_property("worker_replacement_s", round(replacement, 2))
@@ -278,3 +284,12 @@ def test_models_cannot_be_registered_from_a_url(server: TorchServeProcess, shipp
     assert fetched == [], "TorchServe must not even download it"
     models = requests.get(f"{server.endpoints.management}/models", timeout=10).json()["models"]
     assert [model["modelName"] for model in models] == ["dlrm"]
+
+
+def test_the_agent_finds_torchserve_s_restart_back_off_exactly_once() -> None:
+    """The byte sequence frontend_agent's ImmediateFirstRestart patches (WorkerThread.BACK_OFF's initialiser: int[18],
+    element 0 = 0, element 1 = 1) occurs exactly once in the installed TorchServe's WorkerThread."""
+    worker_thread = zipfile.ZipFile(torchserve_jar()).read("org/pytorch/serve/wlm/WorkerThread.class")
+    dup, iconst_0, iconst_1, iastore = 0x59, 0x03, 0x04, 0x4F
+    back_off_start = bytes([0x10, 18, 0xBC, 0x0A, dup, iconst_0, iconst_0, iastore, dup, iconst_1, iconst_1, iastore])
+    assert worker_thread.count(back_off_start) == 1
