@@ -277,12 +277,19 @@ def main() -> None:
     wait.add_argument("--management", default=Endpoints().management, help="management API base URL")
     wait.add_argument("--model", default="dlrm")
     wait.add_argument("--timeout", type=float, default=180.0)
+    wait.add_argument(
+        "--key-file",
+        type=Path,
+        help="TorchServe's key_file.json when token authorization is on (in its working directory; `make serve`: "
+        "logs/key_file.json)",
+    )
     args = parser.parse_args()
     if args.command == "serve":
         serve(args.model_store, args.model, args.archive, args.log_dir, args.example)
         return
+    key = Keys.from_key_file(args.key_file).management if args.key_file else None
     deadline = time.monotonic() + args.timeout
-    while not model_ready(args.management, args.model):
+    while not model_ready(args.management, args.model, key):
         if time.monotonic() > deadline:
             sys.exit(f"{args.model} is not ready at {args.management} after {args.timeout:.0f}s")
         time.sleep(0.5)

@@ -194,3 +194,16 @@ def test_startup_probe_passes_the_served_archive_only(updatable_server: TorchSer
     assert "passed: served vs built scores: max |diff|" in served.stdout
     other = startup_probe(versions / "dlrm-2.0", updatable_server)  # a version this server does not serve
     assert other.returncode == 1 and "scoring the golden set on dlrm 2.0: 404" in other.stderr, other.stderr
+
+
+def test_wait_ready_uses_the_key_file_under_token_authorization(updatable_server: TorchServeProcess) -> None:
+    """``python -m servers.torchserve wait-ready`` against a server with token authorization: with its key file it
+    sees the worker READY; without, every describe call is refused and it gives up at its timeout."""
+    command = [sys.executable, "-m", "servers.torchserve", "wait-ready", "--management"]
+    command += [updatable_server.endpoints.management, "--timeout", "2"]
+    keyed = subprocess.run(
+        [*command, "--key-file", str(updatable_server.workdir / "key_file.json")], cwd=REPO_ROOT, timeout=60
+    )
+    assert keyed.returncode == 0
+    unkeyed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert unkeyed.returncode != 0 and "is not ready" in unkeyed.stderr

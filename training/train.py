@@ -458,7 +458,7 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
         default=[],
         type=feature_sharding,
         metavar="FEATURE=TYPE",
-        help="the one sharding type allowed for a feature's table, e.g. cat_0=row_wise (repeatable)",
+        help="the one sharding type allowed for a feature's table, e.g. cat_0=column_wise (repeatable)",
     )
     parallel.add_argument(
         "--checkpoint-every", type=int, default=0, help="steps between checkpoints (default: 0 = end of each epoch)"
