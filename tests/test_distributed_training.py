@@ -27,7 +27,7 @@ from model_factory.artifact import WEIGHTS_FILE, load_model
 from model_factory.config import DLRMConfig, preset
 from model_factory.factory import build_dlrm, init_weights, load_weights
 from model_factory.features import Preprocessing
-from servers.torchserve import TorchServeProcess
+from servers.torchserve import LOOPBACK, TorchServeProcess, free_port
 from tests.archives import build_archive
 from tests.rows import raw_request_row
 from training.checkpoint import checkpoint_dirs, latest_checkpoint
@@ -129,6 +129,27 @@ def test_two_ranks_train_the_one_rank_model(runs: dict[int, Path], small_config:
     latest = latest_checkpoint(runs[2])
     assert latest is not None and latest.name == f"step-{STEPS:09d}"
     assert_same_weights(checkpoint_weights(latest, small_config), one_weights)
+
+
+def test_two_nodes_meet_through_torchrun_s_rendezvous(
+    runs: dict[int, Path], data: dict[str, Path], small_config: DLRMConfig, tmp_path: Path
+) -> None:
+    """Two torchrun "nodes" of one rank each (c10d rendezvous on loopback, as on two machines) train the model
+    one process trains."""
+    output = tmp_path / "two-nodes"
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+    rendezvous += ["--rdzv-endpoint", f"{LOOPBACK}:{free_port()}", "--rdzv-id", "dlrm-test"]
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "-m", "training.train", "--preset", "small"]
+    command += ["--train", str(data["train"]), "--validation", str(data["validation"]), "--output", str(output)]
+    command += ["--batch-size", str(GLOBAL_BATCH // 2), "--no-progress"]
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    for node in nodes:
+        out, _ = node.communicate(timeout=600)
+        assert node.returncode == 0, out[-4000:]
+    assert metrics(output)["ranks"] == 2
+    latest = latest_checkpoint(output)
+    assert latest is not None
+    assert_same_weights(checkpoint_weights(latest, small_config), torch.load(runs[1] / WEIGHTS_FILE))
 
 
 def test_each_rank_holds_only_its_shards(runs: dict[int, Path], small_config: DLRMConfig) -> None:
