@@ -13,18 +13,23 @@ random rows over the full tables — and record:
   file, so the workers' PSS adds up to one copy of it plus each worker's own memory;
 - the time a SIGKILLed worker takes to be replaced by a READY one;
 - p50/p99 latency of single-row requests;
-- the answer to the reference sample (ids up to 45,821,459: exact, not float32).
+- the answer to the reference sample (ids up to 45,821,459: exact, not float32);
+- with ``--touch-all``: as many plain processes as workers each map the tables and read every page of
+  them, then report their PSS at the same moment: the sum shows the page cache's one copy shared when
+  every page is in use (requests touch only the rows they look up).
 
 This is a benchmark, not a test: it writes about 18.5 GB and takes several minutes.
 
     python -m bench.fullsize                      # int8 with 2 workers and int4 with 4
     python -m bench.fullsize --dtypes int4 --workers 2 --requests 200 --keep
+    python -m bench.fullsize --dtypes int8 --touch-all
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -37,6 +42,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -71,6 +77,7 @@ class FullSizeResult:
     p50_ms: float
     p99_ms: float
     reference_sample: dict
+    all_pages: dict | None = None  # --touch-all: processes, largest RSS and summed PSS with every page read
 
 
 class PeakRss:
@@ -138,6 +145,41 @@ def replace_a_worker(server: TorchServeProcess, workers: int) -> float:
     return time.perf_counter() - started
 
 
+_PAGE = 4096
+
+
+def _read_every_page(model_dir: str, barrier: Any, results: Any) -> None:
+    """Map the tables as a worker does, read one byte of every page, report RSS and PSS once all have."""
+    from model_factory.artifact import load_model
+
+    model, _ = load_model(Path(model_dir))
+    for module in model.sparse_arch.embedding_bag_collection._emb_modules:
+        int(module.weights_host[::_PAGE].sum())
+    barrier.wait()
+    info = psutil.Process().memory_full_info()
+    results.put((info.rss, info.pss))
+    barrier.wait()  # every process keeps its mapping until all have measured
+
+
+def every_page_shared(model_dir: Path, processes: int) -> dict:
+    """``processes`` processes mapping ``model_dir``'s tables with every page read: their largest RSS, PSS sum."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    children = [
+        context.Process(target=_read_every_page, args=(str(model_dir), barrier, results)) for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    measured = [results.get(timeout=1800) for _ in children]
+    for child in children:
+        child.join()
+    return {
+        "processes": processes,
+        "largest_rss_gib": round(max(rss for rss, _ in measured) / 2**30, 2),
+        "pss_sum_gib": round(sum(pss for _, pss in measured) / 2**30, 2),
+    }
+
+
 def serve_and_measure(dtype: str, workers: int, store: Path, workdir: Path, count: int) -> dict:
     started = time.perf_counter()
     with TorchServeProcess(store, f"dlrm=dlrm-1tb-{dtype}", workdir) as server:
@@ -197,6 +239,13 @@ def markdown(results: list[FullSizeResult], machine: dict) -> str:
             f"{r.killed_worker_ready_seconds:.1f} s | {r.p50_ms:.1f} / {r.p99_ms:.1f} ms | "
             f"{r.errors} of {r.requests} | {answer} |"
         )
+    for r in results:
+        if r.all_pages:
+            lines.append(
+                f"\n{r.dtype}, every page read by {r.all_pages['processes']} processes: largest RSS "
+                f"{r.all_pages['largest_rss_gib']:.2f} GiB, PSS summed {r.all_pages['pss_sum_gib']:.2f} GiB "
+                f"(tables {r.tables_gib:.2f} GiB)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -209,6 +258,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500, help="single-row requests per precision")
     parser.add_argument("--store", type=Path, help="model store for the archives (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the archives (about 18.5 GB) afterwards")
+    parser.add_argument(
+        "--touch-all", action="store_true", help="also read every table page from as many processes as workers"
+    )
     args = parser.parse_args()
     output = RESULTS_DIR / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-fullsize"
     output.mkdir(parents=True)
@@ -228,6 +280,7 @@ def main() -> None:
                 build_seconds=round(build_seconds, 1),
                 build_peak_rss_gib=round(build_peak / 2**30, 2),
                 **served,
+                all_pages=every_page_shared(model_dir, workers) if args.touch_all else None,
             )
             results.append(result)
             print(json.dumps(asdict(result), indent=2), flush=True)
