@@ -192,7 +192,7 @@ def gather(value: T, ranks: Ranks) -> list[T]:
 _INIT_BLOCK_ROWS = 65_536
 
 
-def init_weights(model: DistributedModelParallel, seed: int) -> None:
+def init_sharded_weights(model: DistributedModelParallel, seed: int) -> None:
     """Initialise every rank's shards and the MLPs from ``seed`` alone: the same model whatever the sharding.
 
     Tables are uniform in ±sqrt(1/rows) (TorchRec's default), drawn in blocks of

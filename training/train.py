@@ -67,7 +67,7 @@ from training.distributed import (
     describe_plan,
     gather,
     init_process_group,
-    init_weights,
+    init_sharded_weights,
     local_table_bytes,
     shard,
     sharding_plan,
@@ -139,7 +139,7 @@ def build_sharded_model(config: TrainingConfig, ranks: Ranks) -> tuple[Distribut
         apply_optimizer_in_backward(torch.optim.SGD, model.sparse_arch.parameters(), {"lr": config.learning_rate})
     plan = sharding_plan(model, config.model, ranks, config.sharding)
     sharded = shard(model, plan, ranks)
-    init_weights(sharded, config.seed)
+    init_sharded_weights(sharded, config.seed)
     return sharded, plan
 
 
