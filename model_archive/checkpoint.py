@@ -33,19 +33,19 @@ _TABLE_PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags."
 
 @dataclass(frozen=True)
 class CheckpointWeights:
-    """The DCP checkpoint at ``path`` matched against a model config: model key → key in the checkpoint."""
+    """The DCP checkpoint at ``path`` matched against a model config: model key → key in the checkpoint, and
+    the checkpoint's description of each stored tensor."""
 
     path: Path
     keys: dict[str, str]
+    stored: dict[str, TensorStorageMetadata]
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named model tensors, whole, read from every shard that holds part of them."""
-        metadata = _tensors(self.path)
+        stored = [self.stored[self.keys[name]] for name in names]
         state = {
-            self.keys[name]: torch.empty(
-                metadata[self.keys[name]].size, dtype=metadata[self.keys[name]].properties.dtype
-            )
-            for name in names
+            self.keys[name]: torch.empty(tensor.size, dtype=tensor.properties.dtype)
+            for name, tensor in zip(names, stored, strict=True)
         }
         with warnings.catch_warnings():
             # DCP warns that it runs without a process group, which is what no_dist asks for.
@@ -91,7 +91,7 @@ def match_checkpoint(path: Path, config: DLRMConfig) -> CheckpointWeights:
     ]
     if wrong:
         raise ConfigError(f"{path} does not match the model config: {'; '.join(wrong[:3])}")
-    return CheckpointWeights(path, {key: prefix + key for key in expected})
+    return CheckpointWeights(path, {key: prefix + key for key in expected}, stored)
 
 
 def write_artifact_from_checkpoint(directory: Path, artifact: ModelArtifact, checkpoint: Path) -> None:

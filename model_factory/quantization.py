@@ -324,7 +324,7 @@ def table_views(collection: QuantEmbeddingBagCollection) -> dict[str, torch.Tens
     return views
 
 
-def _row_blocks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+def row_blocks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
     """``[start, end)`` ranges of rows of about ``_CHUNK_BYTES`` each."""
     block = max(1, _CHUNK_BYTES // row_bytes)
     for start in range(0, rows, block):
@@ -350,7 +350,7 @@ def write_table_file(layout: TableFile, path: Path, rows_of: Callable[[StoredTab
                 output.write(bytes(part.offset + table.offset - output.tell()))
                 view = rows_of(table)
                 assert view.shape == (table.rows, table.row_bytes), (table, view.shape)
-                for start, end in _row_blocks(table.rows, table.stride):
+                for start, end in row_blocks(table.rows, table.stride):
                     block = torch.zeros((end - start, table.stride), dtype=torch.uint8)
                     block[:, : table.row_bytes] = view[start:end]
                     output.write(block.numpy().data)
@@ -405,7 +405,7 @@ def read_tables(collection: QuantEmbeddingBagCollection, layout: TableFile, path
                         f"the model's is {tuple(view.shape)}"
                     )
                 source.seek(part.offset + table.offset)
-                for start, end in _row_blocks(table.rows, table.stride):
+                for start, end in row_blocks(table.rows, table.stride):
                     block = torch.empty((end - start) * table.stride, dtype=torch.uint8)
                     if source.readinto(block.numpy().data) != block.numel():
                         raise ConfigError(f"{path} ended inside table {table.name}")
@@ -549,7 +549,7 @@ def fill_random(collection: QuantEmbeddingBagCollection, seed: int) -> None:
             module.embedding_specs, module.split_embedding_weights_with_scale_bias(2), strict=True
         ):
             bound = (1.0 / rows) ** 0.5
-            for start, end in _row_blocks(rows, data.shape[1]):
+            for start, end in row_blocks(rows, data.shape[1]):
                 if scale is None:  # fp16: the row is the values
                     values = torch.empty((end - start, data.shape[1] // 2), dtype=torch.float16)
                     data[start:end].view(torch.float16).copy_(values.uniform_(-bound, bound, generator=generator))

@@ -39,12 +39,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from model_factory.artifact import ModelArtifact, load_model
 from model_factory.config import ConfigError
-from model_factory.quantization import MlpDtype, table_views
+from model_factory.quantization import MlpDtype, row_blocks, table_views
 
 logger = logging.getLogger(__name__)
-
-# Rows copied to a device at a time: bounds the host staging copy of a multi-GB table.
-_BLOCK_BYTES = 64 * 2**20
 
 
 def load_sharded_model(directory: Path, world_size: int, device: torch.device) -> tuple[DLRM, ModelArtifact]:
@@ -173,8 +170,7 @@ def _copy_rows(source: QuantEmbeddingBagCollection, sharded: nn.Module) -> None:
         ):
             view = views[name]
             target = rows[:, : view.shape[1]]
-            block = max(1, _BLOCK_BYTES // view.shape[1])
-            for start in range(0, view.shape[0], block):
-                target[start : start + block].copy_(view[start : start + block])
+            for start, end in row_blocks(*view.shape):
+                target[start:end].copy_(view[start:end])
             copied.append(name)
     assert sorted(copied) == sorted(views), f"table-wise sharding holds every table once, got {copied}"

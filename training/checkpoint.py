@@ -54,7 +54,7 @@ def checkpoint_dirs(output: Path) -> list[Path]:
     root = output / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    return sorted(path for path in root.glob(f"{_PREFIX}*") if (path / _METADATA).is_file())
+    return sorted(path for path in root.glob(f"{_PREFIX}*") if is_checkpoint(path))
 
 
 def is_checkpoint(path: Path) -> bool:
