@@ -9,8 +9,9 @@ random rows over the full tables — and record:
 
 - build time and the build's peak RSS;
 - TorchServe start-to-ready time (every worker mapping the tables) with a warm page cache;
-- the workers' RSS and PSS when ready and after the requests: the tables are one memory-mapped
-  file, so the workers' PSS adds up to one copy of it plus each worker's own memory;
+- the workers' RSS, and the PSS of all serving Python processes (workers, their fork server, launchers)
+  when ready and after the requests: the tables are one memory-mapped file, so the PSS adds up to one
+  copy of it plus each worker's own memory;
 - the time a SIGKILLed worker takes to be replaced by a READY one;
 - p50/p99 latency of single-row requests;
 - the answer to the reference sample (ids up to 45,821,459: exact, not float32);
@@ -69,7 +70,7 @@ class FullSizeResult:
     start_to_ready_seconds: float
     worker_rss_ready_gib: float  # per worker, the largest
     worker_rss_after_gib: float
-    workers_pss_ready_gib: float  # all workers together
+    workers_pss_ready_gib: float  # all serving Python processes together
     workers_pss_after_gib: float
     killed_worker_ready_seconds: float
     requests: int
@@ -123,9 +124,13 @@ def build(dtype: str, workers: int, store: Path) -> tuple[float, int]:
 
 
 def worker_memory(server: TorchServeProcess) -> tuple[int, int]:
-    """The largest worker RSS, and the workers' PSS added up (shared pages counted once in all)."""
-    infos = [psutil.Process(pid).memory_full_info() for pid in server.worker_pids()]
-    return max(info.rss for info in infos), sum(info.pss for info in infos)
+    """The largest worker RSS, and the PSS of every Python process serving added up (shared pages counted
+    once in all): the workers, the fork server they were forked from and the launchers TorchServe started."""
+    assert server.process is not None
+    workers = [psutil.Process(pid).memory_full_info() for pid in server.worker_pids()]
+    frontend = psutil.Process(server.process.pid)  # the torchserve command, parent of the Java frontend
+    pythons = [p for p in frontend.children(recursive=True) if p.name().startswith("python")]
+    return max(info.rss for info in workers), sum(p.memory_full_info().pss for p in pythons)
 
 
 def ready_workers(server: TorchServeProcess) -> int:
@@ -224,7 +229,7 @@ def markdown(results: list[FullSizeResult], machine: dict) -> str:
         f"{machine['usable_cores']} cores, {machine['ram_gib']} GiB",
         "",
         "| tables | workers | tables GiB | build | build peak RSS | start to ready | "
-        "largest worker RSS ready / after | workers' PSS summed ready / after | killed worker replaced | "
+        "largest worker RSS ready / after | Python processes' PSS summed ready / after | killed worker replaced | "
         "single-row p50 / p99 | errors | reference sample |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -57,6 +57,7 @@ from training.criteo import CriteoFormatError, open_text, parse_lines, request_r
 # The packages a worker imports, copied whole into every archive.
 SERVED_PACKAGES = (Path(handler.__file__).parent, Path(model_factory.__file__).parent)
 HANDLER_FILE = Path(handler.__file__).parent / "dlrm_handler.py"
+STARTUP_HOOK = Path(__file__).parent / "sitecustomize.py"
 DEFAULT_OUTPUT = Path("model_store/dlrm.mar")
 
 
@@ -165,9 +166,11 @@ def load_checkpoint(artifact: ModelArtifact, path: Path) -> DLRM:
 
 
 def copy_packages(destination: Path) -> None:
-    """The Python packages the handler imports, so the archive needs nothing from this checkout."""
+    """The Python packages the handler imports, so the archive needs nothing from this checkout,
+    and the start-up hook that forks its workers (``sitecustomize.py``, at the archive's top level)."""
     for package in SERVED_PACKAGES:
         shutil.copytree(package, destination / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copyfile(STARTUP_HOOK, destination / STARTUP_HOOK.name)
 
 
 def build_archive(options: BuildOptions) -> tuple[Path, ModelArtifact]:

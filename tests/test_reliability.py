@@ -179,6 +179,7 @@ def test_killed_worker_is_replaced_and_no_request_hangs(own_server: TorchServePr
     url = f"{own_server.endpoints.inference}/predictions/dlrm"
     workers = own_server.worker_pids()
     victim = workers[0]
+    forked_by = {psutil.Process(pid).ppid() for pid in workers}
     with SteadyLoad(url, SAMPLE, clients=8, timeout=FAULT_BOUND_S) as load:
         load.wait_for(lambda outcomes: sum(o.ok for o in outcomes) >= 50, timeout=60)
         killed_at = time.monotonic()
@@ -197,6 +198,10 @@ def test_killed_worker_is_replaced_and_no_request_hangs(own_server: TorchServePr
     # The frontend agent's ImmediateFirstRestart: TorchServe's first restart of a worker starts it at once.
     restarts = re.findall(r"Retry worker: \d+ in (\d+) seconds", (own_server.log_dir / "ts_log.log").read_text())
     assert restarts == ["0"], restarts
+    # Workers, the replacement too, are forked by one fork server that has imported torch (handler/worker_fork.py).
+    (fork_server,) = forked_by
+    assert "worker_fork.py" in " ".join(psutil.Process(fork_server).cmdline())
+    assert {psutil.Process(pid).ppid() for pid in own_server.worker_pids()} == forked_by
     recovery, replacement = recovered_at - killed_at, replaced_at - killed_at
     record_property("worker_recovery_s", round(recovery, 2))
     record_property("worker_replacement_s", round(replacement, 2))

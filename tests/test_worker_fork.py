@@ -1,0 +1,154 @@
+"""Workers forked from the fork server (handler/worker_fork.py), with real processes and sockets.
+
+A stand-in "frontend" (a Python process, as TorchServe's JVM is) starts a stand-in worker script
+named like TorchServe's, with the archive's layout (``sitecustomize.py`` and the ``handler``
+package) on its ``PYTHONPATH``. The script reports what it finds about itself on stdout. TorchServe
+with forked workers is covered by every served test; tests/test_reliability.py kills one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from handler import worker_fork
+from model_archive.build import STARTUP_HOOK
+
+WORKER = """
+import json, os, sys, time
+report = {
+    "pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv, "cwd": os.getcwd(),
+    "setting": os.environ.get("WORKER_SETTING"), "path": sys.path[:3], "torch_preloaded": "torch" in sys.modules,
+}
+print(json.dumps(report), flush=True)
+if sys.argv[1] == "sleep":
+    time.sleep(600)
+sys.exit(int(sys.argv[2]))
+"""
+# The frontend runs the worker, as a child it waits for, and reports how that child (the launcher) ended.
+FRONTEND = "import subprocess, sys; print(subprocess.run(sys.argv[1:]).returncode, flush=True)"
+
+
+@pytest.fixture()
+def archive() -> Iterator[Path]:
+    """A model directory as TorchServe extracts it: the start-up hook and the handler package.
+
+    Its parent is the workers' TMPDIR, short enough for the fork servers' socket paths."""
+    with tempfile.TemporaryDirectory(prefix="worker-fork-", dir="/tmp") as tmp:
+        yield make_archive(Path(tmp))
+
+
+def make_archive(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    (model / "handler").mkdir(parents=True)
+    shutil.copyfile(STARTUP_HOOK, model / "sitecustomize.py")
+    for name in ("__init__.py", "worker_fork.py"):
+        shutil.copyfile(Path(worker_fork.__file__).parent / name, model / "handler" / name)
+    script = tmp_path / "ts" / worker_fork.WORKER_SCRIPT
+    script.parent.mkdir()
+    script.write_text(WORKER)
+    return model
+
+
+def start(archive: Path, *args: str, fork: bool = True) -> subprocess.Popen[str]:
+    environment = {
+        **os.environ,
+        "PYTHONPATH": f"{archive}{os.pathsep}{archive.parent}",
+        "WORKER_SETTING": "from the frontend",
+        "TMPDIR": str(archive.parent),
+        worker_fork.SWITCH: "1" if fork else "0",
+    }
+    script = archive.parent / "ts" / worker_fork.WORKER_SCRIPT
+    command = [sys.executable, "-c", FRONTEND, sys.executable, str(script), *args]
+    return subprocess.Popen(command, cwd=archive, env=environment, stdout=subprocess.PIPE, text=True)
+
+
+def is_fork_server(process: psutil.Process | None) -> bool:
+    return process is not None and "worker_fork.py" in " ".join(process.cmdline()) and "serve" in process.cmdline()
+
+
+def report(frontend: subprocess.Popen[str]) -> dict:
+    assert frontend.stdout is not None
+    return json.loads(frontend.stdout.readline())
+
+
+def launcher_exit(frontend: subprocess.Popen[str]) -> int:
+    """How the process the frontend started ended: its exit code, or minus the signal that killed it."""
+    assert frontend.stdout is not None
+    code = int(frontend.stdout.readline())
+    assert frontend.wait(timeout=10) == 0
+    return code
+
+
+def test_a_worker_runs_forked_with_its_own_arguments_directory_environment_and_streams(archive: Path) -> None:
+    frontend = start(archive, "exit", "3")
+    worker = report(frontend)
+    assert launcher_exit(frontend) == 3  # the launcher exits as its worker did
+    assert worker["torch_preloaded"]
+    assert worker["argv"] == [str(archive.parent / "ts" / worker_fork.WORKER_SCRIPT), "exit", "3"]
+    assert worker["cwd"] == str(archive)
+    assert worker["setting"] == "from the frontend"
+    assert worker["path"] == [str(archive.parent / "ts"), str(archive), str(archive.parent)]
+    assert worker["ppid"] != frontend.pid  # the fork server's child, not the launcher's
+
+
+def test_a_killed_launcher_takes_its_worker_down_and_a_killed_worker_its_launcher(archive: Path) -> None:
+    frontend = start(archive, "sleep", "0")
+    worker = psutil.Process(report(frontend)["pid"])
+    assert is_fork_server(worker.parent())
+    (launcher,) = psutil.Process(frontend.pid).children()
+    launcher.kill()  # as TorchServe's Process.destroyForcibly() does when it stops a worker
+    worker.wait(timeout=10)
+    assert launcher_exit(frontend) == -signal.SIGKILL
+    frontend = start(archive, "sleep", "0")
+    worker = psutil.Process(report(frontend)["pid"])
+    worker.send_signal(signal.SIGTERM)
+    assert launcher_exit(frontend) == -signal.SIGTERM
+
+
+def test_the_fork_server_exits_with_its_frontend(archive: Path) -> None:
+    frontend = start(archive, "exit", "0")
+    server = psutil.Process(report(frontend)["ppid"])
+    assert is_fork_server(server)
+    assert launcher_exit(frontend) == 0
+    server.wait(timeout=10)
+    assert not list((archive.parent / f"dlrm-worker-fork-{os.getuid()}").glob("*.sock"))
+
+
+def test_forking_off_or_impossible_starts_the_worker_in_place(archive: Path) -> None:
+    frontend = start(archive, "exit", "0", fork=False)
+    worker = report(frontend)
+    assert launcher_exit(frontend) == 0
+    assert worker["ppid"] == frontend.pid and not worker["torch_preloaded"]
+    # A fork server directory another user could enter is refused: the worker starts in place.
+    shared = archive.parent / f"dlrm-worker-fork-{os.getuid()}"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    frontend = start(archive, "exit", "0")
+    worker = report(frontend)
+    assert launcher_exit(frontend) == 0
+    assert worker["ppid"] == frontend.pid and not worker["torch_preloaded"]
+
+
+def test_only_the_worker_script_forks(archive: Path) -> None:
+    """Any other Python process with the archive on its path (a tool, a test) runs as usual."""
+    environment = {**os.environ, "PYTHONPATH": str(archive), "TMPDIR": str(archive.parent)}
+    started = time.monotonic()
+    output = subprocess.run(
+        [sys.executable, "-c", "import os, sys; print(os.getpid(), 'torch' in sys.modules)"],
+        env=environment, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert output.stdout.split()[1] == "False"
+    assert time.monotonic() - started < 5
+    assert not (archive.parent / f"dlrm-worker-fork-{os.getuid()}").exists()
