@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -367,6 +368,7 @@ def test_format_1_archives_still_load_by_copy(
 
 _CHILD = """
 import sys
+import time
 from pathlib import Path
 from model_factory.artifact import load_model
 model, _ = load_model(Path(sys.argv[1]))
@@ -436,3 +438,24 @@ def test_two_processes_share_one_copy_of_the_tables(tmp_path: Path) -> None:
     assert usage[0]["Pss"] + usage[1]["Pss"] == pytest.approx(size_kib, rel=0.15), usage  # one copy in all
     assert all(child.returncode == 0 for child in children)
     assert sha256(path) == digest
+
+
+def test_a_mapping_is_populated_in_the_background(tmp_path: Path) -> None:
+    """Every page of the mapped tables becomes resident in the loading process without a lookup touching it."""
+    config = DLRMConfig(
+        num_embeddings_per_feature=(2**18,),
+        embedding_dim=64,
+        dense_arch_layer_sizes=(64,),
+        over_arch_layer_sizes=(4, 1),
+        dense_feature_names=("int_0",),
+        sparse_feature_names=("cat_0",),
+    )
+    write_quantized(tmp_path, config, SPECS["int8"])
+    path = tmp_path / TABLES_FILE
+    pages_kib = -(-path.stat().st_size // 4096) * 4
+    model, _ = load_model(tmp_path)
+    deadline = time.monotonic() + 30
+    while _file_mapping_kib(os.getpid(), path)["Rss"] < pages_kib and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _file_mapping_kib(os.getpid(), path)["Rss"] == pages_kib
+    del model
