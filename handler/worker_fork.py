@@ -7,14 +7,18 @@ again by every restarted one. The archive's ``sitecustomize.py``, which Python i
 starts (the archive's directory is on the worker's ``PYTHONPATH``), calls :func:`fork_if_worker`:
 the process TorchServe started asks a fork server to fork the worker, hands it its arguments,
 working directory, environment and standard streams (``SCM_RIGHTS``), and stays as TorchServe's
-handle on it: it exits with the worker's status, and its worker is killed when it is killed.
+handle on it: it exits with the worker's status, and its worker is killed when it is killed. It
+keeps no copy of TorchServe's pipes, so they close the moment the worker dies, as without the fork
+(TorchServe 0.12 ends a dead worker's log readers, which share its restart latch, only then).
 
 There is one fork server per TorchServe frontend (the launcher's parent), Python executable,
 environment (but ``PYTHONPATH``, which names the model) and version of this file; the first worker
 starts it and it exits with its frontend. It imports third-party packages only (:data:`PRELOADED`),
 never an archive's code, so the models and model versions that share it each run their own handler.
-Whatever goes wrong on the way, the worker starts as it always did, with a warning in the model
-log. ``DLRM_WORKER_FORK=0`` in TorchServe's environment turns forking off.
+The server never initialises CUDA or OpenMP (it only imports), so a forked worker sets up its own
+device and threads as a fresh one does. Whatever goes wrong on the way, the worker starts as it
+always did, with a warning in the model log. ``DLRM_WORKER_FORK=0`` in TorchServe's environment
+turns forking off.
 
     python -P handler/worker_fork.py serve SOCKET FRONTEND_PID   # the fork server (launchers start it)
 """

@@ -34,6 +34,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -451,8 +452,9 @@ def populate_in_background(mapping: torch.Tensor, path: Path) -> threading.Threa
     touched them all, requests pay faults for the rows they look up: the tail of the single-row latency
     (README, "The full-size Criteo-1TB model"). ``MADV_POPULATE_READ`` maps them in one call (the pages
     stay the page cache's, shared with every other process); from a cold page cache it reads the file
-    while the worker already answers. ctypes releases the GIL for the call. Skipped when the file is
-    larger than the memory available, where it would only evict other pages.
+    while the worker already answers. The thread runs at ``SCHED_IDLE`` priority, so that it does not
+    slow the requests it is there to speed up, and ctypes releases the GIL for the call. Skipped when
+    the file is larger than the memory available, where it would only evict other pages.
     """
     available = _available_memory()
     if available is not None and mapping.numel() > available:
@@ -460,6 +462,8 @@ def populate_in_background(mapping: torch.Tensor, path: Path) -> threading.Threa
         return None
 
     def populate() -> None:
+        with suppress(OSError):  # this thread only runs on CPU time nothing else wants
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         if libc.madvise(mapping.data_ptr(), mapping.numel(), MADV_POPULATE_READ) != 0:
