@@ -15,6 +15,7 @@ random rows over the full tables — and record:
 - the time a SIGKILLed worker takes to be replaced by a READY one;
 - p50/p99 latency of single-row requests;
 - the answer to the reference sample (ids up to 45,821,459: exact, not float32);
+- with ``--cold``: the same again after dropping the page cache (root);
 - with ``--touch-all``: as many plain processes as workers each map the tables and read every page of
   them, then report their PSS at the same moment: the sum shows the page cache's one copy shared when
   every page is in use (requests touch only the rows they look up).
@@ -24,6 +25,7 @@ This is a benchmark, not a test: it writes about 18.5 GB and takes several minut
     python -m bench.fullsize                      # int8 with 2 workers and int4 with 4
     python -m bench.fullsize --dtypes int4 --workers 2 --requests 200 --keep
     python -m bench.fullsize --dtypes int8 --touch-all
+    python -m bench.fullsize --cold               # also from a cold page cache (root: drops it)
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class FullSizeResult:
     p99_ms: float
     reference_sample: dict
     all_pages: dict | None = None  # --touch-all: processes, largest RSS and summed PSS with every page read
+    cold: dict | None = None  # --cold: the same measurements after dropping the page cache
 
 
 class PeakRss:
@@ -185,6 +188,15 @@ def every_page_shared(model_dir: Path, processes: int) -> dict:
     }
 
 
+def drop_page_cache() -> None:
+    """Write dirty pages back and drop the clean ones, the tables' included (root only)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as error:
+        sys.exit(f"--cold needs to drop the page cache, as root: {error}")
+
+
 def serve_and_measure(dtype: str, workers: int, store: Path, workdir: Path, count: int) -> dict:
     started = time.perf_counter()
     with TorchServeProcess(store, f"dlrm=dlrm-1tb-{dtype}", workdir) as server:
@@ -245,6 +257,14 @@ def markdown(results: list[FullSizeResult], machine: dict) -> str:
             f"{r.errors} of {r.requests} | {answer} |"
         )
     for r in results:
+        if r.cold:
+            c = r.cold
+            lines.append(
+                f"\n{r.dtype}, cold page cache: start to ready {c['start_to_ready_seconds']:.1f} s, killed worker "
+                f"replaced {c['killed_worker_ready_seconds']:.1f} s, single-row p50 / p99 {c['p50_ms']:.1f} / "
+                f"{c['p99_ms']:.1f} ms, errors {c['errors']} of {c['requests']}"
+            )
+    for r in results:
         if r.all_pages:
             lines.append(
                 f"\n{r.dtype}, every page read by {r.all_pages['processes']} processes: largest RSS "
@@ -266,6 +286,9 @@ def main() -> None:
     parser.add_argument(
         "--touch-all", action="store_true", help="also read every table page from as many processes as workers"
     )
+    parser.add_argument(
+        "--cold", action="store_true", help="also serve again after dropping the page cache (needs root)"
+    )
     args = parser.parse_args()
     output = RESULTS_DIR / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-fullsize"
     output.mkdir(parents=True)
@@ -279,6 +302,10 @@ def main() -> None:
             model_dir = store / f"dlrm-1tb-{dtype}"
             tables_gib = (model_dir / "tables.bin").stat().st_size / 2**30
             served = serve_and_measure(dtype, workers, store, output / f"torchserve-{dtype}", args.requests)
+            cold = None
+            if args.cold:
+                drop_page_cache()
+                cold = serve_and_measure(dtype, workers, store, output / f"torchserve-{dtype}-cold", args.requests)
             result = FullSizeResult(
                 dtype=dtype,
                 tables_gib=round(tables_gib, 2),
@@ -286,6 +313,7 @@ def main() -> None:
                 build_peak_rss_gib=round(build_peak / 2**30, 2),
                 **served,
                 all_pages=every_page_shared(model_dir, workers) if args.touch_all else None,
+                cold=cold,
             )
             results.append(result)
             print(json.dumps(asdict(result), indent=2), flush=True)
