@@ -49,7 +49,7 @@ PRELOADED = ("numpy", "torch", "fbgemm_gpu", "torchrec", "orjson", "yaml", "ts.m
 WORKER_SCRIPT = "model_service_worker.py"
 SWITCH = "DLRM_WORKER_FORK"
 MAX_REQUEST_BYTES = 1 << 20
-SERVER_START_TIMEOUT_S = 120.0
+SERVER_START_TIMEOUT_S = 60.0
 # AF_UNIX socket paths are limited to 108 bytes; a deep TMPDIR falls back to /tmp.
 MAX_SOCKET_PATH = 100
 
@@ -66,7 +66,10 @@ def fork_if_worker() -> None:
         server = connect_to_server()
         request = {"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}
         socket.send_fds(server, [json.dumps(request).encode()], [0, 1, 2])
-        worker_pid = json.loads(server.recv(MAX_REQUEST_BYTES))["pid"]
+        reply = json.loads(server.recv(MAX_REQUEST_BYTES))
+        if "pid" not in reply:
+            raise RuntimeError(reply.get("refused", "no reply"))
+        worker_pid = int(reply["pid"])
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         print(f"WARNING: worker fork server unavailable ({error}); starting the worker in this process",
               file=sys.stderr, flush=True)  # fmt: skip
@@ -201,6 +204,7 @@ class ForkServer:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.workers: dict[int, Worker] = {}
         self.running = True
+        self.refusal: str | None = None  # why this server must not fork (its launchers then start in place)
         # A fresh worker's module path: its script's directory and PYTHONPATH come first (see run_worker).
         self.base_path = list(sys.path)
 
@@ -234,9 +238,11 @@ class ForkServer:
             request = json.loads(message) if message else None
         except (OSError, ValueError):
             request, fds = None, []
-        if request is None or len(fds) != 3:
+        if request is None or len(fds) != 3 or self.refusal:
             for fd in fds:
                 os.close(fd)
+            with suppress(OSError):
+                launcher.send(json.dumps({"refused": self.refusal or "malformed request"}).encode())
             launcher.close()
             return
         pid = self.fork(lambda: run_worker(request, fds, self.base_path))
@@ -346,6 +352,25 @@ def preload() -> None:
         logging.root.removeHandler(handler)
 
 
+def open_files() -> list[str]:
+    """What this process's file descriptors refer to."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        with suppress(OSError):
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return targets
+
+
+def fork_hazard(open_files: list[str]) -> str | None:
+    """Why a process with these files open must not fork workers, if it must not.
+
+    A process that has opened the GPU driver (an import that initialised CUDA) cannot hand a
+    working CUDA to a forked child; its workers must start on their own.
+    """
+    devices = sorted({path for path in open_files if path.startswith(("/dev/nvidia", "/dev/dri", "/dev/kfd"))})
+    return f"the fork server has GPU devices open ({', '.join(devices)})" if devices else None
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 3 or argv[0] != "serve":
         sys.exit(f"usage: python -P {Path(__file__).name} serve SOCKET FRONTEND_PID")
@@ -354,6 +379,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped with its process group
     with suppress(SystemExit):
         preload()
+        server.refusal = fork_hazard(open_files())
         server.listen()
         print(f"fork server {os.getpid()} for frontend {argv[2]}: preloaded {', '.join(PRELOADED)}", flush=True)
         server.serve()

@@ -152,3 +152,9 @@ def test_only_the_worker_script_forks(archive: Path) -> None:
     assert output.stdout.split()[1] == "False"
     assert time.monotonic() - started < 5
     assert not (archive.parent / f"dlrm-worker-fork-{os.getuid()}").exists()
+
+
+def test_a_process_that_opened_a_gpu_does_not_fork() -> None:
+    """Forked children cannot use a CUDA the parent initialised: such a server refuses, its workers start in place."""
+    assert worker_fork.fork_hazard(["/dev/null", "pipe:[123]", "socket:[9]", "/tmp/x.log"]) is None
+    assert "/dev/nvidiactl" in (worker_fork.fork_hazard(["/dev/null", "/dev/nvidiactl", "/dev/nvidia0"]) or "")
