@@ -392,17 +392,22 @@ def _file_mapping_kib(pid: int, path: Path) -> dict[str, int]:
     return totals
 
 
-def test_two_processes_share_one_copy_of_the_tables(tmp_path: Path) -> None:
-    """SHARING (two subprocesses, ~15 s): each maps a 68 MiB int8 table file and reads all of it; each is
-    resident in full (Rss) while their proportional shares (Pss) add up to one copy."""
-    config = DLRMConfig(
-        num_embeddings_per_feature=(2**20,),
+def one_table_config(rows: int) -> DLRMConfig:
+    """One table of ``rows`` rows of dimension 64: a table file of ``rows`` x 68 bytes in int8."""
+    return DLRMConfig(
+        num_embeddings_per_feature=(rows,),
         embedding_dim=64,
         dense_arch_layer_sizes=(64,),
         over_arch_layer_sizes=(4, 1),
         dense_feature_names=("int_0",),
         sparse_feature_names=("cat_0",),
     )
+
+
+def test_two_processes_share_one_copy_of_the_tables(tmp_path: Path) -> None:
+    """SHARING (two subprocesses, ~15 s): each maps a 68 MiB int8 table file and reads all of it; each is
+    resident in full (Rss) while their proportional shares (Pss) add up to one copy."""
+    config = one_table_config(2**20)
     spec = QuantizationSpec(TableDtype.INT8)
     write_artifact(
         tmp_path,
@@ -442,14 +447,7 @@ def test_two_processes_share_one_copy_of_the_tables(tmp_path: Path) -> None:
 
 def test_a_mapping_is_populated_in_the_background(tmp_path: Path) -> None:
     """Every page of the mapped tables becomes resident in the loading process without a lookup touching it."""
-    config = DLRMConfig(
-        num_embeddings_per_feature=(2**18,),
-        embedding_dim=64,
-        dense_arch_layer_sizes=(64,),
-        over_arch_layer_sizes=(4, 1),
-        dense_feature_names=("int_0",),
-        sparse_feature_names=("cat_0",),
-    )
+    config = one_table_config(2**18)
     write_quantized(tmp_path, config, SPECS["int8"])
     path = tmp_path / TABLES_FILE
     pages_kib = -(-path.stat().st_size // 4096) * 4
