@@ -79,7 +79,10 @@ def fork_if_worker() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    exit_like(wait_for_worker(server, worker_pid))
+    try:
+        exit_like(wait_for_worker(server, worker_pid))
+    finally:
+        os._exit(1)  # whatever happens, never go on to run a second worker in this process
 
 
 def wait_for_worker(server: socket.socket, worker_pid: int) -> int:
@@ -99,7 +102,8 @@ def exit_like(exit_code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if exit_code < 0:
-        signal.signal(-exit_code, signal.SIG_DFL)
+        with suppress(OSError, ValueError):  # SIGKILL and SIGSTOP have no handler to reset
+            signal.signal(-exit_code, signal.SIG_DFL)
         os.kill(os.getpid(), -exit_code)
     os._exit(exit_code if exit_code >= 0 else 128 - exit_code)
 
@@ -224,7 +228,10 @@ class ForkServer:
                     break
 
     def accept(self, _: object) -> None:
-        connection, _address = self.listener.accept()
+        try:
+            connection, _address = self.listener.accept()
+        except OSError:  # the launcher gave up before it was accepted
+            return
         credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         if int.from_bytes(credentials[4:8], sys.byteorder) != os.getuid():
             connection.close()
@@ -252,7 +259,10 @@ class ForkServer:
         self.workers[pid] = worker
         self.selector.register(worker.exit_fd, selectors.EVENT_READ, lambda _: self.reap(worker))
         self.selector.register(launcher, selectors.EVENT_READ, lambda _: self.launcher_gone(worker))
-        launcher.send(json.dumps({"pid": pid}).encode())
+        try:
+            launcher.send(json.dumps({"pid": pid}).encode())
+        except OSError:  # the launcher was killed while it waited (TorchServe stopping): so must its worker be
+            self.launcher_gone(worker)
 
     def fork(self, run: Callable[[], int]) -> int:
         """Fork; the child drops every descriptor of this server, runs ``run`` and never returns here."""

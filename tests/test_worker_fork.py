@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -158,3 +159,25 @@ def test_a_process_that_opened_a_gpu_does_not_fork() -> None:
     """Forked children cannot use a CUDA the parent initialised: such a server refuses, its workers start in place."""
     assert worker_fork.fork_hazard(["/dev/null", "pipe:[123]", "socket:[9]", "/tmp/x.log"]) is None
     assert "/dev/nvidiactl" in (worker_fork.fork_hazard(["/dev/null", "/dev/nvidiactl", "/dev/nvidia0"]) or "")
+
+
+def test_a_launcher_gone_before_the_reply_leaves_the_server_serving(archive: Path) -> None:
+    """TorchServe may kill a starting worker's launcher at any moment (a timeout, a stop): the worker forked
+    for it is killed and the server goes on forking for the others."""
+    frontend = start(archive, "sleep", "0")
+    first = psutil.Process(report(frontend)["pid"])
+    server = first.parent()
+    assert is_fork_server(server)
+    (path,) = (archive.parent / f"dlrm-worker-fork-{os.getuid()}").glob("*.sock")
+    script = archive.parent / "ts" / worker_fork.WORKER_SCRIPT
+    request = {"argv": [str(script), "sleep", "0"], "cwd": str(archive), "env": {"PYTHONPATH": str(archive)}}
+    with open(os.devnull, "r+b") as devnull, socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as launcher:
+        launcher.connect(str(path))
+        socket.send_fds(launcher, [json.dumps(request).encode()], [devnull.fileno()] * 3)
+    deadline = time.monotonic() + 10
+    while [child for child in server.children() if child != first] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.children() == [first] and server.is_running()
+    first.kill()
+    assert launcher_exit(frontend) == -signal.SIGKILL
+    server.wait(timeout=10)  # gone with its frontend
