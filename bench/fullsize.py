@@ -130,10 +130,14 @@ def worker_memory(server: TorchServeProcess) -> tuple[int, int]:
     """The largest worker RSS, and the PSS of every Python process serving added up (shared pages counted
     once in all): the workers, the fork server they were forked from and the launchers TorchServe started."""
     assert server.process is not None
-    workers = [psutil.Process(pid).memory_full_info() for pid in server.worker_pids()]
+    workers = [psutil.Process(pid) for pid in server.worker_pids()]
     frontend = psutil.Process(server.process.pid)  # the torchserve command, parent of the Java frontend
-    pythons = [p for p in frontend.children(recursive=True) if p.name().startswith("python")]
-    return max(info.rss for info in workers), sum(p.memory_full_info().pss for p in pythons)
+    launchers = [p for p in frontend.children(recursive=True) if p.name().startswith("python")]
+    # The fork server is the workers' parent, in the tree or not (it outlives the launcher that started it).
+    candidates = [*launchers, *workers, *(worker.parent() for worker in workers)]
+    pythons = {p.pid: p for p in candidates if p is not None and p.name().startswith("python")}
+    rss = max(worker.memory_info().rss for worker in workers)
+    return rss, sum(p.memory_full_info().pss for p in pythons.values())
 
 
 def ready_workers(server: TorchServeProcess) -> int:
