@@ -62,6 +62,7 @@ def fork_if_worker() -> None:
     """
     if not sys.argv or Path(sys.argv[0]).name != WORKER_SCRIPT or os.environ.get(SWITCH, "1") == "0":
         return
+    server = None
     try:
         server = connect_to_server()
         request = {"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}
@@ -71,6 +72,8 @@ def fork_if_worker() -> None:
             raise RuntimeError(reply.get("refused", "no reply"))
         worker_pid = int(reply["pid"])
     except (OSError, RuntimeError, ValueError, KeyError) as error:
+        if server is not None:
+            server.close()  # a server that forked a worker all the same kills it when this connection ends
         print(f"WARNING: worker fork server unavailable ({error}); starting the worker in this process",
               file=sys.stderr, flush=True)  # fmt: skip
         return

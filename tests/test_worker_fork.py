@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -171,11 +172,17 @@ def test_a_launcher_gone_before_the_reply_leaves_the_server_serving(archive: Pat
     (path,) = (archive.parent / f"dlrm-worker-fork-{os.getuid()}").glob("*.sock")
     script = archive.parent / "ts" / worker_fork.WORKER_SCRIPT
     request = {"argv": [str(script), "sleep", "0"], "cwd": str(archive), "env": {"PYTHONPATH": str(archive)}}
-    with open(os.devnull, "r+b") as devnull, socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as launcher:
+    read_end, write_end = os.pipe()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as launcher:
         launcher.connect(str(path))
-        socket.send_fds(launcher, [json.dumps(request).encode()], [devnull.fileno()] * 3)
+        socket.send_fds(launcher, [json.dumps(request).encode()], [write_end] * 3)
+    os.close(write_end)
+    # The pipe ends once nothing holds its write end: the server has dropped it and killed what it forked.
+    with os.fdopen(read_end, "rb") as pipe:
+        assert select.select([pipe], [], [], 30)[0]
+        pipe.read()
     deadline = time.monotonic() + 10
-    while [child for child in server.children() if child != first] and time.monotonic() < deadline:
+    while server.children() != [first] and time.monotonic() < deadline:  # until the server has reaped it
         time.sleep(0.05)
     assert server.children() == [first] and server.is_running()
     first.kill()
