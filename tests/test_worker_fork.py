@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -49,6 +50,12 @@ def archive() -> Iterator[Path]:
     Its parent is the workers' TMPDIR, short enough for the fork servers' socket paths."""
     with tempfile.TemporaryDirectory(prefix="worker-fork-", dir="/tmp") as tmp:
         yield make_archive(Path(tmp))
+        # Whatever a failed test left running: every process of it names this directory on its command line.
+        leftovers = [p for p in psutil.process_iter(["cmdline"]) if tmp in " ".join(p.info["cmdline"] or ())]
+        for process in leftovers:
+            with suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(leftovers, timeout=10)
 
 
 def make_archive(tmp_path: Path) -> Path:
