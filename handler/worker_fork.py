@@ -52,6 +52,7 @@ MAX_REQUEST_BYTES = 1 << 20
 SERVER_START_TIMEOUT_S = 60.0
 # AF_UNIX socket paths are limited to 108 bytes; a deep TMPDIR falls back to /tmp.
 MAX_SOCKET_PATH = 100
+SOCKET_NAME_CHARS = 40  # "/<frontend pid>-<16 hex digits>.sock", with room to spare
 
 
 def fork_if_worker() -> None:
@@ -126,7 +127,7 @@ def private_directory() -> Path:
     """A directory only this user can enter, for the fork servers' sockets, locks and logs."""
     for base in (os.environ.get("TMPDIR") or "/tmp", "/tmp"):
         directory = Path(base) / f"dlrm-worker-fork-{os.getuid()}"
-        if len(str(directory)) + 40 <= MAX_SOCKET_PATH:
+        if len(str(directory)) + SOCKET_NAME_CHARS <= MAX_SOCKET_PATH:
             break
     directory.mkdir(mode=0o700, exist_ok=True)
     status = directory.lstat()

@@ -445,7 +445,7 @@ def map_read_only(path: Path, layout: TableFile) -> torch.Tensor:
 MADV_POPULATE_READ = 22
 
 
-def populate_in_background(mapping: torch.Tensor, path: Path) -> threading.Thread | None:
+def populate_in_background(mapping: torch.Tensor, path: Path) -> None:
     """Map every page of a table file's ``mapping`` into this process, on a background thread.
 
     A process pays a page fault the first time it touches each page of a mapping, so until it has
@@ -459,7 +459,7 @@ def populate_in_background(mapping: torch.Tensor, path: Path) -> threading.Threa
     available = _available_memory()
     if available is not None and mapping.numel() > available:
         logger.info("%s is larger than the memory available: its pages are mapped as requests touch them", path)
-        return None
+        return
 
     def populate() -> None:
         with suppress(OSError):  # this thread only runs on CPU time nothing else wants
@@ -470,9 +470,7 @@ def populate_in_background(mapping: torch.Tensor, path: Path) -> threading.Threa
             error = ctypes.get_errno()
             logger.info("%s: pages are mapped as requests touch them (madvise: %s)", path, os.strerror(error))
 
-    thread = threading.Thread(target=populate, name=f"populate {path.name}", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=populate, name=f"populate {path.name}", daemon=True).start()
 
 
 def _available_memory() -> int | None:
