@@ -80,8 +80,9 @@ build: train
 serve: build
 	@$(PY) -m servers.torchserve serve --model-store model_store --archive dlrm.mar --log-dir logs --example '$(CURL_EXAMPLE)'
 
+# `make serve` keeps TorchServe's pid file with its logs (logs/); a bare `torchserve --start` in the temp dir.
 stop:
-	. $(VENV)/bin/activate && torchserve --stop
+	. $(VENV)/bin/activate && if [ -f logs/.model_server.pid ]; then TMPDIR=$(CURDIR)/logs torchserve --stop; else torchserve --stop; fi
 
 test: install
 	$(PY) -m pytest

@@ -259,7 +259,9 @@ def serve(model_store: Path, model: str, archive: str, log_dir: Path, example: s
             print(f"\n{model} is ready on {server.endpoints.inference}. Try:\n  {example}\nCtrl-C stops the server.")
             assert server.process is not None
             code = server.process.wait()
-            sys.exit(f"TorchServe exited with {code}:\n{server.log_tail()}")
+            if code != 0:
+                sys.exit(f"TorchServe exited with {code}:\n{server.log_tail()}")
+            print("\nTorchServe stopped (make stop)")
     except KeyboardInterrupt:
         print("\nstopped")
 
