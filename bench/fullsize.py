@@ -16,6 +16,8 @@ random rows over the full tables — and record:
 - p50/p99 latency of single-row requests;
 - the answer to the reference sample (ids up to 45,821,459: exact, not float32);
 - with ``--cold``: the same again after dropping the page cache (root);
+- with ``--first-touch``: single rows in-process (one thread, a fresh process each) on a fresh mapping of
+  the tables, without and with its pages mapped first (what each worker does in the background);
 - with ``--touch-all``: as many plain processes as workers each map the tables and read every page of
   them, then report their PSS at the same moment: the sum shows the page cache's one copy shared when
   every page is in use (requests touch only the rows they look up).
@@ -26,11 +28,13 @@ This is a benchmark, not a test: it writes about 18.5 GB and takes several minut
     python -m bench.fullsize --dtypes int4 --workers 2 --requests 200 --keep
     python -m bench.fullsize --dtypes int8 --touch-all
     python -m bench.fullsize --cold               # also from a cold page cache (root: drops it)
+    python -m bench.fullsize --dtypes int8 --first-touch
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -46,12 +50,16 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import psutil
 import requests
+import torch
 
 from bench import environment
+from handler.predictor import DLRMPredictor
+from model_factory import quantization
 from model_factory.config import preset
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from training.synthetic import random_inputs, request_rows
@@ -82,6 +90,7 @@ class FullSizeResult:
     reference_sample: dict
     all_pages: dict | None = None  # --touch-all: processes, largest RSS and summed PSS with every page read
     cold: dict | None = None  # --cold: the same measurements after dropping the page cache
+    first_touch: dict | None = None  # --first-touch: in-process single rows on fresh / populated mappings
 
 
 class PeakRss:
@@ -201,6 +210,43 @@ def drop_page_cache() -> None:
         sys.exit(f"--cold needs to drop the page cache, as root: {error}")
 
 
+def _time_single_rows(model_dir: str, populate: bool, count: int, seed: int, results: Any) -> None:
+    """Single-row predictions of random ids in a fresh process, on freshly mapped tables: with every page
+    mapped first (what a worker does in the background) or with the population left out (each new page
+    a page fault on first touch)."""
+    torch.set_num_threads(1)
+    tables = str(Path(model_dir) / "tables.bin")
+    left_out = mock.patch.object(quantization, "populate_in_background", lambda *_: None)
+    with contextlib.nullcontext() if populate else left_out:
+        predictor = DLRMPredictor.from_artifact(Path(model_dir), torch.device("cpu"))
+    if populate:
+        size = Path(tables).stat().st_size
+        while sum(m.rss for m in psutil.Process().memory_maps() if m.path == tables) < size - 2**20:
+            time.sleep(0.1)
+    bodies = [json.dumps(row).encode() for row in request_rows(*random_inputs(
+        preset("criteo-1tb"), count, np.random.default_rng(seed)))]  # fmt: skip
+    latencies = []
+    for body in bodies:
+        begin = time.perf_counter()
+        predictor.predict_bodies([body])
+        latencies.append((time.perf_counter() - begin) * 1e3)
+    results.put((round(statistics.median(latencies), 2), round(float(np.percentile(latencies, 99)), 2)))
+
+
+def first_touch(model_dir: Path, count: int) -> dict:
+    """In-process single-row p50/p99 (ms, one thread) on fresh mappings, without and with the population."""
+    context = multiprocessing.get_context("spawn")
+    measured = {}
+    for seed, (label, populate) in enumerate((("fresh_mapping", False), ("populated", True))):
+        results = context.Queue()
+        child = context.Process(target=_time_single_rows, args=(str(model_dir), populate, count, seed, results))
+        child.start()
+        p50, p99 = results.get(timeout=1800)
+        child.join()
+        measured[label] = {"p50_ms": p50, "p99_ms": p99}
+    return measured
+
+
 def serve_and_measure(dtype: str, workers: int, store: Path, workdir: Path, count: int) -> dict:
     started = time.perf_counter()
     with TorchServeProcess(store, f"dlrm=dlrm-1tb-{dtype}", workdir) as server:
@@ -269,6 +315,14 @@ def markdown(results: list[FullSizeResult], machine: dict) -> str:
                 f"{c['p99_ms']:.1f} ms, errors {c['errors']} of {c['requests']}"
             )
     for r in results:
+        if r.first_touch:
+            fresh, populated = r.first_touch["fresh_mapping"], r.first_touch["populated"]
+            lines.append(
+                f"\n{r.dtype}, in-process single rows (one thread): fresh mapping p50 / p99 {fresh['p50_ms']:.2f} / "
+                f"{fresh['p99_ms']:.2f} ms, every page mapped first {populated['p50_ms']:.2f} / "
+                f"{populated['p99_ms']:.2f} ms"
+            )
+    for r in results:
         if r.all_pages:
             lines.append(
                 f"\n{r.dtype}, every page read by {r.all_pages['processes']} processes: largest RSS "
@@ -292,6 +346,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--cold", action="store_true", help="also serve again after dropping the page cache (needs root)"
+    )
+    parser.add_argument(
+        "--first-touch",
+        action="store_true",
+        help="also time single rows in-process on a fresh mapping, without and with its pages mapped first",
     )
     args = parser.parse_args()
     output = RESULTS_DIR / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-fullsize"
@@ -318,6 +377,7 @@ def main() -> None:
                 **served,
                 all_pages=every_page_shared(model_dir, workers) if args.touch_all else None,
                 cold=cold,
+                first_touch=first_touch(model_dir, args.requests) if args.first_touch else None,
             )
             results.append(result)
             print(json.dumps(asdict(result), indent=2), flush=True)

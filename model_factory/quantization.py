@@ -449,8 +449,8 @@ def populate_in_background(mapping: torch.Tensor, path: Path) -> None:
     """Map every page of a table file's ``mapping`` into this process, on a background thread.
 
     A process pays a page fault the first time it touches each page of a mapping, so until it has
-    touched them all, requests pay faults for the rows they look up: the tail of the single-row latency
-    (README, "The full-size Criteo-1TB model"). ``MADV_POPULATE_READ`` maps them in one call (the pages
+    touched them all, requests pay faults for the rows they look up (README, "The full-size Criteo-1TB
+    model", measures what that costs). ``MADV_POPULATE_READ`` maps them in one call (the pages
     stay the page cache's, shared with every other process); from a cold page cache it reads the file
     while the worker already answers. The thread runs at ``SCHED_IDLE`` priority, so that it does not
     slow the requests it is there to speed up, and ctypes releases the GIL for the call. Skipped when
