@@ -26,6 +26,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from handler import oip
 from handler.errors import ErrorKind, InvalidRequest
 from handler.json_rows import RequestDecoder, RowsRequest, encode_error, parse_json
+from handler.ranking import RankingForward, Segment
 from handler.rows import FeatureRows, concatenate
 from handler.settings import DEFAULT_MAX_ROWS
 from model_factory.artifact import ModelArtifact, load_model
@@ -89,6 +90,7 @@ class DLRMPredictor:
         self.artifact = artifact
         self.device = device
         self.decoder = RequestDecoder(artifact.model, artifact.preprocessing, max_rows=max_rows)
+        self.ranking = RankingForward(model)
         self.oip = oip.OipCodec(artifact.model, artifact.preprocessing, self.decoder.validator, name, version)
 
     @classmethod
@@ -198,17 +200,17 @@ class DLRMPredictor:
 
         ``contexts[i]``, when given, is one row of sparse ids shared by every row of
         ``parts[i]`` (a ranking request): its ids are looked up once, with the other
-        rows' in the same lookup, and its pooled embeddings are added to each of
-        those rows' (their own bags for those features are empty) before the
-        interaction. Sum pooling makes that the expanded rows' result.
+        rows' in the same lookup, and what depends on the context alone is computed
+        once (:mod:`handler.ranking`).
 
         On a GPU the rows go over as they are, from pinned host memory with
         asynchronous copies, and the ids are reordered for the KJT there; the only
         synchronisation is the copy of the scores back.
         """
-        shared = [(index, context) for index, context in enumerate(contexts or ()) if context is not None]
+        contexts = contexts or [None] * len(parts)
+        context_rows = [context for context in contexts if context is not None]
         num_rows = sum(part.num_rows for part in parts)
-        rows = concatenate([*parts, *(context for _, context in shared)])
+        rows = concatenate([*parts, *context_rows])
         keys = list(self.artifact.model.sparse_feature_names)
         with torch.inference_mode():
             if self.device.type == "cpu":
@@ -223,26 +225,32 @@ class DLRMPredictor:
                 )
                 kjt_lengths, kjt_values = feature_major_on_device(lengths, values)
                 sparse = KeyedJaggedTensor(keys=keys, values=kjt_values, lengths=kjt_lengths)
-            if shared:
-                logits = self._forward_with_contexts(dense[:num_rows], sparse, parts, shared)
+            if context_rows:
+                logits = self.ranking(dense[:num_rows], sparse, segments(parts, contexts))
             else:
                 logits = self.model(dense, sparse).squeeze(1).float()
             scores = torch.sigmoid(logits)
         return logits.cpu().numpy(), scores.cpu().numpy()
 
-    def _forward_with_contexts(
-        self,
-        dense: torch.Tensor,
-        sparse: KeyedJaggedTensor,
-        parts: Sequence[FeatureRows],
-        shared: Sequence[tuple[int, FeatureRows]],
-    ) -> torch.Tensor:
-        """TorchRec's ``DLRM.forward``, with each context row's embeddings added to its part's rows."""
-        num_rows = dense.shape[0]
-        embedded = self.model.sparse_arch(sparse)  # [rows + contexts, F, D]
-        candidates = embedded[:num_rows]
-        starts = np.cumsum([0, *(part.num_rows for part in parts)]).tolist()
-        for context_row, (part, _) in enumerate(shared):  # each part's rows are consecutive: a broadcast add
-            candidates[starts[part] : starts[part + 1]] += embedded[num_rows + context_row]
-        interaction = self.model.inter_arch(dense_features=self.model.dense_arch(dense), sparse_features=candidates)
-        return self.model.over_arch(interaction).squeeze(1).float()
+
+def segments(parts: Sequence[FeatureRows], contexts: Sequence[FeatureRows | None]) -> list[Segment]:
+    """The batch's rows as :class:`Segment` s: each ranking request's, and runs of other rows between them.
+
+    The context rows follow all other rows, in request order. A ranking request's
+    shared features are those none of its candidates has ids for (the context's,
+    and any every candidate lacks: an empty bag either way).
+    """
+    result: list[Segment] = []
+    start, context_row = 0, sum(part.num_rows for part in parts)
+    for part, context in zip(parts, contexts, strict=True):
+        end = start + part.num_rows
+        if context is not None:
+            shared = tuple(bool(flag) for flag in (part.lengths == 0).all(axis=0).tolist())
+            result.append(Segment(start, end, context_row, shared))
+            context_row += 1
+        elif result and result[-1].context_row is None:
+            result[-1] = Segment(result[-1].start, end)
+        else:
+            result.append(Segment(start, end))
+        start = end
+    return result

@@ -18,7 +18,7 @@ from handler.errors import ErrorKind
 from handler.predictor import DLRMPredictor, Request
 from model_factory.artifact import ModelArtifact, Provenance, write_artifact
 from model_factory.config import preset
-from model_factory.quantization import QuantizationSpec, random_quantized_model
+from model_factory.quantization import MlpDtype, QuantizationSpec, quantize_mlps, random_quantized_model
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from tests.archives import QUANTIZATION_SPECS
 from training.criteo import request_row
@@ -56,13 +56,15 @@ def logits(predictor: DLRMPredictor, *bodies: Any) -> list[Any]:
     return answers
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8", "mixed"])
+@pytest.fixture(scope="module", params=["fp32", "int8", "mixed", "int8+mlp"])
 def predictor(request: pytest.FixtureRequest, artifact_dir) -> DLRMPredictor:
     if request.param == "fp32":
         return DLRMPredictor.from_artifact(artifact_dir, torch.device("cpu"), max_rows=64)
     spec: QuantizationSpec = QUANTIZATION_SPECS[request.param]
     artifact = ModelArtifact(CONFIG, Provenance(trained=False, seed=5), quantization=spec)
     model = random_quantized_model(CONFIG, spec, seed=5).eval()
+    if spec.mlp == MlpDtype.INT8:
+        quantize_mlps(model)
     return DLRMPredictor(model, artifact, torch.device("cpu"), max_rows=64)
 
 
@@ -81,8 +83,23 @@ def test_scores_equal_the_expanded_rows(predictor: DLRMPredictor, context_names:
     np.testing.assert_allclose(ranked, plain, rtol=0, atol=TOLERANCE)
 
 
+def test_the_context_is_folded_into_float_first_layers_only(predictor: DLRMPredictor) -> None:
+    """The equality tests above cover both ways: the split interaction (float MLPs, cached per context set)
+    and, for an int8 first layer, the context's vectors broadcast into TorchRec's own interaction."""
+    body, _ = ranking(SPARSE[:13], candidates=3, seed=4)
+    predictor.ranking.folded.cache_clear()
+    logits(predictor, body, body)
+    folds = predictor.ranking.folded.cache_info()
+    if predictor.artifact.quantization.mlp == MlpDtype.NONE:
+        assert (folds.misses, folds.hits) == (1, 1)
+    else:
+        assert folds.misses == 0
+
+
 def test_a_batch_of_rankings_and_other_formats_each_get_their_own_rows(predictor: DLRMPredictor) -> None:
     """Requests of different N and different contexts in one forward, between plain requests and a bad one."""
+    if predictor.artifact.quantization.mlp != MlpDtype.NONE:
+        pytest.skip("int8 MLPs quantize activations with one scale per forward: scores depend on the batch")
     first, first_expanded = ranking(SPARSE[:13], candidates=5, seed=1)
     second, second_expanded = ranking(SPARSE[7:20] + DENSE[:2], candidates=11, seed=2)
     single = first_expanded[0]
