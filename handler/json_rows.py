@@ -332,6 +332,44 @@ class RequestDecoder:
         ``raw_ints``: ``[N, len(dense_names)]`` float64, NaN for missing; categories:
         ``[N, len(sparse_names)]`` parsed hex values.
         """
+        return self._well_formed_raw_columns(rows, dense_names, sparse_names) or self._checked_raw_columns(
+            rows, dense_names, sparse_names
+        )
+
+    def _well_formed_raw_columns(
+        self, rows: list, dense_names: Sequence[str], sparse_names: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`_raw_columns` of rows with nothing wrong, in a few C-speed passes over all values; else None.
+
+        The fast path, as :meth:`_well_formed_fields` is for the reference format: a
+        round of Python checks per row cost more than the values' conversion. Anything
+        it does not accept (a wrong type, an absent or unknown key, a bad category, an
+        integer at or beyond ±2^63 as a float) goes to :meth:`_checked_raw_columns`,
+        which names the first problem or accepts it.
+        """
+        width = len(dense_names) + len(sparse_names)
+        if not all(type(row) is dict and len(row) == width for row in rows):
+            return None
+        try:  # with as many keys as names, each name found means no other key
+            ints = [row[name] for row in rows for name in dense_names]
+            categories = [row[name] for row in rows for name in sparse_names]
+        except KeyError:
+            return None
+        if not (set(map(type, ints)) <= _RAW_INT_TYPES and set(map(type, categories)) <= _RAW_CATEGORY_TYPES):
+            return None
+        try:
+            dense = np.array(ints, dtype=np.float64)  # None is NaN
+            parsed = parse_categories([value or "" for value in categories])
+        except (OverflowError, CategoryFormatError):
+            return None
+        if (np.abs(dense) >= 2.0**63).any():
+            return None
+        return dense.reshape(len(rows), len(dense_names)), parsed.reshape(len(rows), len(sparse_names))
+
+    def _checked_raw_columns(
+        self, rows: list, dense_names: Sequence[str], sparse_names: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_raw_columns` row by row: the first problem becomes :class:`InvalidRequest`."""
         raw_ints: list[list[int | None]] = []
         raw_categories: list[str] = []
         for index, row in enumerate(rows):
