@@ -209,13 +209,18 @@ def ranking_tensors(
     ``lengths`` ``[N, 26]``, ``ids``: the candidates' own ids; ``context_lengths`` ``[1, 26]``,
     ``context_ids``: the context's, each feature's ids on one side only (its lengths 0 on the
     other). The dense features: ``dense`` ``[N, 13]`` per candidate, or ``context_dense``
-    ``[1, 13]`` for all of them; exactly one of the two.
+    ``[1, 13]`` for all of them; exactly one of the two. The candidates' lengths go in the
+    compact form, ``[N, m]`` over the ``m`` features the context has no ids for, when their
+    other columns are all 0 (else as given, for the server to name the problem).
     """
     if (dense is None) == (context_dense is None):
         raise ValueError("give the dense features once: dense [N, 13] or context_dense [1, 13]")
     lengths_array, ids_array = _integers(lengths, LENGTHS_INPUT), _integers(ids, IDS_INPUT)
     context_lengths_array = _integers(context_lengths, CONTEXT_LENGTHS_INPUT)
     context_ids_array = _integers(context_ids, CONTEXT_IDS_INPUT)
+    own = context_lengths_array.reshape(-1) == 0
+    if lengths_array.ndim == 2 and lengths_array.shape[1] == own.size and not lengths_array[:, ~own].any():
+        lengths_array = lengths_array[:, own]
     name, values = (DENSE_INPUT, dense) if dense is not None else (CONTEXT_DENSE_INPUT, context_dense)
     dense_array = np.asarray(values, dtype=np.float32)
     return [

@@ -18,9 +18,11 @@ input               datatype         shape               what
 A ranking request (one user, ``N`` candidates) adds a context row beside the model
 inputs: ``context_sparse_lengths`` (INT32 or INT64 ``[1, 26]``) and
 ``context_sparse_ids`` (INT64 ``[total]``), the features whose ids all candidates
-share (their ``sparse_lengths`` 0 there: ids on both sides are refused), looked up
-once; and the dense features either per candidate (``dense_features``) or once,
-as ``context_dense_features`` (FP32 ``[1, 13]``), copied into every row.
+share, looked up once. The candidates' ``sparse_lengths`` are either ``[N, 26]``
+(0 where the context has ids: ids on both sides are refused) or, compact,
+``[N, m]``: only the ``m`` features the context has no ids for, in schema order.
+The dense features come either per candidate (``dense_features``) or once, as
+``context_dense_features`` (FP32 ``[1, 13]``), copied into every row.
 
 Outputs ``score`` (click probability) and ``logit``, FP32 ``[N]``: both unless
 the request's ``outputs`` names some; as raw bytes when the request asks
@@ -368,8 +370,8 @@ class OipCodec:
         lengths, ids = tensors[LENGTHS_INPUT], tensors[IDS_INPUT]
         rows = lengths.shape[0] if lengths.shape else 0
         self.validator.check_row_count(rows, LENGTHS_INPUT)
-        _check_shape(lengths, (rows, self.num_sparse))
         context = self._context_row(tensors)
+        lengths = self._all_features(lengths, own=context.lengths[0] == 0)
         if DENSE_INPUT in tensors:
             _check_shape(tensors[DENSE_INPUT], (rows, self.num_dense))
             dense = np.asarray(tensors[DENSE_INPUT].data).reshape(rows, self.num_dense)
@@ -388,6 +390,20 @@ class OipCodec:
                 row=row,
             )
         return candidates, context
+
+    def _all_features(self, lengths: Tensor, own: np.ndarray) -> Tensor:
+        """The candidates' ``[N, 26]`` lengths, from those or from the compact ``[N, own.sum()]``: the lengths
+        of only the features the context has no ids for (``own``), the others 0."""
+        rows, compact = lengths.shape[0], int(own.sum())
+        if lengths.shape == (rows, self.num_sparse):
+            return lengths
+        if lengths.shape != (rows, compact):
+            raise _shape_error(
+                lengths, f"[{rows}, {self.num_sparse}] or [{rows}, {compact}] (the features without context ids)"
+            )
+        full = np.zeros((rows, self.num_sparse), dtype=np.int64)
+        full[:, own] = np.asarray(lengths.data).reshape(rows, compact)
+        return Tensor(lengths.name, lengths.datatype, full.shape, full.ravel())
 
     def _context_row(self, tensors: dict[str, Tensor]) -> FeatureRows:
         """The one context row: its dense values (zeros when the candidates carry them) and its sparse ids."""
