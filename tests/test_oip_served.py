@@ -45,6 +45,7 @@ from tests.test_server import prometheus_counter
 from training.synthetic import random_inputs, request_rows
 
 SAMPLE_OIP = REPO_ROOT / "sample_data" / "sample_oip.json"
+SAMPLE_OIP_RANKING = REPO_ROOT / "sample_data" / "sample_oip_ranking.json"
 SAMPLE_RAW = REPO_ROOT / "sample_data" / "sample_raw.json"
 SAMPLE_INSTANCES = REPO_ROOT / "sample_data" / "sample_instances.json"
 JAR = Path(ts.__file__).parent / "frontend" / "model-server.jar"
@@ -608,3 +609,26 @@ def test_sample_oip_request_decodes_for_the_default_model_and_is_served(predict,
     model, artifact = served_model
     rows = list(request_rows(request.rows.dense, request.rows.lengths, request.rows.values))
     np.testing.assert_allclose(answer["logit"], offline_logits(model, artifact.model, rows), rtol=0, atol=TOLERANCE)
+
+
+def test_sample_oip_ranking_scores_as_its_expanded_rows(server) -> None:
+    """sample_oip_ranking.json: sample_oip.json's two rows with the first row's 13 first sparse features as
+    context (compact candidate lengths); its first candidate is sample_oip.json's first row."""
+    post = {"headers": {"Content-Type": "application/json"}, "timeout": 30}
+    ranked = worker_answer(requests.post(infer_url(server), data=SAMPLE_OIP_RANKING.read_bytes(), **post))
+    tensors = {tensor["name"]: tensor for tensor in json.loads(SAMPLE_OIP_RANKING.read_text())["inputs"]}
+    assert tensors["sparse_lengths"]["shape"] == [2, 13]
+    context_ids = tensors["context_sparse_ids"]["data"]
+    own = np.asarray(tensors["sparse_lengths"]["data"])
+    ids = np.asarray(tensors["sparse_ids"]["data"])
+    per_row = np.split(ids, [own[0].sum()])
+    expanded = model_input_tensors(
+        tensors["dense_features"]["data"],
+        np.hstack([np.ones((2, 13), dtype=np.int64), own]),
+        np.concatenate([np.concatenate([context_ids, row_ids]) for row_ids in per_row]),
+    )
+    body, headers = encode_request(expanded, binary=False)
+    plain = worker_answer(requests.post(infer_url(server), data=body, headers=headers, timeout=30))
+    np.testing.assert_allclose(ranked["logit"], plain["logit"], rtol=0, atol=TOLERANCE)
+    original = worker_answer(requests.post(infer_url(server), data=SAMPLE_OIP.read_bytes(), **post))
+    np.testing.assert_allclose(ranked["logit"][0], original["logit"][0], rtol=0, atol=TOLERANCE)
