@@ -12,7 +12,8 @@ requests"):
   features once as context, each candidate with the other 26 features;
 - ``oip_expanded``, ``oip_ranking``: the same rows as Open Inference Protocol binary
   tensors (the model inputs the server's preprocessing makes of them), expanded, or
-  with the context as ``context_sparse_lengths``/``context_sparse_ids``.
+  with the context as ``context_sparse_lengths``/``context_sparse_ids`` (the candidates' lengths
+  compact: only the features the context has no ids for).
 
 The run builds an archive (``--preset``, default ``small``, the model ``make serve``
 serves), measures one 500-candidate query of each format in-process (one thread,
