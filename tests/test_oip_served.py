@@ -614,8 +614,13 @@ def test_sample_oip_request_decodes_for_the_default_model_and_is_served(predict,
 def test_sample_oip_ranking_scores_as_its_expanded_rows(server) -> None:
     """sample_oip_ranking.json: sample_oip.json's two rows with the first row's 13 first sparse features as
     context (compact candidate lengths); its first candidate is sample_oip.json's first row."""
-    post = {"headers": {"Content-Type": "application/json"}, "timeout": 30}
-    ranked = worker_answer(requests.post(infer_url(server), data=SAMPLE_OIP_RANKING.read_bytes(), **post))
+
+    def post(body: bytes) -> dict[str, Any]:
+        return worker_answer(
+            requests.post(infer_url(server), data=body, headers={"Content-Type": "application/json"}, timeout=30)
+        )
+
+    ranked = post(SAMPLE_OIP_RANKING.read_bytes())
     tensors = {tensor["name"]: tensor for tensor in json.loads(SAMPLE_OIP_RANKING.read_text())["inputs"]}
     assert tensors["sparse_lengths"]["shape"] == [2, 13]
     context_ids = tensors["context_sparse_ids"]["data"]
@@ -627,8 +632,7 @@ def test_sample_oip_ranking_scores_as_its_expanded_rows(server) -> None:
         np.hstack([np.ones((2, 13), dtype=np.int64), own]),
         np.concatenate([np.concatenate([context_ids, row_ids]) for row_ids in per_row]),
     )
-    body, headers = encode_request(expanded, binary=False)
-    plain = worker_answer(requests.post(infer_url(server), data=body, headers=headers, timeout=30))
+    plain = post(encode_request(expanded, binary=False)[0])
     np.testing.assert_allclose(ranked["logit"], plain["logit"], rtol=0, atol=TOLERANCE)
-    original = worker_answer(requests.post(infer_url(server), data=SAMPLE_OIP.read_bytes(), **post))
+    original = post(SAMPLE_OIP.read_bytes())
     np.testing.assert_allclose(ranked["logit"][0], original["logit"][0], rtol=0, atol=TOLERANCE)
