@@ -81,8 +81,11 @@ class CpuMeter:
 
     def __init__(self, server_pid: int, worker_pids: list[int]) -> None:
         root = psutil.Process(server_pid)
-        self.processes = [root, *root.children(recursive=True)]
-        self.workers = [process for process in self.processes if process.pid in worker_pids]
+        # Workers are the fork server's children: in the frontend's tree only while the launcher that
+        # started that server lives.
+        self.workers = [psutil.Process(pid) for pid in worker_pids]
+        tree = [root, *root.children(recursive=True), *self.workers]
+        self.processes = list({process.pid: process for process in tree}.values())
         self.frontend = [process for process in self.processes if process.name() == "java"]
         self.start = self._sample()
         self.parts_start = self._parts()
