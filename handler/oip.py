@@ -378,8 +378,9 @@ class OipCodec:
         else:
             dense = np.repeat(context.dense, rows, axis=0)
         candidates = self._model_rows(dense, lengths, ids)
-        both = np.argwhere((candidates.lengths > 0) & (context.lengths > 0))
-        if both.size:
+        shared = context.lengths[0] > 0
+        if candidates.lengths[:, shared].any():
+            both = np.argwhere((candidates.lengths > 0) & shared)
             row, feature = (int(i) for i in both[0])
             name = self.config.sparse_feature_names[feature]
             raise InvalidRequest(

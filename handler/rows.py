@@ -120,11 +120,17 @@ class RowValidator:
             )
 
     def check_ids(self, lengths: np.ndarray, ids: np.ndarray, field: str) -> None:
-        """Every id is in ``[0, rows)`` of its feature's table; the first one that is not is named."""
+        """Every id is in ``[0, rows)`` of its feature's table; the first one that is not is named.
+
+        ``ids`` holds ``lengths.sum()`` ids (checked before)."""
         # As unsigned, a negative id is beyond every table: one comparison checks both ends.
+        if not ids.size:
+            return
         unsigned, sizes = ids.astype(np.int64, copy=False).view(np.uint64), self.table_sizes.view(np.uint64)
-        if lengths.shape[1] and ids.size == lengths.size and (lengths == 1).all():  # one id per feature
-            bad = (unsigned.reshape(lengths.shape) >= sizes).ravel()
+        first_row = lengths[0]
+        if ((first_row == 0) | (first_row == 1)).all() and (lengths == first_row).all():
+            # Every row has one id of the same features (all of them, or a ranking's candidates' own).
+            bad = (unsigned.reshape(len(lengths), -1) >= sizes[first_row == 1]).ravel()
         else:
             feature_of_id = np.repeat(np.tile(np.arange(lengths.shape[1]), lengths.shape[0]), lengths.ravel())
             bad = unsigned >= sizes[feature_of_id]

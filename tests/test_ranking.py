@@ -121,11 +121,10 @@ def test_request_bytes_shrink_with_the_context() -> None:
     assert len(orjson.dumps(body)) <= 0.65 * len(orjson.dumps({"instances": expanded}))
 
 
-def test_oip_request_bytes_shrink_with_the_context() -> None:
-    """Binary tensors, 500 candidates, one id per feature, 13 of 26 sparse features as context: the compact
-    lengths drop the context's columns (0.56 of the bytes; 0.78 with [N, 26] lengths)."""
+def one_hot_oip_case(candidates: int) -> tuple[list[Tensor], list[Tensor]]:
+    """A ranking request of one id per feature, the 13 first sparse features as context, and its expanded rows."""
     rng = np.random.default_rng(0)
-    dense, lengths, ids = random_inputs(CONFIG, 501, rng, num_indices_per_lookup=1, fixed_lookups=True)
+    dense, lengths, ids = random_inputs(CONFIG, candidates + 1, rng, num_indices_per_lookup=1, fixed_lookups=True)
     ids = ids.reshape(lengths.shape)
     shared = np.arange(len(SPARSE)) < 13
     expanded_ids = np.where(shared, ids[:1], ids[1:])
@@ -133,8 +132,29 @@ def test_oip_request_bytes_shrink_with_the_context() -> None:
     own_lengths = np.where(shared, 0, lengths[1:])
     context_lengths = np.where(shared, lengths[:1], 0)
     request = ranking_tensors(own_lengths, ids[1:, ~shared].ravel(), context_lengths, ids[0, shared], dense=dense[1:])
+    return request, expanded
+
+
+def test_oip_request_bytes_shrink_with_the_context() -> None:
+    """Binary tensors, 500 candidates, one id per feature, 13 of 26 sparse features as context: the compact
+    lengths drop the context's columns (0.56 of the bytes; 0.78 with [N, 26] lengths)."""
+    request, expanded = one_hot_oip_case(500)
     sizes = [len(encode_request(tensors, True)[0]) for tensors in (request, full_lengths(request), expanded)]
     assert sizes[0] <= 0.6 * sizes[2] < sizes[1]
+
+
+def test_one_hot_oip_rankings_score_as_expanded_rows_and_name_a_bad_id(predictor: DLRMPredictor) -> None:
+    """One id per feature: every candidate's ids of the same features (the validation's one-hot path)."""
+    request, expanded = one_hot_oip_case(40)
+    np.testing.assert_allclose(
+        oip_logits(predictor, request, True), oip_logits(predictor, expanded, True), rtol=0, atol=TOLERANCE
+    )
+    ids = next(np.asarray(t.data) for t in request if t.name == "sparse_ids").copy()
+    ids[13 * 7 + 2] = 10**9  # row 7's third own feature: cat_15
+    bad = [Tensor(t.name, t.datatype, t.shape, ids) if t.name == "sparse_ids" else t for t in request]
+    error = oip_logits(predictor, bad, True)
+    assert (error["status"], error["type"], error["field"]) == (400, "id_out_of_range", "sparse_ids")
+    assert error["message"].startswith("row 7: sparse_ids[2] = 1000000000 is out of range for feature cat_15")
 
 
 @pytest.mark.parametrize(
@@ -352,6 +372,13 @@ def test_invalid_oip_rankings_get_a_4xx_naming_the_input(predictor: DLRMPredicto
     out_of_range = [t for t in ranking_request if t.name != "context_sparse_ids"]
     out_of_range.append(Tensor("context_sparse_ids", "INT64", too_large.shape, too_large))
     assert refused(out_of_range)[:2] == ("id_out_of_range", "context_sparse_ids")
+    own_ids = arrays["sparse_ids"].copy()
+    own_ids[-1] = 10**9  # the last candidate's last id: cat_25's
+    bad_candidate = [t for t in ranking_request if t.name != "sparse_ids"]
+    bad_candidate.append(Tensor("sparse_ids", "INT64", own_ids.shape, own_ids))
+    kind, field, message = refused(bad_candidate)
+    assert (kind, field) == ("id_out_of_range", "sparse_ids") and message.startswith("row 3: ")
+    assert "for feature cat_25" in message
 
 
 def test_served_oip_ranking_through_the_client(server: TorchServeProcess) -> None:
