@@ -21,12 +21,13 @@ alternately) and then serves the archive with the shipped settings, driven by an
 asyncio/aiohttp Poisson client: first the closed-loop capacity, then a short search
 over rates: fractions of it, then up by 1.25x while the p99 stays within the bound (at most
 four steps; the results say when the search ended still within it, the best rate then a lower
-bound). Latency counts from each query's scheduled arrival time, so a client that falls behind
+bound), then two geometric bisections between the highest rate within the bound and the next
+one tried. Latency counts from each query's scheduled arrival time, so a client that falls behind
 shows as latency, not as a lower rate. The closed loop also measures the CPU each part takes per
 query: TorchServe's frontend, its workers, this client. Results go to
 ``bench/results/<time>-ranking-<mode>/`` (JSON, Markdown, plot).
 
-    python -m bench.ranking                 # full: 15 s per rate (about 5 minutes)
+    python -m bench.ranking                 # full: 15 s per rate (about 10 minutes)
     python -m bench.ranking --mode quick    # 4 s per rate, fewer rates
 """
 
@@ -110,11 +111,12 @@ class RatePoint:
 class Mode:
     seconds: float
     fractions: tuple[float, ...]  # offered rates, as fractions of the closed-loop capacity
+    bisections: int  # geometric bisections between the last rate within the p99 bound and the first beyond
 
 
 MODES = {
-    "full": Mode(seconds=15, fractions=(0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9)),
-    "quick": Mode(seconds=4, fractions=(0.1, 0.25, 0.5)),
+    "full": Mode(seconds=15, fractions=(0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9), bisections=2),
+    "quick": Mode(seconds=4, fractions=(0.1, 0.25, 0.5), bisections=0),
 }
 
 
@@ -251,6 +253,13 @@ def closed_loop_capacity(url: str, queries: list[Query], name: str, clients: int
     return asyncio.run(run())
 
 
+def _bracket(points: list[RatePoint]) -> tuple[float, float] | None:
+    """The highest offered rate within the p99 bound and the lowest above it, if there are both."""
+    within = [point.offered_per_s for point in points if point.within_bound]
+    above = [point.offered_per_s for point in points if within and point.offered_per_s > max(within)]
+    return (max(within), min(above)) if above else None
+
+
 def served(archive: Path, queries: list[Query], mode: Mode, workdir: Path) -> dict[str, Any]:
     workers = serving_settings(archive).workers
     store, name = archive.parent, archive.name
@@ -274,13 +283,20 @@ def served(archive: Path, queries: list[Query], mode: Mode, workdir: Path) -> di
                     break
                 rate = points[-1].offered_per_s * RATE_STEP
                 points.append(asyncio.run(_poisson(url, queries, fmt, rate, mode.seconds, seed=index)))
+            ended_within_bound = points[-1].within_bound
+            for _ in range(mode.bisections):
+                if (bracket := _bracket(points)) is None:
+                    break
+                rate = (bracket[0] * bracket[1]) ** 0.5
+                points.append(asyncio.run(_poisson(url, queries, fmt, rate, mode.seconds, seed=index)))
+            points.sort(key=lambda point: point.offered_per_s)
             best = max((p for p in points if p.within_bound), key=lambda p: p.completed_per_s, default=None)
             per_query = {  # CPU milliseconds per query in the closed loop, by part
                 part: round(cores / capacity * 1e3, 2)
                 for part, cores in (("frontend", frontend_cores), ("workers", worker_cores), ("client", client_cores))
             }
             results[fmt] = {
-                "search_ended_within_bound": points[-1].within_bound,
+                "search_ended_within_bound": ended_within_bound,
                 "closed_loop_queries_per_s": round(capacity, 2),
                 "closed_loop_cpu_ms_per_query": per_query,
                 "points": [asdict(point) for point in points],
