@@ -343,7 +343,7 @@ def ranking_rows(tensors: dict[str, tuple[list[int], list]], max_rows: int) -> t
     context_lengths = tensors.get(CONTEXT_LENGTHS, ([1, NUM_SPARSE], [0] * NUM_SPARSE))
     context = model_rows(1, context_dense, context_lengths, tensors.get(CONTEXT_IDS, ([0], [])))
     dense = tensors[DENSE] if DENSE in tensors else ([rows, NUM_DENSE], context_dense[1] * rows)
-    dense_values, lengths, ids = model_rows(rows, dense, tensors[LENGTHS], tensors[IDS])
+    dense_values, lengths, ids = model_rows(rows, dense, all_features(tensors[LENGTHS], context[1][0]), tensors[IDS])
     if ((lengths > 0) & (context[1] > 0)).any():
         raise Refused()
     shared = dict(zip(range(NUM_SPARSE), split_ids(context[1].T, context[2]), strict=True))
@@ -351,6 +351,17 @@ def ranking_rows(tensors: dict[str, tuple[list[int], list]], max_rows: int) -> t
            for row, row_ids in zip(lengths, split_ids(lengths, ids), strict=True)]  # fmt: skip
     expanded = [value for row in own for feature in range(NUM_SPARSE) for value in row[feature] or shared[feature]]
     return dense_values, lengths + context[1], expanded
+
+
+def all_features(lengths: tuple[list[int], list], context_lengths: np.ndarray) -> tuple[list[int], list]:
+    """The candidates' lengths as ``[N, 26]``: as sent, or expanded from the compact form, ``[N, m]`` over the
+    ``m`` features without context ids."""
+    own = [int(n) == 0 for n in context_lengths]
+    rows, width = (lengths[0][0], sum(own)) if lengths[0] else (0, 0)
+    if lengths[0] != [rows, width] or width == NUM_SPARSE:
+        return lengths
+    values = iter(lengths[1])
+    return [rows, NUM_SPARSE], [next(values) if is_own else 0 for _ in range(rows) for is_own in own]
 
 
 def raw_rows(
@@ -586,7 +597,8 @@ def model_inputs(rng: np.random.Generator, rows: int) -> list[tuple[str, str, li
 
 def ranking_inputs(rng: np.random.Generator, rows: int) -> list[tuple[str, str, list[int], list]]:
     """Candidates' model inputs beside a context row: some features' ids (any number, also none) in the
-    context, the candidates' bags of them empty; the dense values per candidate or once, as context."""
+    context, the candidates' bags of them empty (or, compact, absent: lengths over the other features only);
+    the dense values per candidate or once, as context."""
     candidates = model_inputs(rng, rows)
     context = model_inputs(rng, 1)
     shared = rng.random(NUM_SPARSE) < 0.5
@@ -598,8 +610,14 @@ def ranking_inputs(rng: np.random.Generator, rows: int) -> list[tuple[str, str, 
                     if shared_id]  # fmt: skip
     lengths = [0 if shared[index % NUM_SPARSE] else n for index, n in enumerate(lengths)]
     context_lengths = [n if shared[index] else 0 for index, n in enumerate(context_lengths)]
+    if rng.integers(2):  # compact: only the features without context ids
+        own = [n == 0 for n in context_lengths]
+        compact = [n for index, n in enumerate(lengths) if own[index % NUM_SPARSE]]
+        lengths_tensor = (LENGTHS, candidates[1][1], [rows, sum(own)], compact)
+    else:
+        lengths_tensor = candidates[1][:3] + (lengths,)
     tensors = [
-        candidates[1][:3] + (lengths,),
+        lengths_tensor,
         (IDS, "INT64", [len(kept_ids)], kept_ids),
         (CONTEXT_LENGTHS, context[1][1], [1, NUM_SPARSE], context_lengths),
         (CONTEXT_IDS, "INT64", [len(context_kept)], context_kept),
