@@ -193,8 +193,19 @@ def check_invariants(decoded: RowsRequest, payload: dict) -> None:
     assert ((request.values >= 0) & (request.values < np.asarray(TABLE_SIZES)[feature_of_id])).all()
     if "context" in payload:
         assert (request.dense >= 0).all()
-    elif is_raw_row(rows[0]):
-        assert (request.lengths == 1).all() and (request.dense >= 0).all()
+    elif is_raw_row(rows[0]):  # exact: the documented preprocessing, one id per feature (0 for missing)
+        assert (request.lengths == 1).all()
+        expected_dense = [
+            [math.log1p(max(float(row[name]), 0.0)) if row.get(name) is not None else 0.0 for name in DENSE_NAMES]
+            for row in rows
+        ]
+        assert request.dense.tolist() == np.array(expected_dense, np.float32).tolist()
+        expected_ids = [
+            int(row[name], 16) % size if row.get(name) else 0
+            for row in rows
+            for name, size in zip(SPARSE_NAMES, TABLE_SIZES, strict=True)
+        ]
+        assert request.values.tolist() == expected_ids
     else:  # exact: ids and lengths as sent, dense values as their float32 rounding
         assert request.lengths.tolist() == [row["id_list_features.lengths"] for row in rows]
         assert request.values.tolist() == [v for row in rows for v in row["id_list_features.values"]]
