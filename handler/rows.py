@@ -123,9 +123,9 @@ class RowValidator:
         """Every id is in ``[0, rows)`` of its feature's table; the first one that is not is named.
 
         ``ids`` holds ``lengths.sum()`` ids (checked before)."""
-        # As unsigned, a negative id is beyond every table: one comparison checks both ends.
         if not ids.size:
             return
+        # As unsigned, a negative id is beyond every table: one comparison checks both ends.
         unsigned, sizes = ids.astype(np.int64, copy=False).view(np.uint64), self.table_sizes.view(np.uint64)
         first_row = lengths[0]
         if ((first_row == 0) | (first_row == 1)).all() and (lengths == first_row).all():
