@@ -371,14 +371,14 @@ class OipCodec:
         rows = lengths.shape[0] if lengths.shape else 0
         self.validator.check_row_count(rows, LENGTHS_INPUT)
         context = self._context_row(tensors)
-        lengths = self._all_features(lengths, own=context.lengths[0] == 0)
+        shared = context.lengths[0] > 0
+        lengths = self._all_features(lengths, own=~shared)
         if DENSE_INPUT in tensors:
             _check_shape(tensors[DENSE_INPUT], (rows, self.num_dense))
             dense = np.asarray(tensors[DENSE_INPUT].data).reshape(rows, self.num_dense)
         else:
             dense = np.repeat(context.dense, rows, axis=0)
         candidates = self._model_rows(dense, lengths, ids)
-        shared = context.lengths[0] > 0
         if candidates.lengths[:, shared].any():
             both = np.argwhere((candidates.lengths > 0) & shared)
             row, feature = (int(i) for i in both[0])
