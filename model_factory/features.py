@@ -100,7 +100,8 @@ def feature_major(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, 
     then row 1's. Returns ``(lengths, values)`` as TorchRec stores them: all rows
     of feature 0, then all rows of feature 1, ... Each id moves by the shift of
     its (row, feature) segment: one scatter, no sort. One id per feature (Criteo's
-    one-hot rows) is a plain transpose.
+    one-hot rows) is a plain transpose; at most one (one-hot rows beside a ranking
+    request's context, missing ids) is a gather by each id's row-major rank.
 
     >>> feature_major(np.array([[1, 2], [0, 1]]), np.array([10, 20, 21, 30]))
     (array([1, 0, 2, 1]), array([10, 20, 21, 30]))
@@ -111,6 +112,10 @@ def feature_major(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, 
         return flat, values
     if values.size == flat.size and (flat == 1).all():
         return flat, values.reshape(rows, features).T.ravel()
+    if flat.max() <= 1:
+        present = lengths.astype(bool)
+        rank = np.cumsum(flat).reshape(rows, features) - 1
+        return lengths.T.ravel(), values[rank.T[present.T]]
     target_lengths = lengths.T.ravel()
     target_starts = np.cumsum(target_lengths) - target_lengths
     source_starts = np.cumsum(flat) - flat

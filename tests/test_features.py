@@ -36,10 +36,10 @@ def test_single_row_needs_no_reordering() -> None:
 
 
 @pytest.mark.parametrize("shape", [(1, 3), (2, 2), (7, 5), (64, 26)])
-@pytest.mark.parametrize("max_ids", [1, 3])
-def test_feature_major_matches_a_per_feature_gather(shape: tuple[int, int], max_ids: int) -> None:
+@pytest.mark.parametrize(("min_ids", "max_ids"), [(1, 1), (0, 1), (0, 3), (0, 0)])  # one-hot, at most one, any
+def test_feature_major_matches_a_per_feature_gather(shape: tuple[int, int], min_ids: int, max_ids: int) -> None:
     rng = np.random.default_rng(shape[0] * 10 + max_ids)
-    lengths = rng.integers(0 if max_ids > 1 else 1, max_ids + 1, size=shape)
+    lengths = rng.integers(min_ids, max_ids + 1, size=shape)
     values = rng.integers(0, 1000, size=int(lengths.sum()))
     per_row = np.split(values, np.cumsum(lengths.sum(axis=1))[:-1])
     expected = [
