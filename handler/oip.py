@@ -47,7 +47,7 @@ import numpy as np
 import orjson
 
 from handler.errors import ErrorKind, InvalidRequest, json_type
-from handler.rows import FeatureRows, FieldNames, RowValidator, preprocessed
+from handler.rows import FeatureRows, FieldNames, RowValidator, all_features, preprocessed
 from model_factory.config import DLRMConfig
 from model_factory.features import CategoryFormatError, Preprocessing, parse_categories
 
@@ -379,17 +379,7 @@ class OipCodec:
         else:
             dense = np.repeat(context.dense, rows, axis=0)
         candidates = self._model_rows(dense, lengths, ids)
-        if candidates.lengths[:, shared].any():
-            both = np.argwhere((candidates.lengths > 0) & shared)
-            row, feature = (int(i) for i in both[0])
-            name = self.config.sparse_feature_names[feature]
-            raise InvalidRequest(
-                ErrorKind.DUPLICATE_FIELD,
-                f"row {row}: {name} has ids both in {CONTEXT_LENGTHS_INPUT!r} and in {LENGTHS_INPUT!r}: "
-                "give each feature's ids in one of them",
-                field=LENGTHS_INPUT,
-                row=row,
-            )
+        self.validator.check_one_side(candidates.lengths, shared, LENGTHS_INPUT, CONTEXT_LENGTHS_INPUT)
         return candidates, context
 
     def _all_features(self, lengths: Tensor, own: np.ndarray) -> Tensor:
@@ -402,8 +392,7 @@ class OipCodec:
             raise _shape_error(
                 lengths, f"[{rows}, {self.num_sparse}] or [{rows}, {compact}] (the features without context ids)"
             )
-        full = np.zeros((rows, self.num_sparse), dtype=np.int64)
-        full[:, own] = np.asarray(lengths.data).reshape(rows, compact)
+        full = all_features(np.asarray(lengths.data).reshape(rows, compact), own)
         return Tensor(lengths.name, lengths.datatype, full.shape, full.ravel())
 
     def _context_row(self, tensors: dict[str, Tensor]) -> FeatureRows:

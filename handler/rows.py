@@ -119,6 +119,19 @@ class RowValidator:
                 got=num_ids,
             )
 
+    def check_one_side(self, lengths: np.ndarray, shared: np.ndarray, field: str, context_field: str) -> None:
+        """No candidate of a ranking request has ids of a feature whose ids the context has (``shared``)."""
+        if lengths[:, shared].any():
+            row, feature = (int(i) for i in np.argwhere((lengths > 0) & shared)[0])
+            name = self.config.sparse_feature_names[feature]
+            raise InvalidRequest(
+                ErrorKind.DUPLICATE_FIELD,
+                f"row {row}: {name} has ids both in {context_field!r} and in {field!r}: "
+                "give each feature's ids in one of them",
+                field=field,
+                row=row,
+            )
+
     def check_ids(self, lengths: np.ndarray, ids: np.ndarray, field: str) -> None:
         """Every id is in ``[0, rows)`` of its feature's table; the first one that is not is named.
 
@@ -159,6 +172,14 @@ class RowValidator:
             expected=expected,
             got=value,
         )
+
+
+def all_features(lengths: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """A ranking request's candidate lengths over every feature, from the compact ``[N, own.sum()]``: the
+    lengths of only the features the context has no ids for (``own``), the others 0."""
+    full = np.zeros((len(lengths), own.size), dtype=np.int64)
+    full[:, own] = lengths
+    return full
 
 
 def concatenate(parts: Sequence[FeatureRows]) -> FeatureRows:
