@@ -27,6 +27,12 @@ Request bodies (JSON):
   missing). The context's sparse ids are looked up once for all candidates
   (:attr:`RowsRequest.context`); its dense values are copied into every row, since the
   dense MLP takes all dense features together. Scores as for ``instances``.
+- a ranking request in the reference format, by the OIP ranking request's rules:
+  ``{"context": {"id_list_features.lengths": [26], "id_list_features.values": [...]},
+  "instances": [{"float_features": [13], "id_list_features.lengths": [m or 26], ...}]}``;
+  the context's features are those of context length > 0, a candidate's lengths cover
+  the other ``m`` features (or all 26, 0 for the context's); ``float_features`` in the
+  context or in every candidate.
 
 Responses: ``{"score": p, "logit": z}`` for one row, ``{"predictions": [...]}``
 in request order for ``instances``. Invalid input raises
@@ -229,11 +235,16 @@ class RequestDecoder:
         if not isinstance(context, dict):
             raise InvalidRequest(
                 ErrorKind.WRONG_TYPE,
-                f"{CONTEXT_FIELD!r} must be an object of raw Criteo features, got {json_type(context)}",
+                f"{CONTEXT_FIELD!r} must be an object of features, got {json_type(context)}",
                 field=CONTEXT_FIELD,
                 expected="object",
                 got=json_type(context),
             )
+        candidates = payload[INSTANCES_FIELD]
+        if context.keys() & _ROW_FIELD_SET or (
+            not context and isinstance(candidates, list) and candidates and not self._is_raw_row(candidates[0])
+        ):
+            return self._decode_reference_ranking(context, self._instance_list(candidates))
         unknown = [name for name in context if name not in self.raw_fields]
         if unknown:
             raise InvalidRequest(
@@ -242,7 +253,7 @@ class RequestDecoder:
                 f"({self.config.dense_feature_names[0]}.., {self.config.sparse_feature_names[0]}..)",
                 field=unknown[0],
             )
-        candidates = self._instance_list(payload[INSTANCES_FIELD])
+        candidates = self._instance_list(candidates)
         self._check_each_feature_once(context, candidates)
         dense_names, sparse_names = self.config.dense_feature_names, self.config.sparse_feature_names
         shared_dense = np.array([name in context for name in dense_names])
@@ -252,11 +263,8 @@ class RequestDecoder:
             context_ints, context_categories = self._raw_columns(
                 [context], [name for name in dense_names if name in context], [n for n in sparse_names if n in context]
             )
-        except InvalidRequest as error:  # named as the context's, not as a row's
-            message = error.message.replace("row 0: ", f"{CONTEXT_FIELD}: ", 1)
-            raise InvalidRequest(
-                error.kind, message, field=error.field, expected=error.expected, got=error.got
-            ) from None
+        except InvalidRequest as error:
+            raise _context_error(error) from None
         ints, categories = self._raw_columns(
             candidates,
             [name for name in dense_names if name not in context],
@@ -277,6 +285,60 @@ class RequestDecoder:
             values=self.preprocessing.category_rows(context_categories, tables[shared_sparse]).ravel(),
         )
         return RowsRequest(rows=rows, single_row=False, context=context_row)
+
+    def _decode_reference_ranking(self, context: dict, candidates: list) -> RowsRequest:
+        """A context and candidates in the reference format (the OIP ranking request's rules, in JSON).
+
+        The context holds ``float_features`` or each candidate does; the context's
+        ``id_list_features.lengths`` (all 26) give the ids of its features (those of
+        length > 0); each candidate's lengths cover the other features only (compact)
+        or all 26 with 0 for the context's.
+        """
+        try:
+            context_row = self._reference_context(context)
+        except InvalidRequest as error:
+            raise _context_error(error) from None
+        shared = context_row.lengths[0] > 0
+        fields = _ROW_FIELD_SET - {DENSE_FIELD} if DENSE_FIELD in context else _ROW_FIELD_SET
+        widths = tuple(sorted({int((~shared).sum()), self.num_sparse}))
+        context_fields = frozenset(context.keys() & {DENSE_FIELD})
+        dense_rows, length_rows, value_rows = self._well_formed_fields(
+            candidates, fields, widths
+        ) or self._checked_fields(candidates, fields, widths, context_fields)
+        lengths = np.zeros((len(candidates), self.num_sparse), dtype=np.int64)
+        compact = np.array([len(row) != self.num_sparse for row in length_rows])
+        if not compact.all():
+            lengths[~compact] = [row for row, short in zip(length_rows, compact, strict=True) if not short]
+        if compact.any():
+            lengths[np.ix_(compact, ~shared)] = [row for row, short in zip(length_rows, compact, strict=True) if short]
+        self.validator.check_one_side(lengths, shared, LENGTHS_FIELD, CONTEXT_FIELD)
+        values = self._id_array(value_rows, int(lengths.sum()))
+        self.validator.check_ids(lengths, values, VALUES_FIELD)
+        if DENSE_FIELD in context:
+            dense = np.repeat(context_row.dense, len(candidates), axis=0)
+        else:
+            dense = self._dense_array(dense_rows)
+        return RowsRequest(FeatureRows(dense, lengths, values), single_row=False, context=context_row)
+
+    def _reference_context(self, context: dict) -> FeatureRows:
+        """The context of a reference-format ranking as one row (no ids: lengths 0; no dense values: zeros)."""
+        unknown = sorted(context.keys() - _ROW_FIELD_SET)
+        if unknown:
+            raise InvalidRequest(
+                ErrorKind.UNKNOWN_FIELD,
+                f"row 0: unknown field {unknown[0]!r}; a reference-format context holds {DENSE_FIELD!r}, or "
+                f"{LENGTHS_FIELD!r} with {VALUES_FIELD!r}, or all three",
+                field=unknown[0],
+            )
+        fields = context.keys() | (
+            {LENGTHS_FIELD, VALUES_FIELD} if context.keys() & {LENGTHS_FIELD, VALUES_FIELD} else set()
+        )
+        dense_rows, length_rows, value_rows = self._row_fields(context, 0, frozenset(fields))
+        dense = self._dense_array(dense_rows) if dense_rows else np.zeros((1, self.num_dense), dtype=np.float32)
+        lengths = np.array(length_rows or [[0] * self.num_sparse], dtype=np.int64)
+        values = self._id_array(value_rows, int(lengths.sum()))
+        self.validator.check_ids(lengths, values, VALUES_FIELD)
+        return FeatureRows(dense, lengths, values)
 
     def _check_each_feature_once(self, context: dict, candidates: list) -> None:
         own_fields = self.raw_fields - context.keys()
@@ -308,10 +370,7 @@ class RequestDecoder:
         dense_rows, length_rows, value_rows = self._well_formed_fields(rows) or self._checked_fields(rows)
         dense = self._dense_array(dense_rows)
         lengths = np.array(length_rows, dtype=np.int64)
-        try:
-            values = np.fromiter(chain.from_iterable(value_rows), dtype=np.int64, count=int(lengths.sum()))
-        except OverflowError:
-            raise self._first_overflowing_id(value_rows) from None
+        values = self._id_array(value_rows, int(lengths.sum()))
         self.validator.check_ids(lengths, values, VALUES_FIELD)
         return RowsRequest(FeatureRows(dense=dense, lengths=lengths, values=values), single_row)
 
@@ -441,8 +500,10 @@ class RequestDecoder:
             got=value,
         )
 
-    def _well_formed_fields(self, rows: list) -> tuple[list, list, list] | None:
-        """The three columns of ``rows`` if every row is well formed, checked for all rows at once; else None.
+    def _well_formed_fields(
+        self, rows: list, fields: frozenset[str] = _ROW_FIELD_SET, widths: tuple[int, ...] | None = None
+    ) -> tuple[list, list, list] | None:
+        """The columns of ``rows`` if every row is well formed, checked for all rows at once; else None.
 
         The fast path for valid requests: a few C-speed passes over all rows
         instead of one Python round of checks per row, which dominated the decode
@@ -451,52 +512,79 @@ class RequestDecoder:
         (finite dense values, ids within their tables) are checked afterwards, on
         the arrays, for both paths.
         """
-        if not all(type(row) is dict and row.keys() == _ROW_FIELD_SET for row in rows):
+        if widths is None:
+            widths = (self.num_sparse,)
+        if not all(type(row) is dict and row.keys() == fields for row in rows):
             return None
-        dense_rows = [row[DENSE_FIELD] for row in rows]
+        dense_rows = [row[DENSE_FIELD] for row in rows] if DENSE_FIELD in fields else []
         length_rows = [row[LENGTHS_FIELD] for row in rows]
         value_rows = [row[VALUES_FIELD] for row in rows]
         well_formed = (
             set(map(type, chain(dense_rows, length_rows, value_rows))) == {list}
-            and set(map(len, dense_rows)) == {self.num_dense}
-            and set(map(len, length_rows)) == {self.num_sparse}
+            and set(map(len, dense_rows)) <= {self.num_dense}
+            and set(map(len, length_rows)) <= set(widths)
             and set(map(type, chain.from_iterable(dense_rows))) <= _NUMBER_TYPES
             and set(map(type, chain.from_iterable(length_rows))) <= _INT_TYPES
             and set(map(type, chain.from_iterable(value_rows))) <= _INT_TYPES
-            and min(chain.from_iterable(length_rows)) >= 0
+            and min(chain.from_iterable(length_rows), default=0) >= 0
             and list(map(sum, length_rows)) == list(map(len, value_rows))
         )
         return (dense_rows, length_rows, value_rows) if well_formed else None
 
-    def _checked_fields(self, rows: list) -> tuple[list, list, list]:
-        """The three columns of ``rows``, checked row by row: raises on the first malformed row."""
+    def _checked_fields(
+        self,
+        rows: list,
+        fields: frozenset[str] = _ROW_FIELD_SET,
+        widths: tuple[int, ...] | None = None,
+        context_fields: frozenset[str] = frozenset(),
+    ) -> tuple[list, list, list]:
+        """The columns of ``rows``, checked row by row: raises on the first malformed row."""
         dense_rows, length_rows, value_rows = [], [], []
         for index, row in enumerate(rows):
-            dense, lengths, values = self._row_fields(row, index)
-            dense_rows.append(dense)
-            length_rows.append(lengths)
-            value_rows.append(values)
+            dense, lengths, values = self._row_fields(row, index, fields, widths, context_fields)
+            dense_rows.extend(dense)
+            length_rows.extend(lengths)
+            value_rows.extend(values)
         return dense_rows, length_rows, value_rows
 
-    def _row_fields(self, row: Any, index: int) -> tuple[list, list, list]:
-        """The three lists of one row, checked for presence, JSON type and counts."""
+    def _row_fields(
+        self,
+        row: Any,
+        index: int,
+        fields: frozenset[str] = _ROW_FIELD_SET,
+        widths: tuple[int, ...] | None = None,
+        context_fields: frozenset[str] = frozenset(),
+    ) -> tuple[list, list, list]:
+        """The lists of ``fields`` in one row, checked for presence, JSON type and counts, each wrapped in a
+        list (empty for a field not among ``fields``). ``widths``: the accepted numbers of lengths (26 unless
+        a ranking's candidates may leave out the context's features); ``context_fields``: what the context
+        already gives."""
+        names = [name for name in ROW_FIELDS if name in fields]
         if not isinstance(row, dict):
             raise InvalidRequest(
                 ErrorKind.INVALID_ROW,
-                f"row {index} must be a JSON object with keys {list(ROW_FIELDS)}, got {json_type(row)}",
+                f"row {index} must be a JSON object with keys {names}, got {json_type(row)}",
                 row=index,
                 expected="object",
                 got=json_type(row),
             )
-        unknown = sorted(row.keys() - _ROW_FIELD_SET)
+        both = next((name for name in context_fields if name in row), None)
+        if both is not None:
+            raise InvalidRequest(
+                ErrorKind.DUPLICATE_FIELD,
+                f"row {index}: {both!r} is given both in {CONTEXT_FIELD!r} and in the row: give it once",
+                field=both,
+                row=index,
+            )
+        unknown = sorted(row.keys() - fields)
         if unknown:
             raise InvalidRequest(
                 ErrorKind.UNKNOWN_FIELD,
-                f"row {index}: unknown field {unknown[0]!r}; a row has exactly the keys {list(ROW_FIELDS)}",
+                f"row {index}: unknown field {unknown[0]!r}; a row has exactly the keys {names}",
                 field=unknown[0],
                 row=index,
             )
-        missing = [name for name in ROW_FIELDS if name not in row]
+        missing = [name for name in names if name not in row]
         if missing:
             raise InvalidRequest(
                 ErrorKind.MISSING_FIELD,
@@ -504,13 +592,17 @@ class RequestDecoder:
                 field=missing[0],
                 row=index,
             )
-        dense = self._typed_list(row, DENSE_FIELD, index, _NUMBER_TYPES, "number")
+        dense = []
+        if DENSE_FIELD in fields:
+            dense = [self._typed_list(row, DENSE_FIELD, index, _NUMBER_TYPES, "number")]
+            self._check_count(DENSE_FIELD, dense[0], (self.num_dense,), index)
+        if LENGTHS_FIELD not in fields:
+            return dense, [], []
         lengths = self._typed_list(row, LENGTHS_FIELD, index, _INT_TYPES, "integer")
         values = self._typed_list(row, VALUES_FIELD, index, _INT_TYPES, "integer")
-        self._check_count(DENSE_FIELD, dense, self.num_dense, index)
-        self._check_count(LENGTHS_FIELD, lengths, self.num_sparse, index)
+        self._check_count(LENGTHS_FIELD, lengths, widths or (self.num_sparse,), index)
         self._check_lengths(lengths, len(values), index)
-        return dense, lengths, values
+        return dense, [lengths], [values]
 
     @staticmethod
     def _typed_list(row: dict, field: str, index: int, allowed: frozenset[type], what: str) -> list:
@@ -544,14 +636,16 @@ class RequestDecoder:
         return value
 
     @staticmethod
-    def _check_count(field: str, value: list, expected: int, index: int) -> None:
-        if len(value) != expected:
+    def _check_count(field: str, value: list, accepted: tuple[int, ...], index: int) -> None:
+        """``len(value)`` is one of ``accepted``: one count, or a ranking candidate's compact and full counts."""
+        if len(value) not in accepted:
+            expected = " or ".join(map(str, accepted))
             raise InvalidRequest(
                 ErrorKind.WRONG_COUNT,
                 f"row {index}: {field!r} must have {expected} entries, got {len(value)}",
                 field=field,
                 row=index,
-                expected=expected,
+                expected=accepted[0] if len(accepted) == 1 else expected,
                 got=len(value),
             )
 
@@ -601,6 +695,13 @@ class RequestDecoder:
             )
         return dense
 
+    def _id_array(self, value_rows: list[list[int]], count: int) -> np.ndarray:
+        """The rows' ids, in order, as int64 (an id beyond int64 is out of every table)."""
+        try:
+            return np.fromiter(chain.from_iterable(value_rows), dtype=np.int64, count=count)
+        except OverflowError:
+            raise self._first_overflowing_id(value_rows) from None
+
     def _first_overflowing_id(self, value_rows: list[list[int]]) -> InvalidRequest:
         for row, values in enumerate(value_rows):
             for position, value in enumerate(values):
@@ -616,6 +717,12 @@ def _decoded_or_error(
         return decode(rows, single_row)
     except InvalidRequest as error:
         return error
+
+
+def _context_error(error: InvalidRequest) -> InvalidRequest:
+    """An error found in a ranking request's context (decoded as row 0), named as the context's."""
+    message = error.message.replace("row 0: ", f"{CONTEXT_FIELD}: ", 1)
+    return InvalidRequest(error.kind, message, field=error.field, expected=error.expected, got=error.got)
 
 
 def parse_json(body: bytes | bytearray | str | dict | list | None) -> Any:

@@ -2,7 +2,7 @@
 
 12,000 generated bodies per run (the ``max_examples`` below), the same ones on
 every run (derandomized, no example database): valid bodies in both row formats and
-ranking bodies (a context and candidates),
+ranking bodies in both (a context and candidates),
 near-valid ones (a valid body with one to three structural mutations: keys
 dropped or added, counts changed, ids replaced by floats, strings, negative or
 huge numbers, NaN-like tokens), byte-level corruptions of valid bodies,
@@ -84,10 +84,15 @@ def expected_status(body: bytes) -> int | None:
 
 
 def expected_ranking_status(payload: dict) -> int | None:
-    """A context of raw features and candidates holding every other feature, each exactly once."""
+    """A context of raw features and candidates holding every other feature, each exactly once; or both in
+    the reference format."""
     names = {*DENSE_NAMES, *SPARSE_NAMES}
     context, rows = payload["context"], payload.get("instances")
-    if set(payload) != {"context", "instances"} or not isinstance(context, dict) or not set(context) <= names:
+    if set(payload) != {"context", "instances"} or not isinstance(context, dict):
+        return 400
+    if is_reference_ranking(context, rows):
+        return expected_reference_ranking_status(context, rows)
+    if not set(context) <= names:
         return 400
     if not isinstance(rows, list) or not rows:
         return 400
@@ -97,6 +102,62 @@ def expected_ranking_status(payload: dict) -> int | None:
     if not all(isinstance(row, dict) and set(row) == own for row in rows):
         return 400
     return None if valid_raw_row(context) and all(map(valid_raw_row, rows)) else 400
+
+
+def is_reference_ranking(context: dict, rows: Any) -> bool:
+    """The context has a reference-format key, or is empty and the first candidate is not a raw row."""
+    if any(key in context for key in REFERENCE_KEYS):
+        return True
+    return not context and isinstance(rows, list) and bool(rows) and not is_raw_row(rows[0])
+
+
+def expected_reference_ranking_status(context: dict, rows: Any) -> int | None:
+    """The context: float_features, and/or lengths of all 26 features with their ids (a feature whose
+    context length is > 0 is the context's); each candidate: float_features unless the context has them,
+    and lengths of the other features only or of all 26 (0 for the context's), with their ids."""
+    dense_key, lengths_key, values_key = REFERENCE_KEYS
+    if not isinstance(rows, list) or not rows:
+        return 400
+    if len(rows) > MAX_ROWS:
+        return 413
+    if not set(context) <= set(REFERENCE_KEYS) or (lengths_key in context) != (values_key in context):
+        return 400
+    if dense_key in context and not valid_dense(context[dense_key]):
+        return 400
+    context_lengths = context.get(lengths_key, [0] * NUM_SPARSE)
+    if lengths_key in context and not valid_ids(context_lengths, context[values_key], list(range(NUM_SPARSE))):
+        return 400
+    own = [feature for feature, n in enumerate(context_lengths) if n == 0]
+    row_keys = {lengths_key, values_key} | (set() if dense_key in context else {dense_key})
+    for row in rows:
+        if not isinstance(row, dict) or set(row) != row_keys:
+            return 400
+        if dense_key in row and not valid_dense(row[dense_key]):
+            return 400
+        lengths = row[lengths_key]
+        if isinstance(lengths, list) and len(lengths) == NUM_SPARSE and len(own) != NUM_SPARSE:
+            if not all(map(is_int, lengths)) or any(n != 0 for f, n in enumerate(lengths) if f not in own):
+                return 400
+            lengths = [lengths[feature] for feature in own]
+        if not valid_ids(lengths, row[values_key], own):
+            return 400
+    return None
+
+
+def valid_dense(dense: Any) -> bool:
+    return isinstance(dense, list) and len(dense) == NUM_DENSE and all(map(finite_in_float32, dense))
+
+
+def valid_ids(lengths: Any, values: Any, features: list[int]) -> bool:
+    """``lengths`` of ``features`` (ints >= 0, one each) and as many ``values``, each within its table."""
+    if not isinstance(lengths, list) or len(lengths) != len(features):
+        return False
+    if not all(is_int(n) and n >= 0 for n in lengths):
+        return False
+    if not isinstance(values, list) or not all(map(is_int, values)) or len(values) != sum(lengths):
+        return False
+    of_value = [feature for feature, n in zip(features, lengths, strict=True) for _ in range(n)]
+    return all(0 <= value < TABLE_SIZES[feature] for value, feature in zip(values, of_value, strict=True))
 
 
 def is_raw_row(row: Any) -> bool:
@@ -127,16 +188,7 @@ def valid_reference_row(row: Any) -> bool:
     if not isinstance(row, dict) or set(row) != set(REFERENCE_KEYS):
         return False
     dense, lengths, values = (row[key] for key in REFERENCE_KEYS)
-    if not isinstance(dense, list) or len(dense) != NUM_DENSE or not all(map(finite_in_float32, dense)):
-        return False
-    if not isinstance(lengths, list) or len(lengths) != NUM_SPARSE:
-        return False
-    if not all(is_int(n) and n >= 0 for n in lengths):
-        return False
-    if not isinstance(values, list) or not all(map(is_int, values)) or len(values) != sum(lengths):
-        return False
-    features = [feature for feature, n in enumerate(lengths) for _ in range(n)]
-    return all(0 <= value < TABLE_SIZES[feature] for value, feature in zip(values, features, strict=True))
+    return valid_dense(dense) and valid_ids(lengths, values, list(range(NUM_SPARSE)))
 
 
 def valid_raw_row(row: Any) -> bool:
@@ -173,6 +225,9 @@ def check_invariants(decoded: RowsRequest, payload: dict) -> None:
     request = decoded.rows
     rows = payload.get("instances", [payload])
     n = len(rows)
+    if "context" in payload and is_reference_ranking(payload["context"], rows):
+        check_reference_ranking(decoded, payload["context"], rows)
+        return
     if "context" in payload:
         assert decoded.context is not None and decoded.context.num_rows == 1
         shared = np.array([name in payload["context"] for name in SPARSE_NAMES])
@@ -212,6 +267,28 @@ def check_invariants(decoded: RowsRequest, payload: dict) -> None:
         assert request.dense.tolist() == np.array([row["float_features"] for row in rows], np.float32).tolist()
 
 
+def check_reference_ranking(decoded: RowsRequest, context: dict, rows: list[dict]) -> None:
+    """Exact: the context's ids as sent, each candidate's lengths over all 26 features (0 for the context's),
+    its ids as sent, the dense values (the context's in every row, or each row's) as their float32 rounding."""
+    dense_key, lengths_key, values_key = REFERENCE_KEYS
+    context_lengths = context.get(lengths_key, [0] * NUM_SPARSE)
+    assert decoded.context is not None
+    assert decoded.context.lengths.tolist() == [context_lengths]
+    assert decoded.context.values.tolist() == context.get(values_key, [])
+    own = [feature for feature, n in enumerate(context_lengths) if n == 0]
+    expected_lengths = []
+    for row in rows:
+        lengths = row[lengths_key]
+        if len(lengths) == len(own):
+            lengths = [lengths[own.index(f)] if f in own else 0 for f in range(NUM_SPARSE)]
+        expected_lengths.append(lengths)
+    request = decoded.rows
+    assert request.lengths.tolist() == expected_lengths
+    assert request.values.tolist() == [v for row in rows for v in row[values_key]]
+    dense = [context[dense_key] if dense_key in context else row[dense_key] for row in rows]
+    assert request.dense.tolist() == np.array(dense, np.float32).tolist()
+
+
 # ---------------------------------------------------------------- generators
 # Bodies come from a NumPy generator seeded by Hypothesis (element-wise Hypothesis draws cost 5-10x the
 # time); they are functions of a seed so that tests/test_reliability.py sends the same kinds of bodies.
@@ -247,10 +324,46 @@ def ranking_payload(rng: np.random.Generator) -> dict[str, Any]:
     return {"context": context, "instances": [complete(own) for _ in range(rng.integers(1, MAX_ROWS + 1))]}
 
 
+def reference_ranking_payload(rng: np.random.Generator) -> dict[str, Any]:
+    """A reference-format context (a user row's float_features, ids of some features, or both) and
+    1..MAX_ROWS candidates with the rest, their lengths compact or over all 26 features."""
+    dense_key, lengths_key, values_key = REFERENCE_KEYS
+    user = random_row(CONFIG, rng)
+    shared = (rng.random(NUM_SPARSE) < rng.random()) & (np.array(user[lengths_key]) > 0)
+    context: dict[str, Any] = {}
+    if rng.integers(3):
+        context[lengths_key] = np.where(shared, user[lengths_key], 0).tolist()
+        context[values_key] = ids_of(user, shared)
+    else:
+        shared[:] = False
+    if not shared.any() or rng.integers(2):
+        context[dense_key] = user[dense_key]
+    candidates = []
+    for _ in range(rng.integers(1, MAX_ROWS + 1)):
+        row = random_row(CONFIG, rng)
+        lengths = np.where(shared, 0, row[lengths_key])
+        candidate = {lengths_key: (lengths if rng.integers(2) else lengths[~shared]).tolist()}
+        candidate[values_key] = ids_of(row, ~shared)
+        if dense_key not in context:
+            candidate[dense_key] = row[dense_key]
+        candidates.append(candidate)
+    return {"context": context, "instances": candidates}
+
+
+def ids_of(row: dict[str, Any], features: np.ndarray) -> list[int]:
+    """The ids of a reference-format row's ``features``, in order."""
+    _, lengths_key, values_key = REFERENCE_KEYS
+    ends = np.cumsum(row[lengths_key]).tolist()
+    starts = [0, *ends[:-1]]
+    return [v for f in np.flatnonzero(features) for v in row[values_key][starts[f] : ends[f]]]
+
+
 def valid_payload(rng: np.random.Generator) -> dict[str, Any]:
-    """One row or 1..MAX_ROWS ``instances``, all in the reference format or all raw, or a ranking body."""
-    if rng.integers(4) == 0:
-        return ranking_payload(rng)
+    """One row or 1..MAX_ROWS ``instances``, all in the reference format or all raw, or a ranking body in
+    either format."""
+    choice = rng.integers(8)
+    if choice < 2:
+        return ranking_payload(rng) if choice else reference_ranking_payload(rng)
     make_row = (lambda: random_row(CONFIG, rng)) if rng.integers(2) else (lambda: raw_row(rng))
     if rng.integers(2):
         return make_row()

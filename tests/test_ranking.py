@@ -26,6 +26,8 @@ from training.synthetic import PlantedClickModel, format_tsv, random_inputs
 
 CONFIG = preset("small")
 SAMPLE = REPO_ROOT / "sample_data" / "sample_ranking.json"
+REFERENCE_SAMPLE = REPO_ROOT / "sample_data" / "sample_reference_ranking.json"
+SAMPLE_ROW = REPO_ROOT / "sample_data" / "sample_data.json"
 TOLERANCE = 1e-5
 
 
@@ -119,6 +121,167 @@ def test_request_bytes_shrink_with_the_context() -> None:
     """13 of 26 sparse features as context: each candidate keeps 26 of its 39 values (0.62 of the bytes here)."""
     body, expanded = ranking(SPARSE[:13], candidates=500, seed=3)
     assert len(orjson.dumps(body)) <= 0.65 * len(orjson.dumps({"instances": expanded}))
+
+
+LENGTHS, IDS = "id_list_features.lengths", "id_list_features.values"
+
+
+def reference_ranking(
+    shared: np.ndarray, candidates: int, seed: int, dense_in_context: bool = False, compact: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ranking body in the reference format, 1-3 ids per lookup (the context's ids of the ``shared``
+    features, from a user row; candidates' lengths compact or over all 26), and its expanded rows."""
+    rng = np.random.default_rng(seed)
+    dense, lengths, ids = random_inputs(CONFIG, candidates + 1, rng, num_indices_per_lookup=3, fixed_lookups=False)
+    cells = np.split(ids, np.cumsum(lengths.ravel())[:-1])  # the ids of each (row, feature), row-major
+
+    def ids_of(row: int, features: np.ndarray) -> list[int]:
+        return [int(i) for f in np.flatnonzero(features) for i in cells[row * len(SPARSE) + f]]
+
+    context: dict[str, Any] = {LENGTHS: np.where(shared, lengths[0], 0).tolist(), IDS: ids_of(0, shared)}
+    if dense_in_context:
+        context["float_features"] = dense[0].tolist()
+    instances, expanded = [], []
+    for row in range(1, candidates + 1):
+        own_lengths = lengths[row][~shared] if compact else np.where(shared, 0, lengths[row])
+        own: dict[str, Any] = {LENGTHS: own_lengths.tolist(), IDS: ids_of(row, ~shared)}
+        row_dense = dense[0 if dense_in_context else row].tolist()
+        instances.append(own if dense_in_context else own | {"float_features": row_dense})
+        merged = [int(i) for f in range(len(SPARSE)) for i in cells[(0 if shared[f] else row) * len(SPARSE) + f]]
+        row_lengths = np.where(shared, lengths[0], lengths[row]).tolist()
+        expanded.append({"float_features": row_dense, LENGTHS: row_lengths, IDS: merged})
+    return {"context": context, "instances": instances}, {"instances": expanded}
+
+
+FIRST_13 = np.arange(len(SPARSE)) < 13
+
+
+@pytest.mark.parametrize(
+    ("shared", "dense_in_context", "compact"),
+    [
+        (FIRST_13, False, True),
+        (FIRST_13, False, False),
+        (np.arange(len(SPARSE)) % 3 == 0, True, True),
+        (np.ones(len(SPARSE), dtype=bool), False, True),
+        (np.zeros(len(SPARSE), dtype=bool), True, True),
+    ],
+    ids=["13-sparse", "13-sparse-full-lengths", "dense-and-every-third", "all-sparse", "dense-only"],
+)
+def test_reference_format_rankings_score_as_expanded_rows(
+    predictor: DLRMPredictor, shared: np.ndarray, dense_in_context: bool, compact: bool
+) -> None:
+    """Multi-hot ids, the context's dense values or each candidate's, compact or full candidate lengths."""
+    body, expanded = reference_ranking(
+        shared, candidates=23, seed=int(shared.sum()), dense_in_context=dense_in_context, compact=compact
+    )
+    ranked, plain = logits(predictor, body, expanded)
+    np.testing.assert_allclose(ranked, plain, rtol=0, atol=TOLERANCE)
+
+
+def test_reference_format_candidates_may_mix_compact_and_full_lengths(predictor: DLRMPredictor) -> None:
+    body, expanded = reference_ranking(FIRST_13, candidates=6, seed=9)
+    full, _ = reference_ranking(FIRST_13, candidates=6, seed=9, compact=False)
+    body["instances"][::2] = full["instances"][::2]
+    ranked, plain = logits(predictor, body, expanded)
+    np.testing.assert_allclose(ranked, plain, rtol=0, atol=TOLERANCE)
+
+
+def _with(body: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    """A deep copy of ``body`` with the entry at ``path`` replaced (``...``: deleted)."""
+    copy = orjson.loads(orjson.dumps(body))
+    *parents, last = path
+    target = copy
+    for key in parents:
+        target = target[key]
+    if value is ...:
+        del target[last]
+    else:
+        target[last] = value
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "kind", "field", "message"),
+    [
+        (
+            ("instances", 2, LENGTHS),
+            [1] + [0] * 13 + [1] * 12,
+            ErrorKind.DUPLICATE_FIELD,
+            LENGTHS,
+            "row 2: cat_0 has ids both in 'context' and in",
+        ),
+        (
+            ("instances", 1, LENGTHS),
+            [1] * 12,
+            ErrorKind.WRONG_COUNT,
+            LENGTHS,
+            "row 1: 'id_list_features.lengths' must have 13 or 26 entries, got 12",
+        ),
+        (
+            ("context", "float_features"),
+            [0.5] * 13,
+            ErrorKind.DUPLICATE_FIELD,
+            "float_features",
+            "row 0: 'float_features' is given both in 'context' and in the row",
+        ),
+        (
+            ("instances", 0, "float_features"),
+            ...,
+            ErrorKind.MISSING_FIELD,
+            "float_features",
+            "row 0: missing field 'float_features'",
+        ),
+        (("context", IDS), ..., ErrorKind.MISSING_FIELD, IDS, "context: missing field"),
+        (("context", "cat_0"), "05db9164", ErrorKind.UNKNOWN_FIELD, "cat_0", "context: unknown field 'cat_0'"),
+        (
+            ("context", LENGTHS),
+            [1] * 13,
+            ErrorKind.WRONG_COUNT,
+            LENGTHS,
+            "context: 'id_list_features.lengths' must have 26 entries",
+        ),
+        (
+            ("context", IDS, 0),
+            10**6,
+            ErrorKind.ID_OUT_OF_RANGE,
+            IDS,
+            "context: id_list_features.values[0] = 1000000 is out of range for feature cat_0",
+        ),
+        (
+            ("instances", 3, IDS, 0),
+            -1,
+            ErrorKind.ID_OUT_OF_RANGE,
+            IDS,
+            "row 3: id_list_features.values[0] = -1 is out of range for feature cat_13",
+        ),
+        (
+            ("instances", 3, IDS, 0),
+            1.0,
+            ErrorKind.NON_INTEGER,
+            IDS,
+            "row 3: id_list_features.values[0] must be a JSON integer",
+        ),
+        (
+            ("instances", 4, "float_features", 5),
+            "1",
+            ErrorKind.NON_NUMERIC,
+            "float_features",
+            "row 4: float_features[5]",
+        ),
+    ],
+)
+def test_invalid_reference_format_rankings_get_a_4xx_naming_the_field(
+    predictor: DLRMPredictor, path: tuple[Any, ...], value: Any, kind: ErrorKind, field: str, message: str
+) -> None:
+    body, _ = reference_ranking(FIRST_13, candidates=5, seed=3)
+    body["context"][LENGTHS] = [1] * 13 + [0] * 13  # one id per context feature, so that positions are known
+    body["context"][IDS] = body["context"][IDS][:0] + [0] * 13
+    for row in body["instances"]:  # and one per candidate feature
+        row[LENGTHS], row[IDS] = [1] * 13, [0] * 13
+    (error,) = logits(predictor, _with(body, path, value))
+    assert isinstance(error, dict)
+    assert (error["status"], error["type"], error.get("field")) == (400, kind, field), error
+    assert message in error["message"], error["message"]
 
 
 def one_hot_oip_case(candidates: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -237,6 +400,36 @@ def test_served_ranking_errors_and_the_sample(server: TorchServeProcess) -> None
     sample = json.loads(SAMPLE.read_text())
     expanded = {"instances": [row | sample["context"] for row in sample["instances"]]}
     np.testing.assert_allclose(served_logits(server, sample), served_logits(server, expanded), rtol=0, atol=TOLERANCE)
+
+
+def test_served_reference_format_ranking_sample_and_an_error(server: TorchServeProcess) -> None:
+    """sample_reference_ranking.json: sample_oip_ranking.json's request as JSON rows; its first candidate is
+    sample_data.json's row."""
+    sample = json.loads(REFERENCE_SAMPLE.read_text())
+    context = sample["context"]
+    expanded = {
+        "instances": [
+            {
+                "float_features": row["float_features"],
+                LENGTHS: context[LENGTHS][:13] + row[LENGTHS],
+                IDS: context[IDS] + row[IDS],
+            }
+            for row in sample["instances"]
+        ]
+    }
+    ranked = served_logits(server, sample)
+    np.testing.assert_allclose(ranked, served_logits(server, expanded), rtol=0, atol=TOLERANCE)
+    single = requests.post(
+        f"{server.endpoints.inference}/predictions/dlrm", json=json.loads(SAMPLE_ROW.read_text()), timeout=30
+    ).json()
+    np.testing.assert_allclose(ranked[0], single["logit"], rtol=0, atol=TOLERANCE)
+    sample["instances"][1][LENGTHS] = [1] * 26  # ids for the context's features too, but not as many ids
+    refused = requests.post(f"{server.endpoints.inference}/predictions/dlrm", json=sample, timeout=30)
+    assert refused.status_code == 400
+    assert refused.json()["type"] == "length_mismatch"
+    sample["instances"][1][LENGTHS] = [1] * 12
+    refused = requests.post(f"{server.endpoints.inference}/predictions/dlrm", json=sample, timeout=30)
+    assert (refused.status_code, refused.json()["type"], refused.json()["expected"]) == (400, "wrong_count", "13 or 26")
 
 
 @pytest.mark.gpu
