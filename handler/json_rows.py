@@ -254,10 +254,15 @@ class RequestDecoder:
                 field=unknown[0],
             )
         candidates = self._instance_list(candidates)
-        self._check_each_feature_once(context, candidates)
         dense_names, sparse_names = self.config.dense_feature_names, self.config.sparse_feature_names
         shared_dense = np.array([name in context for name in dense_names])
         shared_sparse = np.array([name in context for name in sparse_names])
+        own_dense = [name for name in dense_names if name not in context]
+        own_sparse = [name for name in sparse_names if name not in context]
+        # Well-formed candidates have exactly the features the context lacks; else the first problem is named.
+        columns = self._well_formed_raw_columns(candidates, own_dense, own_sparse)
+        if columns is None:
+            self._check_each_feature_once(context, candidates)
         # Each side decodes and preprocesses only its own features: the context's once.
         try:
             context_ints, context_categories = self._raw_columns(
@@ -265,11 +270,7 @@ class RequestDecoder:
             )
         except InvalidRequest as error:
             raise _context_error(error) from None
-        ints, categories = self._raw_columns(
-            candidates,
-            [name for name in dense_names if name not in context],
-            [name for name in sparse_names if name not in context],
-        )
+        ints, categories = columns or self._checked_raw_columns(candidates, own_dense, own_sparse)
         num_rows, tables = len(candidates), self.validator.table_sizes
         dense = np.empty((num_rows, self.num_dense), dtype=np.float32)
         dense[:, ~shared_dense] = self.preprocessing.dense(ints)
@@ -341,9 +342,6 @@ class RequestDecoder:
         return FeatureRows(dense, lengths, values)
 
     def _check_each_feature_once(self, context: dict, candidates: list) -> None:
-        own_fields = self.raw_fields - context.keys()
-        if all(type(row) is dict and row.keys() == own_fields for row in candidates):
-            return
         schema = self.config.dense_feature_names + self.config.sparse_feature_names
         for index, row in enumerate(candidates):
             if not isinstance(row, dict):
