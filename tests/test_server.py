@@ -154,6 +154,21 @@ def test_form_encoded_body_is_415(predict) -> None:
     assert response.json()["type"] == "empty_body"
 
 
+def test_json_bodies_reach_the_handler_as_sent(server, predict) -> None:
+    """config.properties' ``decode_input_request=false``: the worker passes bodies on as bytes and the
+    predictor parses each once, by the JSON specification. With the worker's own parse, ``null`` arrived as
+    no body (415), a NaN token as a float (the standard json module accepts it), and every invalid body
+    logged a traceback."""
+    null = predict(b"null")
+    assert (null.status_code, null.json()["type"]) == (400, "invalid_body")
+    nan = json.loads(SAMPLE.read_text())
+    nan_body = json.dumps(nan).replace(str(nan["float_features"][0]), "NaN", 1).encode()
+    assert b"NaN" in nan_body
+    assert predict(nan_body).json()["type"] == "invalid_json"
+    assert predict(b'{"instances": [').json()["type"] == "invalid_json"
+    assert "Failed json decoding" not in (Path(server.log_dir) / "model_log.log").read_text()
+
+
 def test_body_over_max_request_size_is_413(predict) -> None:
     response = predict(b'{"instances": [' + b" " * (5 * 2**20) + b"]}")
     assert response.status_code == 413
