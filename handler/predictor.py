@@ -237,15 +237,15 @@ def segments(parts: Sequence[FeatureRows], contexts: Sequence[FeatureRows | None
     """The batch's rows as :class:`Segment` s: each ranking request's, and runs of other rows between them.
 
     The context rows follow all other rows, in request order. A ranking request's
-    shared features are those none of its candidates has ids for (the context's,
-    and any every candidate lacks: an empty bag either way).
+    shared features are those its context has ids for (the decoders have checked
+    that no candidate has ids of them).
     """
     result: list[Segment] = []
     start, context_row = 0, sum(part.num_rows for part in parts)
     for part, context in zip(parts, contexts, strict=True):
         end = start + part.num_rows
         if context is not None:
-            shared = tuple(bool(flag) for flag in (part.lengths == 0).all(axis=0).tolist())
+            shared = tuple(bool(flag) for flag in (context.lengths[0] > 0).tolist())
             result.append(Segment(start, end, context_row, shared))
             context_row += 1
         elif result and result[-1].context_row is None:
