@@ -349,12 +349,7 @@ class RequestDecoder:
                 continue  # the raw-row decode names it
             both = next((name for name in schema if name in row and name in context), None)
             if both is not None:
-                raise InvalidRequest(
-                    ErrorKind.DUPLICATE_FIELD,
-                    f"row {index}: {both!r} is given both in {CONTEXT_FIELD!r} and in the row: give it once",
-                    field=both,
-                    row=index,
-                )
+                raise _given_twice(both, index)
             neither = next((name for name in schema if name not in row and name not in context), None)
             if neither is not None:
                 raise InvalidRequest(
@@ -568,12 +563,7 @@ class RequestDecoder:
             )
         both = next((name for name in context_fields if name in row), None)
         if both is not None:
-            raise InvalidRequest(
-                ErrorKind.DUPLICATE_FIELD,
-                f"row {index}: {both!r} is given both in {CONTEXT_FIELD!r} and in the row: give it once",
-                field=both,
-                row=index,
-            )
+            raise _given_twice(both, index)
         unknown = sorted(row.keys() - fields)
         if unknown:
             raise InvalidRequest(
@@ -722,6 +712,16 @@ def _values(rows: list[dict], names: Sequence[str]) -> list:
     if len(names) <= 1:
         return [row[name] for row in rows for name in names]
     return list(chain.from_iterable(map(itemgetter(*names), rows)))
+
+
+def _given_twice(name: str, row: int) -> InvalidRequest:
+    """A ranking request's feature given both in the context and in a candidate."""
+    return InvalidRequest(
+        ErrorKind.DUPLICATE_FIELD,
+        f"row {row}: {name!r} is given both in {CONTEXT_FIELD!r} and in the row: give it once",
+        field=name,
+        row=row,
+    )
 
 
 def _context_error(error: InvalidRequest) -> InvalidRequest:
