@@ -446,9 +446,11 @@ def test_rankings_on_gpu_score_as_expanded_rows_on_cpu(tables: str, artifact_dir
     cpu = DLRMPredictor.from_artifact(directory, torch.device("cpu"), max_rows=64)
     gpu = DLRMPredictor.from_artifact(directory, torch.device("cuda", 0), max_rows=64)
     body, expanded = ranking(SPARSE[:13] + DENSE[:2], candidates=50, seed=9)
-    (ranked,) = logits(gpu, body)
-    (plain,) = logits(cpu, {"instances": expanded})
+    reference_body, reference_expanded = reference_ranking(FIRST_13, 50, seed=9, dense_in_context=True)
+    ranked, reference_ranked = logits(gpu, body, reference_body)  # multi-hot: the general KJT reordering
+    plain, reference_plain = logits(cpu, {"instances": expanded}, reference_expanded)
     np.testing.assert_allclose(ranked, plain, rtol=0, atol=1e-3)  # GPU kernels sum in another order
+    np.testing.assert_allclose(reference_ranked, reference_plain, rtol=0, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- Open Inference Protocol
