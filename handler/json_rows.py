@@ -54,7 +54,7 @@ import numpy as np
 import orjson
 
 from handler.errors import ErrorKind, InvalidRequest, fits_int64, json_type
-from handler.rows import FeatureRows, FieldNames, RowValidator, preprocessed, split
+from handler.rows import FeatureRows, FieldNames, RowValidator, all_features, preprocessed, split
 from handler.settings import DEFAULT_MAX_ROWS
 from model_factory.config import DLRMConfig
 from model_factory.features import CategoryFormatError, Preprocessing, parse_categories
@@ -260,15 +260,15 @@ class RequestDecoder:
         shared_sparse = np.array([name in context for name in sparse_names])
         own_dense = [name for name in dense_names if name not in context]
         own_sparse = [name for name in sparse_names if name not in context]
+        context_dense = [name for name in dense_names if name in context]
+        context_sparse = [name for name in sparse_names if name in context]
         # Well-formed candidates have exactly the features the context lacks; else the first problem is named.
         columns = self._well_formed_raw_columns(candidates, own_dense, own_sparse)
         if columns is None:
             self._check_each_feature_once(context, candidates)
         # Each side decodes and preprocesses only its own features: the context's once.
         try:
-            context_ints, context_categories = self._raw_columns(
-                [context], [name for name in dense_names if name in context], [n for n in sparse_names if n in context]
-            )
+            context_ints, context_categories = self._raw_columns([context], context_dense, context_sparse)
         except InvalidRequest as error:
             raise _context_error(error) from None
         ints, categories = columns or self._checked_raw_columns(candidates, own_dense, own_sparse)
@@ -312,7 +312,8 @@ class RequestDecoder:
         if not compact.all():
             lengths[~compact] = [row for row, short in zip(length_rows, compact, strict=True) if not short]
         if compact.any():
-            lengths[np.ix_(compact, ~shared)] = [row for row, short in zip(length_rows, compact, strict=True) if short]
+            short_rows = [row for row, short in zip(length_rows, compact, strict=True) if short]
+            lengths[compact] = all_features(np.array(short_rows, dtype=np.int64), ~shared)
         self.validator.check_one_side(lengths, shared, LENGTHS_FIELD, CONTEXT_FIELD)
         values = self._id_array(value_rows, int(lengths.sum()))
         self.validator.check_ids(lengths, values, VALUES_FIELD)
