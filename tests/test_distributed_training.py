@@ -8,6 +8,7 @@ global batch of 512 rows per step in both (256 per rank on two ranks).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,8 @@ CHECKPOINT_EVERY = 15
 TOLERANCE = 1e-5
 # Loss and AUC of the two-rank run against the one-rank run: they train the same model on the same global batches.
 METRIC_TOLERANCE = 1e-4
+# A rank killed by a signal (an abort in C++) prints every thread's Python stack: where it was, not only that it died.
+TRAINER_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
 
 
 def run_training(ranks: int, output: Path, data: dict[str, Path], *args: str) -> subprocess.CompletedProcess:
@@ -59,7 +62,7 @@ def run_training(ranks: int, output: Path, data: dict[str, Path], *args: str) ->
         "--no-progress",
         *args,
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=TRAINER_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +145,38 @@ def test_two_nodes_meet_through_torchrun_s_rendezvous(
     command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "-m", "training.train", "--preset", "small"]
     command += ["--train", str(data["train"]), "--validation", str(data["validation"]), "--output", str(output)]
     command += ["--batch-size", str(GLOBAL_BATCH // 2), "--no-progress"]
-    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    for node in nodes:
-        out, _ = node.communicate(timeout=600)
-        assert node.returncode == 0, out[-4000:]
+    nodes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TRAINER_ENV)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    # Both nodes' logs: a rank's failure is reported by its own node, its cause may be on the other.
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(
+        f"--- node {index}, exit code {node.returncode}:\n{out[-6000:]}"
+        for index, (node, out) in enumerate(zip(nodes, outputs, strict=True))
+    )
     assert metrics(output)["ranks"] == 2
     latest = latest_checkpoint(output)
     assert latest is not None
     assert_same_weights(checkpoint_weights(latest, small_config), torch.load(runs[1] / WEIGHTS_FILE))
+
+
+def test_training_joins_the_process_group_s_threads_before_exit(data: dict[str, Path], tmp_path: Path) -> None:
+    """When ``training.train``'s main returns, gloo's threads are gone: none runs on into interpreter teardown,
+    where a rank has been seen to abort ("terminate called without an active exception")."""
+    script = (
+        "import json, os, sys\n"
+        "from training.train import main\n"
+        "main(sys.argv[1:])\n"
+        "tasks = os.listdir('/proc/self/task')\n"
+        "print(json.dumps([open(f'/proc/self/task/{task}/comm').read().strip() for task in tasks]))\n"
+    )
+    command = [sys.executable, "-c", script, "--preset", "small", "--train", str(data["train"])]
+    command += ["--validation", str(data["validation"]), "--output", str(tmp_path / "run"), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=TRAINER_ENV)
+    assert result.returncode == 0, result.stderr[-4000:]
+    threads = json.loads(result.stdout.splitlines()[-1])
+    assert "python" in threads and not [name for name in threads if "gloo" in name], threads
 
 
 def test_each_rank_holds_only_its_shards(runs: dict[int, Path], small_config: DLRMConfig) -> None:

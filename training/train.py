@@ -25,6 +25,7 @@ the newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -41,11 +42,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+# Imported with this module, before any process group exists: ZeroRedundancyOptimizer, which this import brings,
+# takes ``dist.group.WORLD`` as a default argument, and imported after init_process_group that default would keep
+# the gloo group (and its threads) alive past destroy_process_group, into interpreter teardown. TorchRec's own
+# apply_optimizer_in_backward imports it lazily, inside the call, and is deprecated in favour of this one.
+from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -509,6 +515,9 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     metrics = train(config)
     first = dist.get_rank() == 0
+    # The sharded model's reference cycles hold the process group: collected here, the group's last reference goes
+    # with destroy_process_group and gloo's threads are joined now, not left running into interpreter teardown.
+    gc.collect()
     dist.destroy_process_group()
     if not first:
         return
