@@ -75,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
         type=TableDtype,
         choices=list(TableDtype),
         default=TableDtype.NONE,
-        help="embedding tables, row-wise with TorchRec/FBGEMM: fp16, int8 or int4 (default: none = fp32)",
+        help="embedding tables in FBGEMM's table-batched collection (one lookup for all tables): fp32, or "
+        "quantized row-wise to fp16, int8 or int4 (default: none = TorchRec's fp32 modules, one per table)",
     )
     quantize.add_argument(
         "--quantize-table",

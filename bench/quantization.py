@@ -1,6 +1,7 @@
 """What each quantization option costs and buys, measured in one run.
 
-For each option (fp32, fp16/int8/int4 tables, int8 tables + int8 MLPs) and each
+For each option (fp32 in TorchRec's per-table modules or FBGEMM's table-batched
+collection, fp16/int8/int4 tables, int8 tables + int8 MLPs) and each
 model — the default `small` DLRM trained by `make train`, and the reference
 shape `criteo-kaggle` (seeded random fp32 weights, which the other options
 quantize) — the run builds the archive with build_mar.py and records:
@@ -48,6 +49,7 @@ TRAINED_RUN = REPO_ROOT / "runs" / "small-synthetic"
 VALIDATION = REPO_ROOT / "data" / "synthetic" / "validation.tsv"
 OPTIONS = {
     "fp32": [],
+    "fp32 table-batched": ["--quantize", "fp32"],
     "fp16": ["--quantize", "fp16"],
     "int8": ["--quantize", "int8"],
     "int4": ["--quantize", "int4"],

@@ -16,7 +16,7 @@ requests"):
   compact: only the features the context has no ids for).
 
 The run builds an archive (``--preset``, default ``small``, the model ``make serve``
-serves), measures one 500-candidate query of each format in-process (one thread,
+serves; ``--quantize`` as build_mar.py's), measures one 500-candidate query of each format in-process (one thread,
 alternately) and then serves the archive with the shipped settings, driven by an
 asyncio/aiohttp Poisson client: first the closed-loop capacity, then a short search
 over rates: fractions of it, then up by 1.25x while the p99 stays within the bound (at most
@@ -29,6 +29,7 @@ query: TorchServe's frontend, its workers, this client. Results go to
 
     python -m bench.ranking                 # full: 15 s per rate (about 10 minutes)
     python -m bench.ranking --mode quick    # 4 s per rate, fewer rates
+    python -m bench.ranking --quantize fp32 # FBGEMM's table-batched fp32 tables
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from handler.predictor import DLRMPredictor, Request
 from model_archive.build import ArchiveFormat, BuildOptions, build_archive
 from model_archive.contents import serving_settings
 from model_factory.config import DLRMConfig
+from model_factory.quantization import QuantizationSpec, TableDtype
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from training.criteo import request_row
 from training.synthetic import PlantedClickModel, format_tsv
@@ -311,7 +313,8 @@ def markdown(document: dict[str, Any]) -> str:
     cores = int(document["machine"]["usable_cores"])
     inproc = document["inprocess"]
     lines = [
-        f"# Ranking queries: {document['preset']}, {document['mode']} run, {document['started']}",
+        f"# Ranking queries: {document['preset']} ({document['tables']} tables), {document['mode']} run, "
+        f"{document['started']}",
         "",
         f"In-process, one thread, one query of {inproc['candidates']} candidates ({CONTEXT_FEATURES} sparse features "
         f"as context): JSON expanded {inproc['ms']['expanded']} ms, ranking {inproc['ms']['ranking']} ms "
@@ -374,6 +377,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=sorted(MODES), default=os.environ.get("BENCH_MODE", "full"))
     parser.add_argument("--preset", default="small", help="model preset (default: %(default)s)")
     parser.add_argument("--queries", type=int, default=64, help="distinct queries, sent in turn")
+    parser.add_argument(
+        "--quantize",
+        type=TableDtype,
+        choices=list(TableDtype),
+        default=TableDtype.NONE,
+        help="the archive's tables, as build_mar.py's --quantize (default: %(default)s)",
+    )
     parser.add_argument("--output-dir", type=Path)
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
@@ -382,7 +392,10 @@ def main(argv: list[str] | None = None) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dlrm-ranking-") as tmp:
         options = BuildOptions(
-            preset=args.preset, output=Path(tmp) / "store" / "dlrm.mar", archive_format=ArchiveFormat.UNZIPPED
+            preset=args.preset,
+            output=Path(tmp) / "store" / "dlrm.mar",
+            archive_format=ArchiveFormat.UNZIPPED,
+            quantization=QuantizationSpec(args.quantize),
         )
         archive, artifact = build_archive(options)
         decoder = RequestDecoder(artifact.model, artifact.preprocessing, max_rows=CANDIDATES[1])
@@ -393,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         document: dict[str, Any] = {
             "mode": args.mode,
             "preset": args.preset,
+            "tables": args.quantize.value,
             "started": started.isoformat(timespec="seconds"),
             "machine": environment.machine(),
             "versions": environment.versions(),

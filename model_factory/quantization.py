@@ -65,9 +65,16 @@ logger = logging.getLogger(__name__)
 
 
 class TableDtype(StrEnum):
-    """How the embedding tables are stored: ``none`` keeps fp32."""
+    """How the embedding tables are stored.
+
+    ``none`` keeps TorchRec's fp32 ``EmbeddingBag`` modules (one lookup call per
+    table); the others are FBGEMM's table-batched collection, one lookup call
+    for all tables: ``fp32`` rows as they are (the same scores as ``none``), or
+    quantized row-wise to ``fp16``, ``int8`` or ``int4``.
+    """
 
     NONE = "none"
+    FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
     INT4 = "int4"
@@ -81,8 +88,20 @@ class MlpDtype(StrEnum):
 
 
 _Enum = TypeVar("_Enum", TableDtype, MlpDtype)
-_DATA_TYPES = {TableDtype.FP16: DataType.FP16, TableDtype.INT8: DataType.INT8, TableDtype.INT4: DataType.INT4}
-_TORCH_DTYPES = {TableDtype.FP16: torch.float16, TableDtype.INT8: torch.qint8, TableDtype.INT4: torch.quint4x2}
+_DATA_TYPES = {
+    TableDtype.FP32: DataType.FP32,
+    TableDtype.FP16: DataType.FP16,
+    TableDtype.INT8: DataType.INT8,
+    TableDtype.INT4: DataType.INT4,
+}
+_TORCH_DTYPES = {
+    TableDtype.FP32: torch.float32,
+    TableDtype.FP16: torch.float16,
+    TableDtype.INT8: torch.qint8,
+    TableDtype.INT4: torch.quint4x2,
+}
+# The values of a float row as FBGEMM stores it (no scale and bias).
+_FLOAT_ROWS = {SparseType.FP32: torch.float32, SparseType.FP16: torch.float16}
 # FBGEMM keeps an fp16 scale and bias in front of every int8/int4 row.
 SCALE_BIAS_BYTES = 4
 # Row alignment of the tables in memory: 4 bytes on CPU (int8 dim 64: 68 instead of
@@ -122,7 +141,10 @@ class QuantizationSpec:
             raise ConfigError(f"per-table quantization names unknown features {unknown}")
         kinds = {self.table_dtype(feature) for feature in config.sparse_feature_names}
         if TableDtype.NONE in kinds and len(kinds) > 1:
-            raise ConfigError("quantize every table or none: an fp32 table cannot share a quantized collection")
+            raise ConfigError(
+                "quantize every table or none: a table of TorchRec's own modules (none) cannot share FBGEMM's "
+                "table-batched collection"
+            )
 
 
 def _member(enum: type[_Enum], value: str, what: str) -> _Enum:
@@ -589,7 +611,7 @@ def fill_random(collection: QuantEmbeddingBagCollection, seed: int) -> None:
 
     Values are uniform in ±sqrt(1/rows), TorchRec's default initialisation: for
     int8/int4 rows random codes with the scale and bias that map the code range
-    onto that interval; for fp16 rows the values themselves.
+    onto that interval; for fp32/fp16 rows the values themselves.
     """
     generator = torch.Generator().manual_seed(seed)
     for module in collection._emb_modules:
@@ -598,9 +620,10 @@ def fill_random(collection: QuantEmbeddingBagCollection, seed: int) -> None:
         ):
             bound = (1.0 / rows) ** 0.5
             for start, end in row_blocks(rows, data.shape[1]):
-                if scale is None:  # fp16: the row is the values
-                    values = torch.empty((end - start, data.shape[1] // 2), dtype=torch.float16)
-                    data[start:end].view(torch.float16).copy_(values.uniform_(-bound, bound, generator=generator))
+                if scale is None:  # a float row is the values
+                    dtype = _FLOAT_ROWS[sparse_type]
+                    values = torch.empty((end - start, data.shape[1] // dtype.itemsize), dtype=dtype)
+                    data[start:end].view(dtype).copy_(values.uniform_(-bound, bound, generator=generator))
                     continue
                 codes = 2 ** sparse_type.bit_rate() - 1
                 random_bytes = torch.randint(

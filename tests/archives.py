@@ -16,6 +16,7 @@ TEST_MAX_BATCH_DELAY_MS = 100
 # Every quantization option the tests compare; "mixed" names only the first features, which every
 # test config has.
 QUANTIZATION_SPECS = {
+    "fp32": QuantizationSpec(TableDtype.FP32),
     "fp16": QuantizationSpec(TableDtype.FP16),
     "int8": QuantizationSpec(TableDtype.INT8),
     "int4": QuantizationSpec(TableDtype.INT4),

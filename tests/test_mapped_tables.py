@@ -120,7 +120,7 @@ def mapped_lines(path: Path) -> list[str]:
     return [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(" " + str(path))]
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "mixed"])
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "int4", "mixed"])
 def test_the_table_file_is_each_tbes_weights_host_in_turn(name: str, config: DLRMConfig, tmp_path: Path) -> None:
     spec = SPECS[name]
     model = write_quantized(tmp_path, config, spec)

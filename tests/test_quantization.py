@@ -1,4 +1,4 @@
-"""Quantized tables (fp16/int8/int4) and int8 MLPs: layouts, exact round trips, accuracy, serving."""
+"""Table-batched tables (fp32, fp16, int8, int4) and int8 MLPs: layouts, exact round trips, accuracy, serving."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def scores(model, config: DLRMConfig, seed: int = 0, rows: int = 64) -> torch.Te
 def test_row_layouts_of_the_criteo_1tb_tables() -> None:
     config = preset("criteo-1tb")
     for dtype, row_bytes, gigabytes in (
+        (TableDtype.FP32, 256, 45.55),
         (TableDtype.INT8, 68, 12.10),
         (TableDtype.INT4, 36, 6.41),
         (TableDtype.FP16, 128, 22.78),
@@ -80,6 +81,16 @@ def test_quantized_scores_stay_close_to_fp32(name: str, tolerance: float, artifa
         quantize_mlps(quantized)
     difference = (scores(quantized.eval(), artifact.model) - reference).abs().max().item()
     assert 0 < difference < tolerance
+
+
+def test_fp32_table_batched_tables_score_exactly_as_torchrec_s_own_modules(artifact_dir: Path) -> None:
+    """One FBGEMM lookup for all tables instead of one ``EmbeddingBag`` per table: the same sums, bit for bit."""
+    modules, artifact = load_model(artifact_dir)
+    table_batched = quantize_model_tables(
+        init_weights(build_dlrm(artifact.model), seed=7), artifact.model, SPECS["fp32"]
+    )  # the artifact's weights: seed 7 (conftest)
+    assert type(table_batched.sparse_arch.embedding_bag_collection).__module__.startswith("torchrec.quant")
+    assert torch.equal(scores(table_batched.eval(), artifact.model), scores(modules, artifact.model))
 
 
 def test_random_quantized_tables_are_seeded_bounded_and_never_fp32(small_config: DLRMConfig) -> None:
@@ -197,10 +208,11 @@ def _write_config(directory: Path, config: DLRMConfig) -> Path:
 
 
 def test_quantized_archives_serve_like_in_process(tmp_path: Path, small_config: DLRMConfig) -> None:
-    """int8 (zipped), int4 and int8 tables + int8 MLPs (unzipped) through one real TorchServe."""
+    """int8 (zipped), fp32 table-batched, int4 and int8 tables + int8 MLPs (unzipped) through one real TorchServe."""
     store = tmp_path / "store"
     builds = {
         "int8": ["--quantize", "int8"],
+        "fp32": ["--quantize", "fp32", "--archive-format", "no-archive"],
         "int4": ["--quantize", "int4", "--archive-format", "no-archive"],
         "int8mlp": ["--quantize", "int8", "--quantize-mlp", "int8", "--archive-format", "no-archive"],
     }
@@ -208,7 +220,8 @@ def test_quantized_archives_serve_like_in_process(tmp_path: Path, small_config: 
         result = build_archive(store / f"{name}.mar", "--seed", "5", *flags)
         assert result.returncode == 0, result.stderr
     rows = list(request_rows(*random_inputs(small_config, 16, np.random.default_rng(1), num_indices_per_lookup=3)))
-    with TorchServeProcess(store, "int8=int8.mar int4=int4 int8mlp=int8mlp", tmp_path / "torchserve") as server:
+    models = "int8=int8.mar fp32=fp32 int4=int4 int8mlp=int8mlp"
+    with TorchServeProcess(store, models, tmp_path / "torchserve") as server:
         for name in builds:
             server.wait_ready(name)
         for name in builds:
@@ -225,7 +238,7 @@ def test_quantized_archives_serve_like_in_process(tmp_path: Path, small_config: 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "int4"])
 def test_quantized_tables_on_gpu_match_cpu(name: str, small_config: DLRMConfig, tmp_path: Path) -> None:
     spec = SPECS[name]
     artifact = ModelArtifact(small_config, Provenance(trained=False, seed=2), quantization=spec)

@@ -58,9 +58,9 @@ def logits(predictor: DLRMPredictor, *bodies: Any) -> list[Any]:
     return answers
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8", "mixed", "int8+mlp"])
+@pytest.fixture(scope="module", params=["none", "fp32", "int8", "mixed", "int8+mlp"])
 def predictor(request: pytest.FixtureRequest, artifact_dir) -> DLRMPredictor:
-    if request.param == "fp32":
+    if request.param == "none":
         return DLRMPredictor.from_artifact(artifact_dir, torch.device("cpu"), max_rows=64)
     spec: QuantizationSpec = QUANTIZATION_SPECS[request.param]
     artifact = ModelArtifact(CONFIG, Provenance(trained=False, seed=5), quantization=spec)
@@ -434,9 +434,9 @@ def test_served_reference_format_ranking_sample_and_an_error(server: TorchServeP
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("tables", ["fp32", "int8"])
+@pytest.mark.parametrize("tables", ["none", "fp32", "int8"])
 def test_rankings_on_gpu_score_as_expanded_rows_on_cpu(tables: str, artifact_dir, tmp_path) -> None:
-    if tables == "fp32":
+    if tables == "none":
         directory = artifact_dir
     else:
         spec = QUANTIZATION_SPECS[tables]
