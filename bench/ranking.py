@@ -16,16 +16,17 @@ requests"):
   compact: only the features the context has no ids for).
 
 The run builds an archive (``--preset``, default ``small``, the model ``make serve``
-serves; ``--quantize`` as build_mar.py's), measures one 500-candidate query of each format in-process (one thread,
-alternately) and then serves the archive with the shipped settings, driven by an
-asyncio/aiohttp Poisson client: first the closed-loop capacity, then a short search
-over rates: fractions of it, then up by 1.25x while the p99 stays within the bound (at most
-four steps; the results say when the search ended still within it, the best rate then a lower
-bound), then two geometric bisections between the highest rate within the bound and the next
-one tried. Latency counts from each query's scheduled arrival time, so a client that falls behind
-shows as latency, not as a lower rate. The closed loop also measures the CPU each part takes per
-query: TorchServe's frontend, its workers, this client. Results go to
-``bench/results/<time>-ranking-<mode>/`` (JSON, Markdown, plot).
+serves; ``--quantize`` as build_mar.py's), measures one 500-candidate query of each
+format in-process (one thread, alternately) and then serves the archive with the shipped
+settings, driven by an asyncio/aiohttp Poisson client: first the closed-loop capacity,
+then a short search over rates: fractions of it, then up by 1.25x while the p99 stays
+within the bound (at most four steps; the results say when the search ended still within
+it, the best rate then a lower bound), then two geometric bisections between the highest
+rate within the bound and the next one tried. Latency counts from each query's scheduled
+arrival time, so a client that falls behind shows as latency, not as a lower rate. The
+closed loop also measures the CPU each part takes per query: TorchServe's frontend, its
+workers, this client. Results go to ``bench/results/<time>-ranking-<mode>/`` (JSON,
+Markdown, plot).
 
     python -m bench.ranking                 # full: 15 s per rate (about 10 minutes)
     python -m bench.ranking --mode quick    # 4 s per rate, fewer rates

@@ -100,8 +100,6 @@ _TORCH_DTYPES = {
     TableDtype.INT8: torch.qint8,
     TableDtype.INT4: torch.quint4x2,
 }
-# The values of a float row as FBGEMM stores it (no scale and bias).
-_FLOAT_ROWS = {SparseType.FP32: torch.float32, SparseType.FP16: torch.float16}
 # FBGEMM keeps an fp16 scale and bias in front of every int8/int4 row.
 SCALE_BIAS_BYTES = 4
 # Row alignment of the tables in memory: 4 bytes on CPU (int8 dim 64: 68 instead of
@@ -620,8 +618,8 @@ def fill_random(collection: QuantEmbeddingBagCollection, seed: int) -> None:
         ):
             bound = (1.0 / rows) ** 0.5
             for start, end in row_blocks(rows, data.shape[1]):
-                if scale is None:  # a float row is the values
-                    dtype = _FLOAT_ROWS[sparse_type]
+                if scale is None:  # a float row (fp32, fp16) is the values
+                    dtype = sparse_type.as_dtype()
                     values = torch.empty((end - start, data.shape[1] // dtype.itemsize), dtype=dtype)
                     data[start:end].view(dtype).copy_(values.uniform_(-bound, bound, generator=generator))
                     continue
