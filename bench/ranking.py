@@ -10,6 +10,8 @@ requests"):
 - ``expanded``: ``{"instances": [...]}``, every candidate a full raw Criteo row;
 - ``ranking``: ``{"context": {...}, "instances": [...]}``, the user's 13 first sparse
   features once as context, each candidate with the other 26 features;
+- ``columns_expanded``, ``columns_ranking``: the same as columns (``{"inputs": {feature:
+  [values]}}``, beside the context);
 - ``oip_expanded``, ``oip_ranking``: the same rows as Open Inference Protocol binary
   tensors (the model inputs the server's preprocessing makes of them), expanded, or
   with the context as ``context_sparse_lengths``/``context_sparse_ids`` (the candidates' lengths
@@ -70,7 +72,13 @@ CANDIDATES = (100, 700)
 CONTEXT_FEATURES = 13  # of the 26 sparse features: the user's
 CLIENTS_PER_WORKER = 4  # closed-loop clients: enough in flight for TorchServe to batch
 RATE_STEP, STEPS_UP = 1.25, 4  # above the fractions of capacity, while the p99 bound holds
-FORMATS = ("expanded", "ranking", "oip_expanded", "oip_ranking")
+# Each format's expanded and ranking forms of the same query.
+PAIRS = {
+    "json": ("expanded", "ranking"),
+    "columns": ("columns_expanded", "columns_ranking"),
+    "oip": ("oip_expanded", "oip_ranking"),
+}
+FORMATS = tuple(name for pair in PAIRS.values() for name in pair)
 JSON_HEADERS = {"Content-Type": "application/json"}
 # MLPerf Inference v5.0, DLRM-v2 server scenario, Intel's result on one Xeon 6980P socket (128 cores).
 MLPERF_ANCHOR: dict[str, Any] = {
@@ -133,7 +141,8 @@ def make_query(config: DLRMConfig, decoder: RequestDecoder, candidates: int, rng
     user, *rows = [request_row(line, config) for line in format_tsv(sample).splitlines()]
     context = {name: user[name] for name in config.sparse_feature_names[:CONTEXT_FEATURES]}
     own = [{name: value for name, value in row.items() if name not in context} for row in rows]
-    expanded_body = orjson.dumps({"instances": [row | context for row in own]})
+    expanded_rows = [row | context for row in own]
+    expanded_body = orjson.dumps({"instances": expanded_rows})
     ranking_body = orjson.dumps({"context": context, "instances": own})
     expanded, ranking = decoder.decode(expanded_body).rows, decoder.decode(ranking_body)
     assert ranking.context is not None
@@ -153,10 +162,21 @@ def make_query(config: DLRMConfig, decoder: RequestDecoder, candidates: int, rng
         {
             "expanded": Message("/predictions/dlrm", expanded_body, JSON_HEADERS),
             "ranking": Message("/predictions/dlrm", ranking_body, JSON_HEADERS),
+            "columns_expanded": Message(
+                "/predictions/dlrm", orjson.dumps({"inputs": columns(expanded_rows)}), JSON_HEADERS
+            ),
+            "columns_ranking": Message(
+                "/predictions/dlrm", orjson.dumps({"context": context, "inputs": columns(own)}), JSON_HEADERS
+            ),
             "oip_expanded": Message("/v2/models/dlrm/infer", *oip_expanded),
             "oip_ranking": Message("/v2/models/dlrm/infer", *oip_ranking),
         },
     )
+
+
+def columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows (all with the same keys) as columns: each key with the rows' values, in order."""
+    return {key: [row[key] for row in rows] for key in rows[0]}
 
 
 def make_queries(config: DLRMConfig, decoder: RequestDecoder, count: int, seed: int) -> list[Query]:
@@ -182,11 +202,12 @@ def inprocess(predictor: DLRMPredictor, query: Query, repeats: int) -> dict[str,
         "candidates": query.candidates,
         "ms": {name: round(value * 1e3, 2) for name, value in medians.items()},
         "candidates_per_s": {name: round(query.candidates / value) for name, value in medians.items()},
-        "speedup": round(medians["expanded"] / medians["ranking"], 3),
-        "oip_speedup": round(medians["oip_expanded"] / medians["oip_ranking"], 3),
         "bytes": {name: len(query.messages[name].body) for name in FORMATS},
-        "bytes_ratio": round(len(query.messages["ranking"].body) / len(query.messages["expanded"].body), 3),
-        "oip_bytes_ratio": round(len(query.messages["oip_ranking"].body) / len(query.messages["oip_expanded"].body), 3),
+        "speedup": {pair: round(medians[expanded] / medians[ranked], 3) for pair, (expanded, ranked) in PAIRS.items()},
+        "bytes_ratio": {
+            pair: round(len(query.messages[ranked].body) / len(query.messages[expanded].body), 3)
+            for pair, (expanded, ranked) in PAIRS.items()
+        },
     }
 
 
@@ -318,10 +339,15 @@ def markdown(document: dict[str, Any]) -> str:
         f"{document['started']}",
         "",
         f"In-process, one thread, one query of {inproc['candidates']} candidates ({CONTEXT_FEATURES} sparse features "
-        f"as context): JSON expanded {inproc['ms']['expanded']} ms, ranking {inproc['ms']['ranking']} ms "
-        f"(**{inproc['speedup']}x** the candidates/s, request bytes **{inproc['bytes_ratio']}**); OIP binary "
-        f"expanded {inproc['ms']['oip_expanded']} ms, ranking {inproc['ms']['oip_ranking']} ms "
-        f"(**{inproc['oip_speedup']}x**, bytes **{inproc['oip_bytes_ratio']}**).",
+        "as context), ranking against the same rows expanded, in each format:",
+        "",
+        "| format | expanded ms | ranking ms | ranking candidates/s ÷ expanded | ranking bytes ÷ expanded |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {pair} | {inproc['ms'][expanded]} | {inproc['ms'][ranked]} | **{inproc['speedup'][pair]}** "
+            f"| **{inproc['bytes_ratio'][pair]}** |"
+            for pair, (expanded, ranked) in PAIRS.items()
+        ),
         "",
         f"Served (shipped settings, {cores} cores shared with the client), queries of {CANDIDATES[0]}-{CANDIDATES[1]}"
         f" candidates, Poisson arrivals; the best rate with p99 <= {P99_BOUND_MS:.0f} ms and no error:",

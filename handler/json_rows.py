@@ -34,8 +34,17 @@ Request bodies (JSON):
   the other ``m`` features (or all 26, 0 for the context's); ``float_features`` in the
   context or in every candidate.
 
+- columnar, TF Serving's ``inputs`` form of ``instances``: ``{"inputs": {field: [its value
+  in row 0, row 1, ...]}}``, every field of the row format an array of one value per row
+  (all of the same length), optionally beside a ranking ``context``. It saves repeating
+  every key in every row. Raw Criteo columns take a fast path straight to arrays;
+  anything else (the reference format's fields, or a problem to name) is decoded as the
+  rows it transposes to, so each rule and error is the row format's (row ``i`` is
+  position ``i`` of the columns).
+
 Responses: ``{"score": p, "logit": z}`` for one row, ``{"predictions": [...]}``
-in request order for ``instances``. Invalid input raises
+in request order for ``instances``, ``{"outputs": {"score": [...], "logit": [...]}}``
+for ``inputs`` (columnar in, columnar out, as TF Serving answers). Invalid input raises
 :class:`~handler.errors.InvalidRequest`, which carries the HTTP status and a JSON
 body naming the field, the row, what was expected and what was received.
 Nothing is coerced: ids must be JSON integers (never floats or strings), dense
@@ -45,7 +54,7 @@ values finite numbers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from operator import itemgetter
 from typing import Any
@@ -63,6 +72,7 @@ DENSE_FIELD = "float_features"
 LENGTHS_FIELD = "id_list_features.lengths"
 VALUES_FIELD = "id_list_features.values"
 INSTANCES_FIELD = "instances"
+COLUMNS_FIELD = "inputs"
 CONTEXT_FIELD = "context"
 ROW_FIELDS = (DENSE_FIELD, LENGTHS_FIELD, VALUES_FIELD)
 _ROW_FIELD_SET = frozenset(ROW_FIELDS)
@@ -77,7 +87,8 @@ _RAW_CATEGORY_TYPES: frozenset[type] = frozenset({str, type(None)})
 
 @dataclass(frozen=True)
 class RowsRequest:
-    """The rows of one JSON request, and whether it was one row rather than ``instances``.
+    """The rows of one JSON request, whether it was one row rather than ``instances``, and whether
+    it came (and is answered) columnar.
 
     ``context``, for a ranking request: one row with only the context's sparse ids, whose
     pooled embeddings the forward adds to every row's (``rows`` then hold the candidates,
@@ -87,12 +98,15 @@ class RowsRequest:
     rows: FeatureRows
     single_row: bool
     context: FeatureRows | None = None
+    columnar: bool = False
 
     @property
     def num_rows(self) -> int:
         return self.rows.num_rows
 
     def response(self, logits: np.ndarray, scores: np.ndarray) -> bytes:
+        if self.columnar:
+            return orjson.dumps({"outputs": {"score": scores.tolist(), "logit": logits.tolist()}})
         return encode_scores(logits, scores, self.single_row)
 
 
@@ -145,9 +159,10 @@ class RequestDecoder:
         results: dict[int, RowsRequest | InvalidRequest] = {}
         model_inputs: list[tuple[int, list, bool]] = []  # (payload index, rows, single row)
         for index, payload in enumerate(payloads):
-            if isinstance(payload, dict) and CONTEXT_FIELD in payload:
+            if isinstance(payload, dict) and payload.keys() & {COLUMNS_FIELD, CONTEXT_FIELD}:
+                decode = self._decode_columns if COLUMNS_FIELD in payload else self._decode_ranking
                 try:
-                    results[index] = self._decode_ranking(payload)
+                    results[index] = decode(payload)
                 except InvalidRequest as error:
                     results[index] = error
                 continue
@@ -255,24 +270,40 @@ class RequestDecoder:
                 field=unknown[0],
             )
         candidates = self._instance_list(candidates)
-        dense_names, sparse_names = self.config.dense_feature_names, self.config.sparse_feature_names
-        shared_dense = np.array([name in context for name in dense_names])
-        shared_sparse = np.array([name in context for name in sparse_names])
-        own_dense = [name for name in dense_names if name not in context]
-        own_sparse = [name for name in sparse_names if name not in context]
-        context_dense = [name for name in dense_names if name in context]
-        context_sparse = [name for name in sparse_names if name in context]
+        own_dense, own_sparse = self._own_features(context)
         # Well-formed candidates have exactly the features the context lacks; else the first problem is named.
         columns = self._well_formed_raw_columns(candidates, own_dense, own_sparse)
         if columns is None:
             self._check_each_feature_once(context, candidates)
-        # Each side decodes and preprocesses only its own features: the context's once.
+        context_values = self._raw_context_values(context)
+        ints, categories = columns or self._checked_raw_columns(candidates, own_dense, own_sparse)
+        return self._raw_ranking(context, context_values, ints, categories)
+
+    def _own_features(self, context: dict) -> tuple[list[str], list[str]]:
+        """The dense and sparse features a raw ranking's candidates give: those the context does not."""
+        return (
+            [name for name in self.config.dense_feature_names if name not in context],
+            [name for name in self.config.sparse_feature_names if name not in context],
+        )
+
+    def _raw_context_values(self, context: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The raw context's checked values (as :meth:`_raw_columns`, one row), its errors named as the context's."""
+        dense_names = [name for name in self.config.dense_feature_names if name in context]
+        sparse_names = [name for name in self.config.sparse_feature_names if name in context]
         try:
-            context_ints, context_categories = self._raw_columns([context], context_dense, context_sparse)
+            return self._raw_columns([context], dense_names, sparse_names)
         except InvalidRequest as error:
             raise _context_error(error) from None
-        ints, categories = columns or self._checked_raw_columns(candidates, own_dense, own_sparse)
-        num_rows, tables = len(candidates), self.validator.table_sizes
+
+    def _raw_ranking(
+        self, context: dict, context_values: tuple[np.ndarray, np.ndarray], ints: np.ndarray, categories: np.ndarray
+    ) -> RowsRequest:
+        """A raw ranking's rows from checked values: the candidates' (``ints`` ``[N, own dense]``,
+        ``categories`` ``[N, own sparse]``) and the context's. Each side is preprocessed alone: the context once."""
+        context_ints, context_categories = context_values
+        shared_dense = np.array([name in context for name in self.config.dense_feature_names])
+        shared_sparse = np.array([name in context for name in self.config.sparse_feature_names])
+        num_rows, tables = len(ints), self.validator.table_sizes
         dense = np.empty((num_rows, self.num_dense), dtype=np.float32)
         dense[:, ~shared_dense] = self.preprocessing.dense(ints)
         dense[:, shared_dense] = self.preprocessing.dense(context_ints)
@@ -408,16 +439,96 @@ class RequestDecoder:
             ints, categories = _values(rows, dense_names), _values(rows, sparse_names)
         except KeyError:
             return None
-        if not (set(map(type, ints)) <= _RAW_INT_TYPES and set(map(type, categories)) <= _RAW_CATEGORY_TYPES):
+        parsed = _well_formed_raw_values(ints, categories)
+        if parsed is None:
             return None
-        try:
-            dense = np.array(ints, dtype=np.float64)  # None is NaN
-            parsed = parse_categories([value or "" for value in categories])
-        except (OverflowError, CategoryFormatError):
+        return parsed[0].reshape(len(rows), len(dense_names)), parsed[1].reshape(len(rows), len(sparse_names))
+
+    def _decode_columns(self, payload: dict) -> RowsRequest:
+        """The columnar form (``inputs``) of ``instances`` or of a ranking's candidates, answered columnar.
+
+        Raw Criteo columns with nothing wrong go straight to arrays, a column at a
+        time; anything else is decoded as the rows the columns transpose to (row
+        ``i``: every column's value ``i``), by the row format's rules and errors.
+        """
+        extra = sorted(payload.keys() - {COLUMNS_FIELD, CONTEXT_FIELD})
+        if extra:
+            raise InvalidRequest(
+                ErrorKind.UNKNOWN_FIELD,
+                f"a body with {COLUMNS_FIELD!r} has only that and {CONTEXT_FIELD!r}, got {extra[0]!r}",
+                field=extra[0],
+            )
+        columns = self._columns(payload[COLUMNS_FIELD])
+        context = payload.get(CONTEXT_FIELD)
+        request = self._well_formed_raw_columns_request(columns, context) or self._decode_as_rows(columns, context)
+        return replace(request, single_row=False, columnar=True)
+
+    def _decode_as_rows(self, columns: dict[str, list], context: Any) -> RowsRequest:
+        """The columns decoded as the ``instances`` they transpose to (with the context, if any)."""
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        payload = {INSTANCES_FIELD: rows} if context is None else {CONTEXT_FIELD: context, INSTANCES_FIELD: rows}
+        (request,) = self.decode_payloads([payload])
+        if isinstance(request, InvalidRequest):
+            raise request
+        return request
+
+    def _columns(self, columns: Any) -> dict[str, list]:
+        """The value of ``inputs``: an object of arrays of one value per row, as many rows in each."""
+        if not isinstance(columns, dict):
+            raise InvalidRequest(
+                ErrorKind.WRONG_TYPE,
+                f"{COLUMNS_FIELD!r} must be an object of columns (a field's values, one per row), "
+                f"got {json_type(columns)}",
+                field=COLUMNS_FIELD,
+                expected="object",
+                got=json_type(columns),
+            )
+        for name, column in columns.items():
+            if not isinstance(column, list):
+                raise InvalidRequest(
+                    ErrorKind.WRONG_TYPE,
+                    f"{COLUMNS_FIELD}: {name!r} must be an array of one value per row, got {json_type(column)}",
+                    field=name,
+                    expected="array",
+                    got=json_type(column),
+                )
+        counts = [len(column) for column in columns.values()]
+        if len(set(counts)) > 1:
+            first = next(iter(columns))
+            name, count = next((name, count) for name, count in zip(columns, counts, strict=True) if count != counts[0])
+            raise InvalidRequest(
+                ErrorKind.WRONG_COUNT,
+                f"{COLUMNS_FIELD}: {name!r} has {count} values but {first!r} has {counts[0]}: every column has "
+                "one value per row",
+                field=name,
+                expected=counts[0],
+                got=count,
+            )
+        self.validator.check_row_count(counts[0] if counts else 0, COLUMNS_FIELD)
+        return columns
+
+    def _well_formed_raw_columns_request(self, columns: dict[str, list], context: Any) -> RowsRequest | None:
+        """The request of raw Criteo columns with nothing wrong (and a raw context, if any); else None."""
+        if context is None:
+            own_dense, own_sparse = list(self.config.dense_feature_names), list(self.config.sparse_feature_names)
+        elif isinstance(context, dict) and context.keys() <= self.raw_fields:
+            own_dense, own_sparse = self._own_features(context)
+        else:
             return None
-        if (np.abs(dense) >= 2.0**63).any():
+        if columns.keys() != {*own_dense, *own_sparse}:
             return None
-        return dense.reshape(len(rows), len(dense_names)), parsed.reshape(len(rows), len(sparse_names))
+        parsed = _well_formed_raw_values(
+            list(chain.from_iterable(columns[name] for name in own_dense)),
+            list(chain.from_iterable(columns[name] for name in own_sparse)),
+        )
+        if parsed is None:
+            return None
+        num_rows = len(next(iter(columns.values())))
+        ints = parsed[0].reshape(len(own_dense), num_rows).T  # the columns, one after the other
+        categories = parsed[1].reshape(len(own_sparse), num_rows).T
+        if context is None:
+            return RowsRequest(preprocessed(self.preprocessing, self.validator.table_sizes, ints, categories), False)
+        return self._raw_ranking(context, self._raw_context_values(context), ints, categories)
 
     def _checked_raw_columns(
         self, rows: list, dense_names: Sequence[str], sparse_names: Sequence[str]
@@ -706,6 +817,24 @@ def _decoded_or_error(
         return decode(rows, single_row)
     except InvalidRequest as error:
         return error
+
+
+def _well_formed_raw_values(ints: list, categories: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """Raw integers (float64, NaN for null) and parsed categories, flat, if all are well formed; else None.
+
+    C-speed passes over all values; an integer at or beyond ±2^63, a wrong type or a
+    bad category gives None, for the row-by-row check to name.
+    """
+    if not (set(map(type, ints)) <= _RAW_INT_TYPES and set(map(type, categories)) <= _RAW_CATEGORY_TYPES):
+        return None
+    try:
+        dense = np.array(ints, dtype=np.float64)  # None is NaN
+        parsed = parse_categories([value or "" for value in categories])
+    except (OverflowError, CategoryFormatError):
+        return None
+    if (np.abs(dense) >= 2.0**63).any():
+        return None
+    return dense, parsed
 
 
 def _values(rows: list[dict], names: Sequence[str]) -> list:

@@ -134,7 +134,8 @@ class DLRMPredictor:
                     decoded[index] = self.oip.decode(request.body, header_length, grpc=request.grpc)
                     continue
                 payload = parse_json(request.body)
-                as_oip = isinstance(payload, dict) and "inputs" in payload
+                # OIP's "inputs" is a list of tensors; the columnar rows' is an object of columns.
+                as_oip = isinstance(payload, dict) and isinstance(payload.get("inputs"), list)
                 if as_oip:
                     decoded[index] = self.oip.decode(payload)
                 else:

@@ -139,3 +139,41 @@ def bad_raw_requests() -> list[BadRequest]:
             400, "unknown_field", "float_features", 1,
         ),
     ]  # fmt: skip
+
+
+def bad_columnar_requests(max_rows: int) -> list[BadRequest]:
+    """The columnar form (``inputs``): its own shape errors, and the row format's, naming the row."""
+    columns = lambda **changes: {"inputs": {name: [value] for name, value in raw_row(**changes).items()}}  # noqa: E731
+    reference = {key: [value] for key, value in row(**{"id_list_features.values": [0] * 25 + [35]}).items()}
+    return [
+        BadRequest("columns not an object", _json({"inputs": "x"}), 400, "wrong_type", "inputs"),
+        BadRequest("column not an array", _json({"inputs": {"int_0": 3}}), 400, "wrong_type", "int_0"),
+        BadRequest(
+            "columns of different lengths", _json({"inputs": {"int_0": [1, 2], "cat_0": ["05db9164"]}}), 400,
+            "wrong_count", "cat_0",
+        ),
+        BadRequest("no columns", _json({"inputs": {}}), 400, "empty_instances", "inputs"),
+        BadRequest("empty columns", _json({"inputs": {"int_0": []}}), 400, "empty_instances", "inputs"),
+        BadRequest(
+            "too many rows in columns", _json({"inputs": {"int_0": [1] * (max_rows + 1)}}), 413, "too_many_rows",
+            "inputs",
+        ),
+        BadRequest(
+            "columns with instances", _json({"inputs": {"int_0": [1]}, "instances": []}), 400, "unknown_field",
+            "instances",
+        ),
+        BadRequest("columnar unknown feature", _json(columns(int_13=1)), 400, "unknown_field", "int_13", 0),
+        BadRequest(
+            "columnar bad value names its row", _json({"inputs": {"int_0": [1, 1.5]}}), 400, "non_integer", "int_0", 1
+        ),
+        BadRequest("columnar bad category", _json(columns(cat_7="05db916g")), 400, "invalid_category", "cat_7", 0),
+        BadRequest(
+            "columnar reference id out of range", _json({"inputs": reference}), 400, "id_out_of_range",
+            "id_list_features.values", 0,
+        ),
+        BadRequest(
+            "columnar candidate repeats the context",
+            _json({"context": {"cat_0": "05db9164"}, "inputs": columns()["inputs"]}),
+            400, "duplicate_field", "cat_0", 0,
+        ),
+    ]  # fmt: skip

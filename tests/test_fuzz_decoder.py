@@ -2,7 +2,7 @@
 
 12,000 generated bodies per run (the ``max_examples`` below), the same ones on
 every run (derandomized, no example database): valid bodies in both row formats and
-ranking bodies in both (a context and candidates),
+ranking bodies in both (a context and candidates), each also in the columnar form (``inputs``),
 near-valid ones (a valid body with one to three structural mutations: keys
 dropped or added, counts changed, ids replaced by floats, strings, negative or
 huge numbers, NaN-like tokens), byte-level corruptions of valid bodies,
@@ -69,6 +69,8 @@ def expected_status(body: bytes) -> int | None:
         return 400
     if not isinstance(payload, dict):
         return 400
+    if "inputs" in payload:
+        return expected_columnar_status(payload)
     if "context" in payload:
         return expected_ranking_status(payload)
     if "instances" not in payload:
@@ -81,6 +83,29 @@ def expected_status(body: bytes) -> int | None:
             return 413
     valid_row = valid_raw_row if is_raw_row(rows[0]) else valid_reference_row
     return None if all(valid_row(row) for row in rows) else 400
+
+
+def expected_columnar_status(payload: dict) -> int | None:
+    """``inputs``: an object of arrays, all of the same length (1..MAX_ROWS), beside an optional context;
+    then the status of the rows they transpose to."""
+    columns = payload["inputs"]
+    if not set(payload) <= {"inputs", "context"} or not isinstance(columns, dict):
+        return 400
+    if not all(isinstance(column, list) for column in columns.values()):
+        return 400
+    counts = {len(column) for column in columns.values()}
+    if len(counts) != 1 or counts == {0}:
+        return 400
+    if counts.pop() > MAX_ROWS:
+        return 413
+    return expected_status(json.dumps(as_rows(payload)).encode())
+
+
+def as_rows(payload: dict) -> dict[str, Any]:
+    """A columnar payload's ``instances`` form: row ``i`` holds every column's value ``i``."""
+    columns = payload["inputs"]
+    rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    return {key: value for key, value in payload.items() if key != "inputs"} | {"instances": rows}
 
 
 def expected_ranking_status(payload: dict) -> int | None:
@@ -218,7 +243,9 @@ def check(body: bytes) -> None:
         assert sent["code"] == status and sent["type"] == error.kind and sent["message"]
         return
     assert status is None, f"an invalid body was accepted (expected {status}):\n{body[:500]!r}"
-    check_invariants(request, orjson.loads(body))
+    payload = orjson.loads(body)
+    assert request.columnar == ("inputs" in payload)
+    check_invariants(request, as_rows(payload) if request.columnar else payload)
 
 
 def check_invariants(decoded: RowsRequest, payload: dict) -> None:
@@ -360,14 +387,25 @@ def ids_of(row: dict[str, Any], features: np.ndarray) -> list[int]:
 
 def valid_payload(rng: np.random.Generator) -> dict[str, Any]:
     """One row or 1..MAX_ROWS ``instances``, all in the reference format or all raw, or a ranking body in
-    either format."""
+    either format; a third of the multi-row bodies columnar."""
     choice = rng.integers(8)
     if choice < 2:
-        return ranking_payload(rng) if choice else reference_ranking_payload(rng)
-    make_row = (lambda: random_row(CONFIG, rng)) if rng.integers(2) else (lambda: raw_row(rng))
-    if rng.integers(2):
-        return make_row()
-    return {"instances": [make_row() for _ in range(rng.integers(1, MAX_ROWS + 1))]}
+        payload = ranking_payload(rng) if choice else reference_ranking_payload(rng)
+    else:
+        make_row = (lambda: random_row(CONFIG, rng)) if rng.integers(2) else (lambda: raw_row(rng))
+        if rng.integers(2):
+            return make_row()
+        payload = {"instances": [make_row() for _ in range(rng.integers(1, MAX_ROWS + 1))]}
+    return columnar(payload) if rng.integers(3) == 0 and any(payload["instances"]) else payload
+
+
+def columnar(payload: dict[str, Any]) -> dict[str, Any]:
+    """A body's ``inputs`` form: every key of its rows, with the rows' values in order (a raw row's absent
+    feature as null, which means the same)."""
+    rows = payload["instances"]
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    columns = {key: [row.get(key) for row in rows] for key in keys}
+    return {key: value for key, value in payload.items() if key != "instances"} | {"inputs": columns}
 
 
 # Edge numbers: around 0 and the small tables' sizes, int64/uint64 limits, float32/float64 limits.
@@ -388,7 +426,7 @@ EDGE_NUMBERS: list[int | float] = [
 ]
 EDGE_NUMBERS += [3.0, -0.0, 0.5, 3.4028234e38, 3.4028236e38, 1e39, 1e300, -1e300, 5e-324]
 NAN_LIKE = ["NaN", "Infinity", "-Infinity", "1", "", "05db9164", "05DB9164", "0x05db91", "05db916g"]
-EXTRA_KEYS = ["instances", "context", "extra", *REFERENCE_KEYS, DENSE_NAMES[3], SPARSE_NAMES[25]]
+EXTRA_KEYS = ["instances", "inputs", "context", "extra", *REFERENCE_KEYS, DENSE_NAMES[3], SPARSE_NAMES[25]]
 
 
 def nasty_value(rng: np.random.Generator) -> Any:
@@ -442,8 +480,8 @@ def corrupted_body(seed: int) -> bytes:
 
 def random_json(rng: np.random.Generator) -> Any:
     """Any JSON value, with the row formats' keys among its strings."""
-    texts = ["", "instances", "float_features", "int_0", "cat_0", "05db9164", "NaN", "é"]
-    return fuzzing.random_json(rng, texts, ["instances", "extra", "int_1", "cat_2", *REFERENCE_KEYS])
+    texts = ["", "instances", "inputs", "float_features", "int_0", "cat_0", "05db9164", "NaN", "é"]
+    return fuzzing.random_json(rng, texts, ["instances", "inputs", "extra", "int_1", "cat_2", *REFERENCE_KEYS])
 
 
 def random_json_body(seed: int) -> bytes:

@@ -9,7 +9,7 @@ from handler.json_rows import RequestDecoder, RowsRequest, encode_error, encode_
 from model_factory.config import DEFAULT_PRESET, DLRMConfig, preset
 from model_factory.features import Preprocessing
 from servers.torchserve import REPO_ROOT
-from tests.bad_requests import bad_raw_requests, bad_requests, raw_row, row
+from tests.bad_requests import bad_columnar_requests, bad_raw_requests, bad_requests, raw_row, row
 from tests.rows import random_row
 
 MAX_ROWS = 8
@@ -20,7 +20,9 @@ def decoder(small_config: DLRMConfig) -> RequestDecoder:
     return RequestDecoder(small_config, Preprocessing(), max_rows=MAX_ROWS)
 
 
-@pytest.mark.parametrize("case", bad_requests(MAX_ROWS) + bad_raw_requests(), ids=lambda case: case.name)
+@pytest.mark.parametrize(
+    "case", bad_requests(MAX_ROWS) + bad_raw_requests() + bad_columnar_requests(MAX_ROWS), ids=lambda case: case.name
+)
 def test_bad_requests_raise_the_documented_error(decoder: RequestDecoder, case) -> None:
     with pytest.raises(InvalidRequest) as raised:
         decoder.decode(case.body)

@@ -14,7 +14,7 @@ import requests
 from handler.json_rows import RequestDecoder
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from tests.archives import TEST_MAX_ROWS
-from tests.bad_requests import bad_raw_requests, bad_requests, raw_row, row
+from tests.bad_requests import bad_columnar_requests, bad_raw_requests, bad_requests, raw_row, row
 from tests.rows import offline_logits, random_row
 
 SAMPLE = REPO_ROOT / "sample_data" / "sample_data.json"
@@ -103,7 +103,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_score(server, ser
     assert batches < handled / 2, f"expected dynamic batching, got {batches} batches for {handled} requests"
 
 
-CASES = bad_requests(TEST_MAX_ROWS) + bad_raw_requests()
+CASES = bad_requests(TEST_MAX_ROWS) + bad_raw_requests() + bad_columnar_requests(TEST_MAX_ROWS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
