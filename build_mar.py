@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from handler.settings import ServingSettings, SettingsError
-from model_archive.build import ArchiveFormat, BuildOptions, build_archive, describe
+from model_archive.build import DEFAULT_TABLES, ArchiveFormat, BuildOptions, build_archive, describe
 from model_factory.config import DEFAULT_PRESET, PRESETS, ConfigError
 from model_factory.quantization import MlpDtype, QuantizationSpec, TableDtype
 
@@ -74,9 +74,9 @@ def parser() -> argparse.ArgumentParser:
         "--quantize",
         type=TableDtype,
         choices=list(TableDtype),
-        default=TableDtype.NONE,
-        help="embedding tables in FBGEMM's table-batched collection (one lookup for all tables): fp32, or "
-        "quantized row-wise to fp16, int8 or int4 (default: none = TorchRec's fp32 modules, one per table)",
+        default=DEFAULT_TABLES,
+        help="embedding tables in FBGEMM's table-batched collection (one lookup for all tables): fp32 (the "
+        "default), or quantized row-wise to fp16, int8 or int4; none: TorchRec's fp32 modules, one per table",
     )
     quantize.add_argument(
         "--quantize-table",
@@ -156,8 +156,8 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
     unquantized = args.quantize == TableDtype.NONE and not args.quantize_table
     if args.shard_tables_gpus > 1 and (unquantized or args.quantize_mlp == MlpDtype.INT8):
         arguments.error(
-            "--shard-tables-gpus shards quantized tables over GPUs: it needs --quantize, and MLPs that "
-            "run on a GPU (not --quantize-mlp int8)"
+            "--shard-tables-gpus shards table-batched tables over GPUs: it needs --quantize other than none, "
+            "and MLPs that run on a GPU (not --quantize-mlp int8)"
         )
     try:
         return BuildOptions(

@@ -32,7 +32,7 @@ Markdown, plot).
 
     python -m bench.ranking                 # full: 15 s per rate (about 10 minutes)
     python -m bench.ranking --mode quick    # 4 s per rate, fewer rates
-    python -m bench.ranking --quantize fp32 # FBGEMM's table-batched fp32 tables
+    python -m bench.ranking --quantize none # TorchRec's per-table modules
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from bench.load import CpuMeter
 from dlrm_client.client import encode_request, model_input_tensors, ranking_tensors
 from handler.json_rows import RequestDecoder
 from handler.predictor import DLRMPredictor, Request
-from model_archive.build import ArchiveFormat, BuildOptions, build_archive
+from model_archive.build import DEFAULT_TABLES, ArchiveFormat, BuildOptions, build_archive
 from model_archive.contents import serving_settings
 from model_factory.config import DLRMConfig
 from model_factory.quantization import QuantizationSpec, TableDtype
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         "--quantize",
         type=TableDtype,
         choices=list(TableDtype),
-        default=TableDtype.NONE,
+        default=DEFAULT_TABLES,
         help="the archive's tables, as build_mar.py's --quantize (default: %(default)s)",
     )
     parser.add_argument("--output-dir", type=Path)

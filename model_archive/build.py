@@ -49,7 +49,7 @@ from model_factory.artifact import (
 )
 from model_factory.config import DEFAULT_PRESET, ConfigError, DLRMConfig, preset
 from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
-from model_factory.quantization import QuantizationSpec, quantize_model_tables, random_quantized_model
+from model_factory.quantization import QuantizationSpec, TableDtype, quantize_model_tables, random_quantized_model
 from servers.torchserve import executable
 from training.checkpoint import is_checkpoint, latest_checkpoint
 from training.criteo import CriteoFormatError, open_text, parse_lines, request_row
@@ -59,6 +59,9 @@ SERVED_PACKAGES = (Path(handler.__file__).parent, Path(model_factory.__file__).p
 HANDLER_FILE = Path(handler.__file__).parent / "dlrm_handler.py"
 STARTUP_HOOK = Path(__file__).parent / "sitecustomize.py"
 DEFAULT_OUTPUT = Path("model_store/dlrm.mar")
+# FBGEMM's table-batched collection holding the fp32 rows: the scores of TorchRec's per-table
+# modules, with one lookup call for all tables instead of one module call per table.
+DEFAULT_TABLES = TableDtype.FP32
 
 
 class ArchiveFormat(StrEnum):
@@ -88,7 +91,7 @@ class BuildOptions:
     output: Path = DEFAULT_OUTPUT
     version: str = "1.0"
     archive_format: ArchiveFormat = ArchiveFormat.ZIPPED
-    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
+    quantization: QuantizationSpec = field(default_factory=lambda: QuantizationSpec(DEFAULT_TABLES))
     serving: ServingSettings = field(default_factory=ServingSettings)
     golden_set: Path | None = None
     golden_rows: int = DEFAULT_GOLDEN_ROWS
@@ -245,6 +248,8 @@ def describe(artifact: ModelArtifact) -> str:
     lines = [format_summary(summarize(build_dlrm(artifact.model)))]
     if artifact.quantized_tables:
         stored = artifact.table_file().size
-        lines.append(f"tables stored quantized ({artifact.quantization.tables}): {stored / 2**30:.2f} GiB")
+        lines.append(
+            f"tables: {artifact.quantization.tables} rows, table-batched, {stored / 2**30:.2f} GiB in tables.bin"
+        )
     lines.append(f"weights: {artifact.provenance.describe()}")
     return "\n".join(lines)

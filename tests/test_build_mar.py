@@ -20,7 +20,7 @@ from model_archive.contents import (
 from model_factory.config import DLRMConfig
 from model_factory.factory import build_dlrm, init_weights
 from servers.torchserve import REPO_ROOT
-from tests.archives import build_archive
+from tests.archives import build_archive, served_weights
 
 # Exactly what a worker needs: the model artifact, TorchServe's files, and the two packages the handler
 # imports (serving code only: no trainer, data reader or benchmark).
@@ -30,6 +30,7 @@ ARTIFACT_FILES = {
     "model-config.yaml",
     "model_config.json",
     "oip-metadata.json",
+    "tables.bin",
     "weights.pt",
 }
 SERVED_PACKAGES = ("handler", "model_factory")
@@ -89,10 +90,11 @@ def test_checkpoint_file_is_archived_as_trained(tmp_path: Path, small_config: DL
     assert result.returncode == 0, result.stderr
     archive = tmp_path / "out" / "dlrm.mar"
     artifact = model_artifact(archive)
-    (tmp_path / "weights.pt").write_bytes(read_file(archive, "weights.pt"))
     assert artifact.provenance.trained is True
     assert artifact.provenance.checkpoint == "trained.pt"
-    archived = torch.load(tmp_path / "weights.pt", weights_only=True)
+    with extracted(archive) as directory:
+        archived = served_weights(directory)
+    assert archived.keys() == state.keys()
     assert all(torch.equal(archived[key], value) for key, value in state.items())
 
 

@@ -24,12 +24,12 @@ from torchrec.models.dlrm import DLRMTrain
 
 from model_archive.checkpoint import match_checkpoint
 from model_archive.contents import extracted
-from model_factory.artifact import WEIGHTS_FILE, load_model
+from model_factory.artifact import WEIGHTS_FILE, load_model, read_artifact
 from model_factory.config import DLRMConfig, preset
 from model_factory.factory import build_dlrm, init_weights, load_weights
 from model_factory.features import Preprocessing
 from servers.torchserve import LOOPBACK, TorchServeProcess, free_port
-from tests.archives import build_archive
+from tests.archives import build_archive, served_weights
 from tests.rows import raw_request_row
 from training.checkpoint import checkpoint_dirs, latest_checkpoint
 from training.criteo import read_batches
@@ -264,9 +264,10 @@ def test_a_checkpoint_of_torchrec_s_own_training_wrapper_is_archived(small_confi
     result = build_archive(tmp_path / "dlrm.mar", "--preset", "small", "--checkpoint", str(checkpoint))
     assert result.returncode == 0, result.stderr
     with extracted(tmp_path / "dlrm.mar") as directory:
-        archived, artifact = load_model(directory)
+        artifact = read_artifact(directory)
+        archived = served_weights(directory)
     assert artifact.provenance.trained and artifact.provenance.checkpoint == checkpoint.name
-    assert_same_weights(archived.state_dict(), model.state_dict())
+    assert_same_weights(archived, model.state_dict())
 
 
 def test_a_checkpoint_of_another_model_is_refused(runs: dict[int, Path], tmp_path: Path) -> None:

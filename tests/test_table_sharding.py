@@ -147,7 +147,7 @@ def test_build_mar_writes_the_setting(tmp_path: Path) -> None:
     ("flags", "message"),
     [
         (["--quantize", "int8"], "workers must be 1 when shard_tables_gpus is 2"),
-        (["--workers", "1"], "it needs --quantize"),
+        (["--workers", "1", "--quantize", "none"], "it needs --quantize other than none"),
         (["--workers", "1", "--quantize", "int8", "--quantize-mlp", "int8"], "not --quantize-mlp int8"),
     ],
 )
