@@ -459,15 +459,14 @@ class RequestDecoder:
                 field=extra[0],
             )
         columns = self._columns(payload[COLUMNS_FIELD])
-        context = payload.get(CONTEXT_FIELD)
-        request = self._well_formed_raw_columns_request(columns, context) or self._decode_as_rows(columns, context)
+        rest = {key: value for key, value in payload.items() if key != COLUMNS_FIELD}  # the context, if any
+        request = self._well_formed_raw_columns_request(columns, rest) or self._decode_as_rows(columns, rest)
         return replace(request, single_row=False, columnar=True)
 
-    def _decode_as_rows(self, columns: dict[str, list], context: Any) -> RowsRequest:
-        """The columns decoded as the ``instances`` they transpose to (with the context, if any)."""
+    def _decode_as_rows(self, columns: dict[str, list], rest: dict[str, Any]) -> RowsRequest:
+        """The columns decoded as the ``instances`` they transpose to, beside the body's ``rest`` (its context)."""
         rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-        payload = {INSTANCES_FIELD: rows} if context is None else {CONTEXT_FIELD: context, INSTANCES_FIELD: rows}
-        (request,) = self.decode_payloads([payload])
+        (request,) = self.decode_payloads([rest | {INSTANCES_FIELD: rows}])
         if isinstance(request, InvalidRequest):
             raise request
         return request
@@ -507,9 +506,11 @@ class RequestDecoder:
         self.validator.check_row_count(counts[0] if counts else 0, COLUMNS_FIELD)
         return columns
 
-    def _well_formed_raw_columns_request(self, columns: dict[str, list], context: Any) -> RowsRequest | None:
-        """The request of raw Criteo columns with nothing wrong (and a raw context, if any); else None."""
-        if context is None:
+    def _well_formed_raw_columns_request(self, columns: dict[str, list], rest: dict[str, Any]) -> RowsRequest | None:
+        """The request of raw Criteo columns with nothing wrong, beside the body's ``rest`` (a raw context, if
+        any); else None."""
+        context = rest.get(CONTEXT_FIELD)
+        if not rest:
             own_dense, own_sparse = list(self.config.dense_feature_names), list(self.config.sparse_feature_names)
         elif isinstance(context, dict) and context.keys() <= self.raw_fields:
             own_dense, own_sparse = self._own_features(context)

@@ -172,6 +172,9 @@ def bad_columnar_requests(max_rows: int) -> list[BadRequest]:
             "id_list_features.values", 0,
         ),
         BadRequest(
+            "columnar null context", _json({"context": None, "inputs": {"int_0": [1]}}), 400, "wrong_type", "context"
+        ),
+        BadRequest(
             "columnar candidate repeats the context",
             _json({"context": {"cat_0": "05db9164"}, "inputs": columns()["inputs"]}),
             400, "duplicate_field", "cat_0", 0,
