@@ -28,6 +28,15 @@ def random_row(config: DLRMConfig, rng: np.random.Generator, max_ids: int = 3) -
     }
 
 
+def columnar(body: dict[str, Any]) -> dict[str, Any]:
+    """A body's columnar form: its ``instances`` as ``inputs``, every key of its rows with the rows' values in
+    order (a raw row's absent feature as null, which means the same); its other keys (a context) as they are."""
+    rows = body["instances"]
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    columns = {key: [row.get(key) for row in rows] for key in keys}
+    return {key: value for key, value in body.items() if key != "instances"} | {"inputs": columns}
+
+
 def offline_logits(model: DLRM, config: DLRMConfig, rows: list[dict[str, Any]]) -> np.ndarray:
     """Score rows with a KJT assembled feature by feature in plain Python (not the serving code's transpose)."""
     per_feature_values: list[list[int]] = [[] for _ in config.sparse_feature_names]

@@ -32,7 +32,7 @@ from handler.json_rows import RequestDecoder, RowsRequest, encode_error
 from model_factory.config import preset
 from model_factory.features import Preprocessing
 from tests import fuzzing
-from tests.rows import random_row
+from tests.rows import columnar, random_row
 
 CONFIG = preset("small")
 MAX_ROWS = 4
@@ -397,15 +397,6 @@ def valid_payload(rng: np.random.Generator) -> dict[str, Any]:
             return make_row()
         payload = {"instances": [make_row() for _ in range(rng.integers(1, MAX_ROWS + 1))]}
     return columnar(payload) if rng.integers(3) == 0 and any(payload["instances"]) else payload
-
-
-def columnar(payload: dict[str, Any]) -> dict[str, Any]:
-    """A body's ``inputs`` form: every key of its rows, with the rows' values in order (a raw row's absent
-    feature as null, which means the same)."""
-    rows = payload["instances"]
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    columns = {key: [row.get(key) for row in rows] for key in keys}
-    return {key: value for key, value in payload.items() if key != "instances"} | {"inputs": columns}
 
 
 # Edge numbers: around 0 and the small tables' sizes, int64/uint64 limits, float32/float64 limits.

@@ -21,6 +21,7 @@ from model_factory.config import preset
 from model_factory.quantization import MlpDtype, QuantizationSpec, quantize_mlps, random_quantized_model
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from tests.archives import QUANTIZATION_SPECS
+from tests.rows import columnar
 from training.criteo import request_row
 from training.synthetic import PlantedClickModel, format_tsv, random_inputs
 
@@ -65,14 +66,6 @@ def logits_of(answer: dict[str, Any]) -> np.ndarray:
     if "outputs" in answer:
         return np.array(answer["outputs"]["logit"])
     return np.array([prediction["logit"] for prediction in answer.get("predictions", [answer])])
-
-
-def columnar(body: dict[str, Any]) -> dict[str, Any]:
-    """A body's columnar form: its ``instances`` as ``inputs``, each key with the rows' values in order."""
-    rows = body["instances"]
-    return {key: value for key, value in body.items() if key != "instances"} | {
-        "inputs": {key: [row[key] for row in rows] for key in rows[0]}
-    }
 
 
 @pytest.fixture(scope="module", params=["none", "fp32", "int8", "mixed", "int8+mlp"])
