@@ -20,19 +20,21 @@ requests"):
 The run builds an archive (``--preset``, default ``small``, the model ``make serve``
 serves; ``--quantize`` as build_mar.py's), measures one 500-candidate query of each
 format in-process (one thread, alternately) and then serves the archive with the shipped
-settings, driven by an asyncio/aiohttp Poisson client: after a short unmeasured closed loop of
-every format (TorchServe's frontend runs on the JVM, which compiles as it serves: unwarmed,
-the first format measured paid for it), first the closed-loop capacity,
-then a short search over rates: fractions of it, then up by 1.25x while the p99 stays
-within the bound (at most four steps; the results say when the search ended still within
-it, the best rate then a lower bound), then two geometric bisections between the highest
-rate within the bound and the next one tried. Latency counts from each query's scheduled
-arrival time, so a client that falls behind shows as latency, not as a lower rate. The
-closed loop also measures the CPU each part takes per query: TorchServe's frontend, its
-workers, this client. Results go to ``bench/results/<time>-ranking-<mode>/`` (JSON,
-Markdown, plot).
+settings, driven by an asyncio/aiohttp Poisson client. After a short unmeasured closed
+loop of every format (TorchServe's frontend runs on the JVM, which compiles as it serves:
+unwarmed, the first format measured paid for it), the closed-loop capacity of every
+format, in rounds of short bursts with the formats in turn (the machine's drift over
+minutes then falls on all formats alike, and each round gives a ranking ÷ expanded
+ratio); then, per format, a short search over rates: fractions of its capacity, then up
+by 1.25x while the p99 stays within the bound (at most four steps; the results say when
+the search ended still within it, the best rate then a lower bound), then two geometric
+bisections between the highest rate within the bound and the next one tried. Latency
+counts from each query's scheduled arrival time, so a client that falls behind shows as
+latency, not as a lower rate. The closed loop also measures the CPU each part takes per
+query: TorchServe's frontend, its workers, this client. Results go to
+``bench/results/<time>-ranking-<mode>/`` (JSON, Markdown, plot).
 
-    python -m bench.ranking                 # full: 15 s per rate (about 10 minutes)
+    python -m bench.ranking                 # full: 15 s per rate (about 20 minutes)
     python -m bench.ranking --mode quick    # 4 s per rate, fewer rates
     python -m bench.ranking --quantize none # TorchRec's per-table modules
 """
@@ -126,12 +128,21 @@ class Mode:
     seconds: float
     fractions: tuple[float, ...]  # offered rates, as fractions of the closed-loop capacity
     bisections: int  # geometric bisections between the last rate within the p99 bound and the first beyond
+    closed_loop_rounds: int  # the closed loop's seconds per format, split into this many interleaved bursts
 
 
 MODES = {
-    "full": Mode(seconds=15, fractions=(0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9), bisections=2),
-    "quick": Mode(seconds=4, fractions=(0.1, 0.25, 0.5), bisections=0),
+    "full": Mode(seconds=15, fractions=(0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9), bisections=2, closed_loop_rounds=5),
+    "quick": Mode(seconds=4, fractions=(0.1, 0.25, 0.5), bisections=0, closed_loop_rounds=2),
 }
+
+
+@dataclass(frozen=True)
+class Burst:
+    """One closed-loop burst of one format: its rate and the CPU milliseconds per query of each part."""
+
+    queries_per_s: float
+    cpu_ms_per_query: dict[str, float]  # frontend, workers, client
 
 
 def make_query(config: DLRMConfig, decoder: RequestDecoder, candidates: int, rng: np.random.Generator) -> Query:
@@ -280,6 +291,40 @@ def closed_loop_capacity(url: str, queries: list[Query], name: str, clients: int
     return asyncio.run(run())
 
 
+def interleaved_closed_loop(
+    server: TorchServeProcess, queries: list[Query], clients: int, seconds: float, rounds: int
+) -> dict[str, list[Burst]]:
+    """Every format's closed loop in ``rounds`` bursts of ``seconds``, the formats in turn (reversed every
+    other round).
+
+    On a shared machine whose speed drifts by tens of percent over minutes, formats
+    measured one after the other differ by the drift as much as by their cost; in
+    turns, each round's ranking ÷ expanded compares like with like, and the spread
+    over rounds shows what is left.
+    """
+    assert server.process is not None
+    bursts: dict[str, list[Burst]] = {fmt: [] for fmt in FORMATS}
+    for round_index in range(rounds):
+        for fmt in FORMATS if round_index % 2 == 0 else FORMATS[::-1]:
+            meter = CpuMeter(server.process.pid, server.worker_pids())
+            started, client_started = time.monotonic(), time.process_time()
+            rate = closed_loop_capacity(server.endpoints.inference, queries, fmt, clients, seconds)
+            client_cores = (time.process_time() - client_started) / (time.monotonic() - started)
+            _, _, (frontend_cores, worker_cores, _) = meter.stop()
+            per_query = {
+                part: round(cores / rate * 1e3, 2)
+                for part, cores in (("frontend", frontend_cores), ("workers", worker_cores), ("client", client_cores))
+            }
+            bursts[fmt].append(Burst(round(rate, 2), per_query))
+        print(
+            f"closed loop, round {round_index + 1} of {rounds}: "
+            + ", ".join(f"{fmt} {bursts[fmt][-1].queries_per_s:.1f}" for fmt in FORMATS)
+            + " q/s",
+            flush=True,
+        )
+    return bursts
+
+
 def _bracket(points: list[RatePoint]) -> tuple[float, float] | None:
     """The highest offered rate within the p99 bound and the lowest above it, if there are both."""
     within = [point.offered_per_s for point in points if point.within_bound]
@@ -296,13 +341,10 @@ def served(archive: Path, queries: list[Query], mode: Mode, workdir: Path) -> di
         url = server.endpoints.inference
         for fmt in FORMATS:  # the JVM compiles the frontend's hot paths as it serves: not on the first format's clock
             closed_loop_capacity(url, queries, fmt, CLIENTS_PER_WORKER * workers, seconds=WARMUP_SECONDS)
+        rounds = mode.closed_loop_rounds
+        bursts = interleaved_closed_loop(server, queries, CLIENTS_PER_WORKER * workers, mode.seconds / rounds, rounds)
         for index, fmt in enumerate(FORMATS):
-            assert server.process is not None
-            meter = CpuMeter(server.process.pid, server.worker_pids())
-            started, client_started = time.monotonic(), time.process_time()
-            capacity = closed_loop_capacity(url, queries, fmt, CLIENTS_PER_WORKER * workers, seconds=mode.seconds)
-            client_cores = (time.process_time() - client_started) / (time.monotonic() - started)
-            _, _, (frontend_cores, worker_cores, _) = meter.stop()
+            capacity = float(np.mean([burst.queries_per_s for burst in bursts[fmt]]))
             points = [
                 asyncio.run(_poisson(url, queries, fmt, capacity * fraction, mode.seconds, seed=index))
                 for fraction in mode.fractions
@@ -320,19 +362,24 @@ def served(archive: Path, queries: list[Query], mode: Mode, workdir: Path) -> di
                 points.append(asyncio.run(_poisson(url, queries, fmt, rate, mode.seconds, seed=index)))
             points.sort(key=lambda point: point.offered_per_s)
             best = max((p for p in points if p.within_bound), key=lambda p: p.completed_per_s, default=None)
-            per_query = {  # CPU milliseconds per query in the closed loop, by part
-                part: round(cores / capacity * 1e3, 2)
-                for part, cores in (("frontend", frontend_cores), ("workers", worker_cores), ("client", client_cores))
-            }
             results[fmt] = {
                 "search_ended_within_bound": ended_within_bound,
                 "closed_loop_queries_per_s": round(capacity, 2),
-                "closed_loop_cpu_ms_per_query": per_query,
+                "closed_loop_cpu_ms_per_query": {  # the median burst's, by part
+                    part: round(float(np.median([burst.cpu_ms_per_query[part] for burst in bursts[fmt]])), 2)
+                    for part in bursts[fmt][0].cpu_ms_per_query
+                },
+                "closed_loop_bursts": [asdict(burst) for burst in bursts[fmt]],
                 "points": [asdict(point) for point in points],
                 "best": asdict(best) if best else None,
             }
             summary = f"best {best.completed_per_s} q/s, p99 {best.p99_ms} ms" if best else "no rate within the bound"
             print(f"{fmt}: closed loop {capacity:.1f} q/s; {summary}", flush=True)
+    for expanded_format, ranked_format in PAIRS.values():  # ranking ÷ expanded q/s, round by round
+        results[ranked_format]["closed_loop_ratios"] = [
+            round(ranked.queries_per_s / expanded.queries_per_s, 3)
+            for expanded, ranked in zip(bursts[expanded_format], bursts[ranked_format], strict=True)
+        ]
     return results
 
 
@@ -375,6 +422,19 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {best['p99_ms']} "
             f"| {best['completed_per_s'] / cores:.1f} | {closed_loop}"
         )
+    ratios = {pair: document["served"][ranked]["closed_loop_ratios"] for pair, (_, ranked) in PAIRS.items()}
+    lines += [
+        "",
+        f"Closed loop, ranking ÷ expanded queries/s in each of {len(ratios['json'])} rounds of every format in turn,"
+        " median (min-max):",
+        "",
+        "| format | closed-loop queries/s, ranking ÷ expanded |",
+        "|---|---|",
+        *(
+            f"| {pair} | **{np.median(value):.2f}** ({min(value):.2f}-{max(value):.2f}) |"
+            for pair, value in ratios.items()
+        ),
+    ]
     anchor = MLPERF_ANCHOR
     lines += [
         "",
