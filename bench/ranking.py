@@ -34,7 +34,7 @@ latency, not as a lower rate. The closed loop also measures the CPU each part ta
 query: TorchServe's frontend, its workers, this client. Results go to
 ``bench/results/<time>-ranking-<mode>/`` (JSON, Markdown, plot).
 
-    python -m bench.ranking                 # full: 15 s per rate (about 20 minutes)
+    python -m bench.ranking                 # full: 15 s per rate (about 17 minutes)
     python -m bench.ranking --mode quick    # 4 s per rate, fewer rates
     python -m bench.ranking --quantize none # TorchRec's per-table modules
 """
