@@ -27,6 +27,7 @@ runtime starts (``OMP_WAIT_POLICY``) can be set as they are for the workers:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -87,6 +88,13 @@ class ZeroModel(torch.nn.Module):
         return torch.zeros(dense.shape[0], 1)
 
 
+def codec_only(predictor: DLRMPredictor) -> DLRMPredictor:
+    """``predictor`` with a model that does no work: its decoding, building the KJT and encoding, as served."""
+    stand_in = copy.copy(predictor)
+    stand_in.model = ZeroModel()
+    return stand_in
+
+
 def as_request(body: Body) -> Request:
     """A body as TorchServe hands it to the worker: header names lower-cased."""
     return Request(body.data, {name.lower(): value for name, value in body.headers.items()})
@@ -96,7 +104,7 @@ def measure(
     predictor: DLRMPredictor, inputs: Inputs, batches: list[int], seconds: float, modes: tuple[str, ...] = MODES
 ) -> list[Timing]:
     timings = []
-    codec_only = DLRMPredictor(ZeroModel(), predictor.artifact, predictor.device, predictor.decoder.max_rows)
+    stand_in = codec_only(predictor)
     for batch in batches:
         single_rows = [as_request(body) for body in request_bodies(inputs, 1)[:batch]]
         instances, oip_json, oip_binary = ([as_request(request_bodies(inputs, batch, p)[0])] for p in Protocol)
@@ -116,7 +124,7 @@ def measure(
             "forward": partial(predictor.forward, [decoded]),
             **{mode: partial(predictor.predict, batch_requests) for mode, batch_requests in by_mode.items()},
             **{
-                codec: partial(codec_only.predict, batch_requests)
+                codec: partial(stand_in.predict, batch_requests)
                 for codec, batch_requests in zip(CODEC_MODES, by_mode.values(), strict=True)
             },
         }
