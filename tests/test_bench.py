@@ -15,7 +15,7 @@ import orjson
 import torch
 
 from bench import inprocess, ranking
-from bench.workload import criteo_like_inputs
+from bench.workload import criteo_like_inputs, request_bodies
 from handler.json_rows import RequestDecoder
 from handler.predictor import DLRMPredictor
 
@@ -40,14 +40,13 @@ def test_codec_only_predictor_decodes_and_encodes_without_the_model(artifact_dir
     """The codec timings' stand-in: the served decoding and encoding around a forward of zeros."""
     predictor = predictor_of(artifact_dir)
     inputs = criteo_like_inputs(predictor.artifact.model, 4)
-    (body,) = inprocess.request_bodies(inputs, 4)[:1]
+    body = request_bodies(inputs, 4)[0]
     codec_only = inprocess.codec_only(predictor)
     (response,) = codec_only.predict([inprocess.as_request(body)]).responses
     (served,) = predictor.predict([inprocess.as_request(body)]).responses
     assert response.status == served.status == 200
     assert [row["logit"] for row in orjson.loads(response.body)["predictions"]] == [0.0] * 4
-    assert [row["logit"] for row in orjson.loads(served.body)["predictions"]] != [0.0] * 4
-    assert predictor.model is not codec_only.model  # the predictor it was made from still runs the DLRM
+    assert [row["logit"] for row in orjson.loads(served.body)["predictions"]] != [0.0] * 4  # still the DLRM
 
 
 def test_ranking_bench_compares_every_format_in_process(artifact_dir: Path) -> None:
