@@ -11,6 +11,15 @@ handle on it: it exits with the worker's status, and its worker is killed when i
 keeps no copy of TorchServe's pipes, so they close the moment the worker dies, as without the fork
 (TorchServe 0.12 ends a dead worker's log readers, which share its restart latch, only then).
 
+A worker never outlives its launcher, whatever dies first. The worker is the fork server's child,
+not the launcher's, so ``PR_SET_PDEATHSIG`` would tie it to the server (and every worker would die
+with it) rather than to its launcher. The launcher hands the worker a pidfd of itself instead, and
+a thread of the worker kills it once that pidfd says the launcher has exited; the server also
+kills the worker when its launcher's connection ends. A killed fork server thus leaves its workers
+serving, each still tied to its launcher (which then reports exit code 1: only a parent learns how a
+process ended), and the next worker to start starts a new server. A forked worker holds no
+descriptor of the server: no launcher's connection, no listener, no pidfd but its launcher's.
+
 There is one fork server per TorchServe frontend (the launcher's parent), Python executable,
 environment (but ``PYTHONPATH``, which names the model) and version of this file; the first worker
 starts it and it exits with its frontend. It imports third-party packages only (:data:`PRELOADED`),
@@ -30,12 +39,14 @@ import hashlib
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -67,7 +78,11 @@ def fork_if_worker() -> None:
     try:
         server = connect_to_server()
         request = {"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}
-        socket.send_fds(server, [json.dumps(request).encode()], [0, 1, 2])
+        launcher_exit_fd = os.pidfd_open(os.getpid())  # the worker's way to learn that this process is gone
+        try:
+            socket.send_fds(server, [json.dumps(request).encode()], [0, 1, 2, launcher_exit_fd])
+        finally:
+            os.close(launcher_exit_fd)
         reply = json.loads(server.recv(MAX_REQUEST_BYTES))
         if "pid" not in reply:
             raise RuntimeError(reply.get("refused", "no reply"))
@@ -243,26 +258,28 @@ class ForkServer:
         self.selector.register(connection, selectors.EVENT_READ, self.fork_for)
 
     def fork_for(self, launcher: socket.socket) -> None:
-        self.selector.unregister(launcher)
+        """Fork a worker with the launcher's standard streams (``fds[:3]``), tied to its pidfd (``fds[3]``)."""
         try:
-            message, fds, _flags, _address = socket.recv_fds(launcher, MAX_REQUEST_BYTES, 3)
+            message, fds, _flags, _address = socket.recv_fds(launcher, MAX_REQUEST_BYTES, 4)
             request = json.loads(message) if message else None
         except (OSError, ValueError):
             request, fds = None, []
-        if request is None or len(fds) != 3 or self.refusal:
+        if request is None or len(fds) != 4 or self.refusal:
+            self.selector.unregister(launcher)
             for fd in fds:
                 os.close(fd)
             with suppress(OSError):
                 launcher.send(json.dumps({"refused": self.refusal or "malformed request"}).encode())
             launcher.close()
             return
+        # Forked while the connection is still registered: the child closes it with the server's other descriptors.
         pid = self.fork(lambda: run_worker(request, fds, self.base_path))
         for fd in fds:
             os.close(fd)
         worker = Worker(pid, os.pidfd_open(pid), launcher)
         self.workers[pid] = worker
         self.selector.register(worker.exit_fd, selectors.EVENT_READ, lambda _: self.reap(worker))
-        self.selector.register(launcher, selectors.EVENT_READ, lambda _: self.launcher_gone(worker))
+        self.selector.modify(launcher, selectors.EVENT_READ, lambda _: self.launcher_gone(worker))
         try:
             launcher.send(json.dumps({"pid": pid}).encode())
         except OSError:  # the launcher was killed while it waited (TorchServe stopping): so must its worker be
@@ -318,22 +335,25 @@ class ForkServer:
         self.close()
 
     def close(self) -> None:
+        """Close every descriptor the server holds: all are registered with its selector once it listens (the
+        listener, the frontend's pidfd, each worker's pidfd, each launcher's connection, accepted or served)."""
         self.running = False
-        for worker in self.workers.values():
-            os.close(worker.exit_fd)
-            if worker.launcher is not None:
-                worker.launcher.close()
+        for key in list(self.selector.get_map().values()):
+            if isinstance(key.fileobj, socket.socket):
+                key.fileobj.close()  # the object too, or it would close the number again when collected
+            else:
+                os.close(key.fd)
         self.workers = {}
         self.selector.close()
-        self.listener.close()
-        os.close(self.frontend_exit_fd)
 
 
 def run_worker(request: dict[str, Any], fds: list[int], base_path: list[str]) -> int:
-    """In the forked child: become the process TorchServe started, then run its worker script."""
-    for target, fd in enumerate(fds):
+    """In the forked child: become the process TorchServe started, tied to it, then run its worker script."""
+    *streams, launcher_exit_fd = fds
+    exit_with(launcher_exit_fd)
+    for target, fd in enumerate(streams):
         os.dup2(fd, target)
-    for fd in fds:
+    for fd in streams:
         os.close(fd)
     os.chdir(request["cwd"])
     os.environ.clear()
@@ -355,6 +375,22 @@ def run_worker(request: dict[str, Any], fds: list[int], base_path: list[str]) ->
         traceback.print_exc()
         return 1
     return 0
+
+
+def exit_with(launcher_exit_fd: int) -> None:
+    """Kill this process once the launcher this pidfd refers to has exited (at once if it already has).
+
+    A thread, so that no order of deaths leaves the worker running: not the launcher's child, it
+    cannot ask the kernel for a signal when its launcher dies.
+    """
+
+    def watch() -> None:
+        poll = select.poll()
+        poll.register(launcher_exit_fd, select.POLLIN)
+        poll.poll()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
 
 
 def preload() -> None:

@@ -30,9 +30,16 @@ from model_archive.build import STARTUP_HOOK
 
 WORKER = """
 import json, os, sys, time
+def target(fd):
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # listdir's own directory, closed by now
+        return None
+fds = {fd: target(fd) for fd in os.listdir("/proc/self/fd")}
 report = {
     "pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv, "cwd": os.getcwd(),
     "setting": os.environ.get("WORKER_SETTING"), "path": sys.path[:3], "torch_preloaded": "torch" in sys.modules,
+    "fds": {fd: path for fd, path in fds.items() if path is not None},
 }
 print(json.dumps(report), flush=True)
 if sys.argv[1] == "sleep":
@@ -41,6 +48,11 @@ sys.exit(int(sys.argv[2]))
 """
 # The frontend runs the worker, as a child it waits for, and reports how that child (the launcher) ended.
 FRONTEND = "import subprocess, sys; print(subprocess.run(sys.argv[1:]).returncode, flush=True)"
+# A frontend with two workers at once, one fork server for both: how each launcher ended, on one line.
+FRONTEND_OF_TWO = (
+    "import subprocess, sys; launchers = [subprocess.Popen(sys.argv[1:]) for _ in (1, 2)]; "
+    "print(*[launcher.wait() for launcher in launchers], flush=True)"
+)
 
 
 @pytest.fixture()
@@ -70,7 +82,7 @@ def make_archive(tmp_path: Path) -> Path:
     return model
 
 
-def start(archive: Path, *args: str, fork: bool = True) -> subprocess.Popen[str]:
+def start(archive: Path, *args: str, fork: bool = True, frontend: str = FRONTEND) -> subprocess.Popen[str]:
     environment = {
         **os.environ,
         "PYTHONPATH": f"{archive}{os.pathsep}{archive.parent}",
@@ -79,7 +91,7 @@ def start(archive: Path, *args: str, fork: bool = True) -> subprocess.Popen[str]
         worker_fork.SWITCH: "1" if fork else "0",
     }
     script = archive.parent / "ts" / worker_fork.WORKER_SCRIPT
-    command = [sys.executable, "-c", FRONTEND, sys.executable, str(script), *args]
+    command = [sys.executable, "-c", frontend, sys.executable, str(script), *args]
     return subprocess.Popen(command, cwd=archive, env=environment, stdout=subprocess.PIPE, text=True)
 
 
@@ -180,10 +192,12 @@ def test_a_launcher_gone_before_the_reply_leaves_the_server_serving(archive: Pat
     script = archive.parent / "ts" / worker_fork.WORKER_SCRIPT
     request = {"argv": [str(script), "sleep", "0"], "cwd": str(archive), "env": {"PYTHONPATH": str(archive)}}
     read_end, write_end = os.pipe()
+    alive = os.pidfd_open(os.getpid())  # a launcher's pidfd that stays open: only the server can kill this worker
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as launcher:
         launcher.connect(str(path))
-        socket.send_fds(launcher, [json.dumps(request).encode()], [write_end] * 3)
+        socket.send_fds(launcher, [json.dumps(request).encode()], [write_end] * 3 + [alive])
     os.close(write_end)
+    os.close(alive)
     # The pipe ends once nothing holds its write end: the server has dropped it and killed what it forked.
     with os.fdopen(read_end, "rb") as pipe:
         assert select.select([pipe], [], [], 30)[0]
@@ -195,3 +209,46 @@ def test_a_launcher_gone_before_the_reply_leaves_the_server_serving(archive: Pat
     first.kill()
     assert launcher_exit(frontend) == -signal.SIGKILL
     server.wait(timeout=10)  # gone with its frontend
+
+
+def gone(process: psutil.Process, timeout: float) -> bool:
+    """Whether ``process`` has exited within ``timeout`` seconds (an orphan's zombie counts: it runs no more)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_worker_holds_no_descriptor_of_the_fork_server(archive: Path) -> None:
+    """Only its standard streams and its launcher's pidfd: no launcher's connection (its own or another's), no
+    listener, no pidfd of another process, so nothing the server holds stays open because a worker lives."""
+    frontend = start(archive, "sleep", "0", frontend=FRONTEND_OF_TWO)
+    workers = [report(frontend), report(frontend)]
+    assert workers[0]["ppid"] == workers[1]["ppid"]  # one server forked both, one while the other's was open
+    for worker in workers:
+        extra = {fd: path for fd, path in worker["fds"].items() if int(fd) > 2}
+        assert list(extra.values()) == ["anon_inode:[pidfd]"], worker["fds"]
+        psutil.Process(worker["pid"]).kill()
+    assert frontend.stdout is not None
+    assert frontend.stdout.readline().split() == [str(-signal.SIGKILL)] * 2
+
+
+def test_a_worker_dies_with_its_launcher_after_its_fork_server_was_killed(archive: Path) -> None:
+    """A fork server killed (by the OOM killer, say) leaves its workers serving; each still dies with its launcher,
+    which TorchServe kills to stop it."""
+    frontend = start(archive, "sleep", "0")
+    worker = psutil.Process(report(frontend)["pid"])
+    server = worker.parent()
+    assert is_fork_server(server)
+    (launcher,) = psutil.Process(frontend.pid).children()
+    server.kill()
+    assert gone(server, 10)
+    assert not gone(worker, 1)  # the worker goes on without the server
+    launcher.kill()
+    assert launcher_exit(frontend) == -signal.SIGKILL
+    assert gone(worker, 5), "the worker outlived its launcher"
