@@ -16,7 +16,7 @@ import orjson
 import torch
 
 from handler.metrics import HandlerMetrics
-from handler.predictor import DLRMPredictor, Request
+from handler.predictor import INTERNAL_ERROR, DLRMPredictor, Request
 from handler.settings import ServingSettings
 from model_factory.factory import format_summary, summarize
 
@@ -57,11 +57,24 @@ class DLRMHandler:
         gc.freeze()
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
+        """Exactly one response per request of the batch, whatever happens: TorchServe fails the whole batch
+        with 503 when a handler raises or answers with the wrong number of responses."""
+        try:
+            return self._handle(data, context)
+        except Exception:  # a bug outside the predictor's per-request guards: each request gets its 500
+            logger.exception("the batch of %d requests failed", len(data))
+            for index in range(len(data)):
+                context.set_response_content_type(index, JSON)
+                context.set_response_status(500, "internal_error", index)
+            return [INTERNAL_ERROR] * len(data)
+
+    def _handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         assert self.predictor is not None and self.metrics is not None, "initialize() runs before handle()"
-        if context.get_request_header(0, "describe") == "True":
+        requests = [request_of(context, index, request) for index, request in enumerate(data)]
+        if len(requests) == 1 and requests[0].is_describe:  # TorchServe sends a describe request alone
             context.set_response_content_type(0, JSON)
             return [orjson.dumps(self.describe())]
-        result = self.predictor.predict([request_of(context, index, request) for index, request in enumerate(data)])
+        result = self.predictor.predict(requests)
         invalid = []
         for index, response in enumerate(result.responses):
             context.set_response_content_type(index, response.content_type)

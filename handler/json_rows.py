@@ -138,7 +138,7 @@ class RequestDecoder:
         payloads: list[tuple[int, Any]] = []
         for index, body in enumerate(bodies):
             try:
-                payloads.append((index, parse_json(body)))
+                payloads.append((index, parse_json(body, self.validator)))
             except InvalidRequest as error:
                 results[index] = error
         decoded = self.decode_payloads([payload for _, payload in payloads])
@@ -753,7 +753,7 @@ class RequestDecoder:
     @staticmethod
     def _check_lengths(lengths: list[int], num_values: int, index: int) -> None:
         """Lengths are non-negative and add up to the number of ids (checked on Python ints: no overflow)."""
-        if min(lengths) < 0:
+        if min(lengths, default=0) < 0:
             position = next(i for i, length in enumerate(lengths) if length < 0)
             raise InvalidRequest(
                 ErrorKind.NEGATIVE_LENGTH,
@@ -861,8 +861,11 @@ def _context_error(error: InvalidRequest) -> InvalidRequest:
     return InvalidRequest(error.kind, message, field=error.field, expected=error.expected, got=error.got)
 
 
-def parse_json(body: bytes | bytearray | str | dict | list | None) -> Any:
-    """The JSON value of a request body; TorchServe may hand over bytes or an already-parsed value."""
+def parse_json(body: bytes | bytearray | str | dict | list | None, validator: RowValidator) -> Any:
+    """The JSON value of a request body; TorchServe may hand over bytes or an already-parsed value.
+
+    Text with more arrays and objects than ``validator``'s row limit allows is refused unparsed.
+    """
     if body is None or body == b"" or body == "":
         raise InvalidRequest(
             ErrorKind.EMPTY_BODY,
@@ -871,6 +874,7 @@ def parse_json(body: bytes | bytearray | str | dict | list | None) -> Any:
         )
     if not isinstance(body, (bytes, bytearray, str)):
         return body
+    validator.check_json_size(body)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as error:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+import struct
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -97,7 +98,7 @@ _JSON_TYPES: dict[str, frozenset[type]] = {
 # model_name and model_version: TorchServe's gRPC service adds them to the JSON it hands over.
 _TOP_LEVEL_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
 _TENSOR_KEYS = frozenset({"name", "datatype", "shape", "parameters", "data"})
-_BYTES_PREFIX = np.dtype("<u4")
+_BYTES_PREFIX = struct.Struct("<I")
 _DECIMAL = re.compile(r"-?[0-9]+")
 _HEADER_LENGTH = re.compile(r"[0-9]{1,12}")
 
@@ -174,6 +175,7 @@ class OipCodec:
         self.version = version
         self.num_dense = config.num_dense_features
         self.num_sparse = config.num_sparse_features
+        self._raw_widths = {RAW_INTS_INPUT: self.num_dense, RAW_CATEGORIES_INPUT: self.num_sparse}
 
     # ------------------------------------------------------------------ requests
 
@@ -184,7 +186,7 @@ class OipCodec:
 
         ``grpc``: TorchServe's gRPC service handed it over, BYTES elements base64-encoded.
         """
-        payload, binary = _split_body(body, header_length)
+        payload, binary = _split_body(body, header_length, self.validator)
         if not isinstance(payload, dict):
             raise InvalidRequest(
                 ErrorKind.INVALID_BODY,
@@ -300,6 +302,10 @@ class OipCodec:
                     expected=binary_size,
                     got=len(binary) - offset,
                 )
+            if name in self._raw_widths:  # binary BYTES are read element by element: check the shape before that
+                rows = shape[0] if shape else 0
+                self.validator.check_row_count(rows, name)
+                _check_shape_of(name, shape, (rows, self._raw_widths[name]))
             return Tensor(name, datatype, shape, _binary_data(name, datatype, binary[offset:end], size)), end
         if "data" not in described:
             raise InvalidRequest(
@@ -419,7 +425,8 @@ class OipCodec:
         raw_ints = np.full(len(ints.data), np.nan)
         for index, text in enumerate(ints.data):
             if text:
-                if not _DECIMAL.fullmatch(text) or not -(2**63) <= int(text) < 2**63:
+                value = _decimal_int64(text)
+                if value is None:
                     row, position = divmod(index, self.num_dense)
                     raise InvalidRequest(
                         ErrorKind.NON_INTEGER,
@@ -430,7 +437,7 @@ class OipCodec:
                         expected="decimal integer or empty",
                         got=text,
                     )
-                raw_ints[index] = int(text)
+                raw_ints[index] = value
         try:
             parsed = parse_categories(categories.data)
         except CategoryFormatError as error:
@@ -494,8 +501,11 @@ class OipCodec:
         )
 
 
-def _split_body(body: bytes | bytearray | dict | None, header_length: str | None) -> tuple[Any, memoryview | None]:
-    """The JSON part of a body, parsed, and the binary part (None without the binary data extension)."""
+def _split_body(
+    body: bytes | bytearray | dict | None, header_length: str | None, validator: RowValidator
+) -> tuple[Any, memoryview | None]:
+    """The JSON part of a body, parsed (unless it is larger than any valid request's: ``validator``), and the
+    binary part (None without the binary data extension)."""
     if isinstance(body, dict):
         return body, None
     if body is None:  # TorchServe parsed a form-encoded body itself: no JSON reached the handler
@@ -506,7 +516,7 @@ def _split_body(body: bytes | bytearray | dict | None, header_length: str | None
             expected="application/json body",
         )
     if header_length is None or not len(body):
-        return _parse_json(body), None
+        return _parse_json(body, validator), None
     length = header_length.strip()
     if not _HEADER_LENGTH.fullmatch(length) or not 0 < int(length) <= len(body):
         raise InvalidRequest(
@@ -518,16 +528,17 @@ def _split_body(body: bytes | bytearray | dict | None, header_length: str | None
             got=header_length,
         )
     view = memoryview(body)
-    return _parse_json(view[: int(length)]), view[int(length) :]
+    return _parse_json(view[: int(length)], validator), view[int(length) :]
 
 
-def _parse_json(text: bytes | bytearray | memoryview) -> Any:
+def _parse_json(text: bytes | bytearray | memoryview, validator: RowValidator) -> Any:
     if not len(text):
         raise InvalidRequest(
             ErrorKind.EMPTY_BODY,
             "the request has no body: send an inference request as JSON",
             expected="application/json body",
         )
+    validator.check_json_size(text)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as error:
@@ -547,17 +558,25 @@ def _shape(name: str, shape: Any) -> tuple[int, ...]:
 
 
 def _check_shape(tensor: Tensor, expected: tuple[int, ...]) -> None:
-    if tensor.shape != expected:
-        raise _shape_error(tensor, str(list(expected)))
+    _check_shape_of(tensor.name, tensor.shape, expected)
+
+
+def _check_shape_of(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if shape != expected:
+        raise _shape_error_of(name, shape, str(list(expected)))
 
 
 def _shape_error(tensor: Tensor, expected: str) -> InvalidRequest:
+    return _shape_error_of(tensor.name, tensor.shape, expected)
+
+
+def _shape_error_of(name: str, shape: tuple[int, ...], expected: str) -> InvalidRequest:
     return InvalidRequest(
         ErrorKind.WRONG_SHAPE,
-        f"input {tensor.name!r} must have shape {expected}, got {list(tensor.shape)}",
-        field=tensor.name,
+        f"input {name!r} must have shape {expected}, got {list(shape)}",
+        field=name,
         expected=expected,
-        got=str(list(tensor.shape)),
+        got=str(list(shape)),
     )
 
 
@@ -607,6 +626,18 @@ def _json_data(name: str, datatype: str, data: Any, size: int) -> np.ndarray | l
         ) from None
 
 
+def _decimal_int64(text: str) -> int | None:
+    """The value of a decimal integer within int64, or None.
+
+    Its significant digits are counted first: ``int()`` refuses texts of over 4,300
+    digits with an error of its own, and no int64 has more than 19.
+    """
+    if not _DECIMAL.fullmatch(text) or len(text.lstrip("-").lstrip("0")) > 19:
+        return None
+    value = int(text)
+    return value if -(2**63) <= value < 2**63 else None
+
+
 def _from_base64(name: str, elements: list[str]) -> list[str]:
     """BYTES elements as TorchServe's gRPC service passes them (base64), as text."""
     try:
@@ -650,8 +681,8 @@ def _bytes_elements(name: str, raw: memoryview, size: int) -> list[str]:
     for _ in range(size):
         if offset + 4 > len(raw):
             break
-        (length,) = np.frombuffer(raw[offset : offset + 4], dtype=_BYTES_PREFIX)
-        start, offset = offset + 4, offset + 4 + int(length)
+        (length,) = _BYTES_PREFIX.unpack_from(raw, offset)
+        start, offset = offset + 4, offset + 4 + length
         if offset > len(raw):
             break
         try:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,10 @@ from model_factory.features import feature_major_on_device, rows_to_kjt
 from model_factory.sharding import load_sharded_model
 
 JSON = "application/json"
+# JSON row bodies up to this size are parsed and kept until the batch's other small bodies are parsed, to be
+# checked together (a TorchServe batch of 32 single rows: one set of array checks, not 32); larger ones are
+# decoded and dropped at once, so that a batch never holds the Python objects of more than one large body.
+COMBINED_BODY_BYTES = 64 * 1024
 INTERNAL_ERROR = orjson.dumps({"code": 500, "type": "internal_error", "message": "the server failed; see its log"})
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,17 @@ class Request:
         oip_route = "explain" in self.headers and "url_path" not in self.headers
         return self.grpc or oip_route or oip.HEADER_LENGTH in self.headers
 
+    @property
+    def is_describe(self) -> bool:
+        """TorchServe's describe request (``GET /models/{m}?customized=true``, management API only).
+
+        TorchServe marks it with a ``describe: True`` header, but it also copies every
+        client header into an inference request: an inference request is told apart
+        by the ``explain`` header that TorchServe adds to every one of its REST
+        inference routes (gRPC requests have no headers at all).
+        """
+        return self.headers.get("describe") == "True" and "explain" not in self.headers and not self.grpc
+
 
 @dataclass(frozen=True)
 class Response:
@@ -64,6 +81,15 @@ class Response:
     content_type: str = JSON
     headers: Mapping[str, str] = field(default_factory=dict)
     error_kind: ErrorKind | None = None
+
+
+@dataclass
+class Reply:
+    """How a request is answered: in OIP's shape (``oip``) when it came by an OIP route or its body is an
+    OIP request, else in the JSON rows' shape. Decoding may find the former out."""
+
+    request: Request
+    oip: bool
 
 
 @dataclass(frozen=True)
@@ -121,49 +147,39 @@ class DLRMPredictor:
         return self.predict([Request(body) for body in bodies])
 
     def predict(self, requests: Sequence[Request]) -> BatchResult:
-        """One response per request, in order; invalid requests get their 4xx without affecting the others."""
+        """One response per request, in order, whatever any request holds.
+
+        Each request is decoded, answered and encoded under its own guard: bad input
+        gets its 4xx, a bug its 500, and neither touches the other requests of the
+        batch. A body is parsed, checked and dropped before the next one is parsed,
+        so a batch holds the Python objects of one large body at a time; only small
+        JSON row bodies wait to be checked together (:data:`COMBINED_BODY_BYTES`).
+        """
         started = time.perf_counter()
-        decoded: dict[int, RowsRequest | oip.OipRequest] = {}
         responses: dict[int, Response] = {}
-        json_rows: list[tuple[int, Any]] = []
+        decoded: dict[int, RowsRequest | oip.OipRequest] = {}
+        small_rows: dict[int, Any] = {}  # parsed small JSON row bodies, decoded together below
         for index, request in enumerate(requests):
-            as_oip = request.is_oip
-            try:
-                if as_oip:
-                    header_length = request.headers.get(oip.HEADER_LENGTH)
-                    decoded[index] = self.oip.decode(request.body, header_length, grpc=request.grpc)
-                    continue
-                payload = parse_json(request.body)
-                # OIP's "inputs" is a list of tensors; the columnar rows' is an object of columns.
-                as_oip = isinstance(payload, dict) and isinstance(payload.get("inputs"), list)
-                if as_oip:
-                    decoded[index] = self.oip.decode(payload)
+            with self._guard(index, Reply(request, request.is_oip), responses) as reply:
+                payload = self._decode(reply)
+                if isinstance(payload, (RowsRequest, oip.OipRequest)):
+                    decoded[index] = payload
                 else:
-                    json_rows.append((index, payload))
-            except InvalidRequest as error:
-                responses[index] = self._error(error, request, as_oip)
-            except Exception:  # a bug, not bad input: this request fails alone, and the worker log says why
-                logger.exception("request %d of the batch failed to decode", index)
-                responses[index] = Response(500, INTERNAL_ERROR)
-        if json_rows:
-            for (index, _), result in zip(
-                json_rows, self.decoder.decode_payloads([payload for _, payload in json_rows]), strict=True
-            ):
-                if isinstance(result, InvalidRequest):
-                    responses[index] = self._error(result, requests[index], as_oip=False)
-                else:
-                    decoded[index] = result
+                    small_rows[index] = payload
+        if small_rows:
+            self._decode_small_rows(small_rows, requests, decoded, responses)
         decoded_at = time.perf_counter()
         rows = 0
         if decoded:
             order = sorted(decoded)
-            batch = [decoded[index] for index in order]
-            contexts = [part.context for part in batch]
-            logits, scores = self.forward([part.rows for part in batch], contexts)
-            for index in order:
-                end = rows + decoded[index].num_rows
-                responses[index] = self._answer(decoded[index], requests[index], logits[rows:end], scores[rows:end])
-                rows = end
+            outputs = self._forward_each_alone_if_failed([decoded[index] for index in order])
+            for index, output in zip(order, outputs, strict=True):
+                reply = Reply(requests[index], isinstance(decoded[index], oip.OipRequest))
+                with self._guard(index, reply, responses):
+                    if isinstance(output, BaseException):
+                        raise output
+                    responses[index] = self._answer(decoded[index], requests[index], *output)
+                    rows += decoded[index].num_rows
         finished = time.perf_counter()
         return BatchResult(
             responses=[responses[index] for index in range(len(requests))],
@@ -171,6 +187,77 @@ class DLRMPredictor:
             decode_ms=(decoded_at - started) * 1e3,
             forward_ms=(finished - decoded_at) * 1e3,
         )
+
+    def _decode(self, reply: Reply) -> RowsRequest | oip.OipRequest | Any:
+        """A request's decoded rows; or, for a small JSON body of rows, its parsed value, to decode with others.
+
+        A ``/predictions`` body that is an OIP request (``inputs`` a list of tensors, where the
+        columnar rows' is an object of columns) is decoded, and answered, as OIP: ``reply.oip``.
+        """
+        request = reply.request
+        if reply.oip:
+            return self.oip.decode(request.body, request.headers.get(oip.HEADER_LENGTH), grpc=request.grpc)
+        payload = parse_json(request.body, self.decoder.validator)
+        if isinstance(payload, dict) and isinstance(payload.get("inputs"), list):
+            reply.oip = True
+            return self.oip.decode(payload)
+        if isinstance(request.body, (bytes, bytearray, str)) and len(request.body) > COMBINED_BODY_BYTES:
+            return self._decoded(self.decoder.decode_payloads([payload])[0])
+        return payload
+
+    def _decode_small_rows(
+        self,
+        payloads: dict[int, Any],
+        requests: Sequence[Request],
+        decoded: dict[int, RowsRequest | oip.OipRequest],
+        responses: dict[int, Response],
+    ) -> None:
+        """Small JSON row bodies, decoded together (one set of array checks for a batch of single rows);
+        should that fail other than on bad input, each alone under its own guard."""
+        try:
+            results = self.decoder.decode_payloads(list(payloads.values()))
+        except Exception:
+            logger.exception("decoding %d JSON bodies together failed: decoding each alone", len(payloads))
+            results = None
+        for position, (index, payload) in enumerate(payloads.items()):
+            with self._guard(index, Reply(requests[index], oip=False), responses):
+                result = results[position] if results is not None else self.decoder.decode_payloads([payload])[0]
+                decoded[index] = self._decoded(result)
+
+    @staticmethod
+    def _decoded(result: RowsRequest | InvalidRequest) -> RowsRequest:
+        if isinstance(result, InvalidRequest):
+            raise result
+        return result
+
+    @contextmanager
+    def _guard(self, index: int, reply: Reply, responses: dict[int, Response]) -> Iterator[Reply]:
+        """Whatever goes wrong in this block is request ``index``'s own answer: its 4xx, or a 500 for a bug."""
+        try:
+            yield reply
+        except InvalidRequest as error:
+            responses[index] = self._error(error, reply)
+        except Exception:  # a bug, not bad input: this request fails alone, and the worker log says why
+            logger.exception("request %d of the batch failed", index)
+            responses[index] = Response(500, INTERNAL_ERROR)
+
+    def _forward_each_alone_if_failed(
+        self, batch: Sequence[RowsRequest | oip.OipRequest]
+    ) -> list[tuple[np.ndarray, np.ndarray] | BaseException]:
+        """Each request's logits and scores from one forward pass over all of them.
+
+        Should that pass fail (decoded rows are valid, so this is a bug), each request
+        is run alone, so that the failure stays with the request that causes it.
+        """
+        try:
+            logits, scores = self.forward([part.rows for part in batch], [part.context for part in batch])
+        except Exception as error:
+            if len(batch) == 1:
+                return [error]
+            logger.exception("the forward pass of %d requests failed: running each alone", len(batch))
+            return [output for part in batch for output in self._forward_each_alone_if_failed([part])]
+        bounds = np.cumsum([0, *(part.num_rows for part in batch)]).tolist()
+        return [(logits[start:end], scores[start:end]) for start, end in pairwise(bounds)]
 
     def _answer(
         self, request: RowsRequest | oip.OipRequest, received: Request, logits: np.ndarray, scores: np.ndarray
@@ -184,14 +271,14 @@ class DLRMPredictor:
                 row=row,
                 expected="dense values that keep the model's output finite",
             )
-            return self._error(error, received, as_oip=isinstance(request, oip.OipRequest))
+            return self._error(error, Reply(received, isinstance(request, oip.OipRequest)))
         if isinstance(request, RowsRequest):
             return Response(200, request.response(logits, scores))
         encoded = self.oip.encode(request, logits, scores)
         return Response(200, encoded.body, encoded.content_type, encoded.headers)
 
-    def _error(self, error: InvalidRequest, request: Request, as_oip: bool) -> Response:
-        body = self.oip.encode_error(error, grpc=request.grpc) if as_oip else encode_error(error)
+    def _error(self, error: InvalidRequest, reply: Reply) -> Response:
+        body = self.oip.encode_error(error, grpc=reply.request.grpc) if reply.oip else encode_error(error)
         return Response(error.status, body, error_kind=error.kind)
 
     def forward(

@@ -48,6 +48,12 @@ class FieldNames:
     values: str
 
 
+# JSON arrays and objects a request may hold per row allowed: a reference-format row is one object and
+# three arrays, every other form fewer; the slack covers a body's fixed part (OIP tensors, context, outputs).
+JSON_CONTAINERS_PER_ROW = 4
+JSON_CONTAINER_SLACK = 256
+
+
 class RowValidator:
     """The checks shared by every format, vectorised over all rows of a request."""
 
@@ -72,6 +78,27 @@ class RowValidator:
                 field=field,
                 expected=f"at most {self.max_rows} rows",
                 got=rows,
+            )
+
+    def check_json_size(self, text: bytes | bytearray | memoryview | str) -> None:
+        """Refuse JSON text with more arrays and objects than any request of ``max_rows`` rows holds.
+
+        Counted on the text at C speed (milliseconds for 4 MiB) before it is parsed: parsing
+        ``[[], [], ...]`` makes ~25 bytes of Python objects per byte of text and takes a
+        third of a second per 4 MiB, so a request that can only be refused is refused
+        before it costs that. Brackets inside strings count too: no valid request has
+        many of them.
+        """
+        data = text.encode() if isinstance(text, str) else bytes(text) if isinstance(text, memoryview) else text
+        containers = data.count(b"[") + data.count(b"{")
+        limit = JSON_CONTAINERS_PER_ROW * self.max_rows + JSON_CONTAINER_SLACK
+        if containers > limit:
+            raise InvalidRequest(
+                ErrorKind.TOO_MANY_ROWS,
+                f"the JSON body holds {containers} arrays and objects, more than a request of at most "
+                f"{self.max_rows} rows has: split the request",
+                expected=f"at most {limit} JSON arrays and objects",
+                got=containers,
             )
 
     def check(self, rows: FeatureRows, names: FieldNames) -> FeatureRows:

@@ -213,6 +213,12 @@ def tensor(
         raise Refused()
     if offset + binary_size > len(binary):
         raise Refused()
+    if name in RAW_INPUTS:  # binary BYTES elements are read one by one: their shape is checked before that
+        rows = shape[0] if shape else 0
+        if rows > max_rows:
+            raise Refused(413)
+        if shape != [rows, NUM_DENSE if name == RAW_INTS else NUM_SPARSE] or rows == 0:
+            raise Refused()
     return name, shape, binary_values(datatype, binary[offset : offset + binary_size], size), offset + binary_size
 
 
