@@ -1,4 +1,4 @@
-"""The image's build context: every file the Dockerfile reads is in it.
+"""The image's build context and the Kubernetes manifests.
 
 Fast checks of what `make test-container` (minutes, Podman) and a cluster (none here) would find late:
 every file the Dockerfile reads is in the build context, the manifests are valid Kubernetes objects.
@@ -6,9 +6,15 @@ every file the Dockerfile reads is in the build context, the manifests are valid
 
 from __future__ import annotations
 
+import copy
 import subprocess
+from pathlib import Path
+from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
+import yaml
 
 from deploy.container.test_container import ARCHIVE as CONTAINER_TEST_ARCHIVE
 from servers.torchserve import REPO_ROOT
@@ -66,3 +72,120 @@ def test_build_context_leaves_out_the_rest_of_the_checkout() -> None:
     built = ["logs/ts_log.log", "frontend_agent/build/dlrm-frontend-agent.jar", "x/__pycache__/y.pyc"]
     for path in checkout + built:
         assert excluded(path, RULES), path
+
+
+# ---------------------------------------------------------------- Kubernetes manifests
+
+# The Kubernetes versions checked: the oldest and the newest whose schemas kubernetes-validate bundles.
+KUBERNETES_VERSIONS = ["1.25", kubernetes_validate.latest_version()]
+
+# Kubeflow training operator's kubeflow.org/v1 PyTorchJob, down to the pod templates (checked against
+# Kubernetes' PodTemplateSpec): its CRD is not published in a package, so its fields are written out here.
+REPLICA_SPEC = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["template"],
+    "properties": {
+        "replicas": {"type": "integer", "minimum": 0},
+        "restartPolicy": {"enum": ["Always", "OnFailure", "Never", "ExitCode"]},
+        "template": {"type": "object"},
+    },
+}
+PYTORCH_JOB = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "kubeflow.org/v1"},
+        "kind": {"const": "PyTorchJob"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["pytorchReplicaSpecs"],
+            "properties": {
+                "nprocPerNode": {"type": "string"},
+                "elasticPolicy": {"type": "object"},
+                "runPolicy": {"type": "object"},
+                "pytorchReplicaSpecs": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["Master"],
+                    "properties": {"Master": REPLICA_SPEC, "Worker": REPLICA_SPEC},
+                },
+            },
+        },
+    },
+}
+
+
+def validate(document: dict[str, Any], version: str) -> None:
+    """Raises jsonschema.ValidationError where ``document`` is not a valid object of Kubernetes ``version``.
+
+    Strict: a field the API does not know (a typo) is an error, as `kubectl apply` reports it.
+    """
+    if document["kind"] != "PyTorchJob":
+        kubernetes_validate.validate(document, version, strict=True)
+        return
+    jsonschema.validate(document, PYTORCH_JOB)
+    for role, replica in document["spec"]["pytorchReplicaSpecs"].items():
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role.lower()}}
+        kubernetes_validate.validate({**pod_template, "template": replica["template"]}, version, strict=True)
+
+
+def k8s_documents(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every object of the manifests under ``directory``, by kind."""
+    return {
+        document["kind"]: document
+        for path in sorted(directory.rglob("*.yaml"))
+        for document in yaml.safe_load_all(path.read_text())
+    }
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kubernetes_manifests_are_valid_api_objects(version: str) -> None:
+    documents = k8s_documents(K8S)
+    serving = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    assert set(documents) == serving | {"PersistentVolumeClaim", "PyTorchJob"}
+    for document in documents.values():
+        validate(document, version)
+
+
+def pod_spec(document: dict[str, Any]) -> dict[str, Any]:
+    if document["kind"] == "PyTorchJob":
+        return document["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    return document["spec"]["template"]["spec"]
+
+
+def misspell(document: dict[str, Any], where: str) -> dict[str, Any]:
+    """A copy of ``document`` with one field misspelt (or of the wrong type) at ``where``."""
+    document = copy.deepcopy(document)
+    if where == "container":
+        container = pod_spec(document)["containers"][0]
+        container["livenesProbe"] = container.pop("livenessProbe", {})
+    elif where == "pod":
+        pod_spec(document)["securityContex"] = pod_spec(document).pop("securityContext")
+    elif where == "replica":
+        replica = document["spec"]["pytorchReplicaSpecs"]["Master"]
+        replica["restartpolicy"] = replica.pop("restartPolicy")
+    elif where == "type":
+        document["spec"]["replicas"] = "two"
+    return document
+
+
+@pytest.mark.parametrize(
+    ("kind", "where"),
+    [
+        ("Deployment", "container"),
+        ("Deployment", "pod"),
+        ("Deployment", "type"),
+        ("PyTorchJob", "container"),
+        ("PyTorchJob", "pod"),
+        ("PyTorchJob", "replica"),
+    ],
+)
+def test_schema_check_refuses_a_misspelt_field(kind: str, where: str) -> None:
+    document = k8s_documents(K8S)[kind]
+    validate(document, KUBERNETES_VERSIONS[-1])
+    with pytest.raises(jsonschema.ValidationError):
+        validate(misspell(document, where), KUBERNETES_VERSIONS[-1])
