@@ -1,4 +1,4 @@
-"""The image's build context, its JVM settings and the Kubernetes manifests.
+"""The image's build context, its JVM settings, the container entry point and the Kubernetes manifests.
 
 Fast checks of what `make test-container` (minutes, Podman) and a cluster (none here) would find late:
 every file the Dockerfile reads is in the build context, the manifests are valid Kubernetes objects.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from deploy.container import entrypoint
 from deploy.container.test_container import ARCHIVE as CONTAINER_TEST_ARCHIVE
 from servers.torchserve import REPO_ROOT
 from tests.build_context import admitted_files, context_sources, excluded, instructions, parse_dockerignore
@@ -101,6 +103,37 @@ def test_image_bounds_the_jvm_heap_by_the_container_memory(tmp_path: Path) -> No
     # The frontend's measured live heap is 45-60 MiB, 182 MiB under 16 concurrent 2,000-row requests;
     # what the heap does not take is the Python workers' (JVM default: a quarter of the limit).
     assert 192 <= heap_mib <= 512 and percentage < 25, f"{heap_mib:.0f} MiB heap of {memory}"
+
+
+# ---------------------------------------------------------------- the container entry point
+
+
+def model_config(archive: Path) -> dict[str, Any]:
+    with zipfile.ZipFile(archive) as opened:
+        return yaml.safe_load(opened.read("model-config.yaml"))
+
+
+def test_entry_point_settings_replace_the_one_copy_of_the_archive(model_store: Path, tmp_path: Path) -> None:
+    archive = model_store / "dlrm.mar"
+    settings_store = tmp_path / "dlrm-model-store"
+    assert entrypoint.model_store({}, archive, settings_store) == model_store, "no DLRM_* setting: the image's own"
+    assert not settings_store.exists()
+    for workers in (1, 2, 3):  # three starts of a container
+        served = entrypoint.model_store({"DLRM_WORKERS": str(workers)}, archive, settings_store)
+        assert served == settings_store
+        assert [path.name for path in settings_store.iterdir()] == ["dlrm.mar"], "one copy, however many starts"
+        assert model_config(served / "dlrm.mar")["minWorkers"] == workers
+    assert [path.name for path in tmp_path.iterdir()] == ["dlrm-model-store"]
+    with zipfile.ZipFile(archive) as original, zipfile.ZipFile(settings_store / "dlrm.mar") as rewritten:
+        assert original.namelist() == rewritten.namelist()
+        for name in original.namelist():
+            if name != "model-config.yaml":
+                assert original.read(name) == rewritten.read(name), name
+    settings = ("minWorkers", "maxWorkers")
+    config, rewritten_config = model_config(archive), model_config(settings_store / "dlrm.mar")
+    assert {k: v for k, v in config.items() if k not in settings} == {
+        k: v for k, v in rewritten_config.items() if k not in settings
+    }
 
 
 # ---------------------------------------------------------------- Kubernetes manifests

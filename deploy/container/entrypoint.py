@@ -5,6 +5,8 @@ those win over config.properties and over every TS_* variable (for instance
 TS_DEFAULT_WORKERS_PER_MODEL does nothing for an archive that sets minWorkers). So the
 settings an operator chooses at `docker run` time are written into a copy of the archive
 before TorchServe starts; without any of them the image's archive is served as built.
+The copy has one fixed place, SETTINGS_STORE (in the temporary directory, $TMPDIR or
+/tmp), which each start replaces: restarts never pile up copies of a large archive.
 
     DLRM_WORKERS          worker processes (minWorkers = maxWorkers)
     DLRM_THREADS          torch threads per worker (default: usable cores / workers)
@@ -33,6 +35,8 @@ import yaml
 from handler.settings import ServingSettings, SettingsError
 
 ARCHIVE = Path("/opt/dlrm/model_store/dlrm.mar")
+# The model store of the archive with the DLRM_* settings applied (the image's own is read-only).
+SETTINGS_STORE = Path(tempfile.gettempdir()) / "dlrm-model-store"
 MANIFEST = "MAR-INF/MANIFEST.json"
 # Each variable and the ServingSettings field it sets.
 VARIABLES = {
@@ -95,16 +99,30 @@ def copied_info(entry: zipfile.ZipInfo) -> zipfile.ZipInfo:
     return info
 
 
+def model_store(environ: Mapping[str, str], archive: Path = ARCHIVE, settings_store: Path = SETTINGS_STORE) -> Path:
+    """The model store to serve ``archive`` from: its own directory, or with DLRM_* settings ``settings_store``.
+
+    The settings' copy replaces the previous start's: the old one goes first (TorchServe is not running
+    yet, and a full-size archive is GBs, so two must not coexist), the new one is written beside it
+    under a temporary name and renamed into place once complete.
+    """
+    overrides = overrides_from(environ)
+    if not overrides:
+        return archive.parent
+    settings_store.mkdir(mode=0o700, exist_ok=True)
+    served = settings_store / archive.name
+    served.unlink(missing_ok=True)
+    partial = settings_store / f".{archive.name}.partial"
+    model_yaml = rewrite_archive(archive, partial, overrides)
+    os.replace(partial, served)
+    print(f"serving {archive.name} with {json.dumps(model_yaml)}", flush=True)
+    return settings_store
+
+
 def main() -> None:
-    model_store = ARCHIVE.parent
-    overrides = overrides_from(os.environ)
-    if overrides:
-        model_store = Path(tempfile.mkdtemp(prefix="dlrm-model-store-"))
-        model_yaml = rewrite_archive(ARCHIVE, model_store / ARCHIVE.name, overrides)
-        print(f"serving {ARCHIVE.name} with {json.dumps(model_yaml)}", flush=True)
     command = [
         "torchserve", "--start", "--foreground", "--ncs",
-        "--model-store", str(model_store), "--models", f"dlrm={ARCHIVE.name}",
+        "--model-store", str(model_store(os.environ)), "--models", f"dlrm={ARCHIVE.name}",
     ]  # fmt: skip
     os.execvp(command[0], command)
 
