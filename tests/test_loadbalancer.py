@@ -8,6 +8,8 @@ process group: frontend and worker) while clients keep sending predictions.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import signal
@@ -217,6 +219,102 @@ def test_worker_died_response_is_sent_again(status: int, tmp_path: Path) -> None
         thread.join()
     assert response.status_code == 200
     assert handler.bodies == [SAMPLE, SAMPLE], "the retry must carry the same body"
+
+
+class StandInReplica:
+    """A stand-in for a TorchServe replica on a loopback port: it answers each POST with ``status`` (which a test
+    may change) after ``hold`` is set, and counts what it answers. For the answers TorchServe gives only under
+    conditions hard to bring about on demand (its job queue full), or to hold requests in flight."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.hold = threading.Event()
+        self.hold.set()
+        self.received = 0
+        self.answered: list[int] = []
+        replica = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                replica.received += 1
+                replica.hold.wait(30)
+                status = replica.status
+                replica.answered.append(status)
+                reply = json.dumps({"code": status, "type": "ServiceUnavailableException", "message": "stand-in"})
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply.encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.server.server_port}"
+
+    def __enter__(self) -> StandInReplica:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.hold.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def post_from(client: str, nginx: NginxProcess, path: str = "/predictions/dlrm") -> tuple[int, bytes]:
+    """POST the sample to ``nginx`` from the loopback address ``client`` (all of 127.0.0.0/8 reaches loopback),
+    so that nginx sees distinct clients: the status and the body of the answer."""
+    connection = http.client.HTTPConnection(LOOPBACK, nginx.port, timeout=30, source_address=(client, 0))
+    try:
+        connection.request("POST", path, SAMPLE, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@needs_nginx
+def test_overloaded_replicas_are_not_taken_out_of_rotation(tmp_path: Path) -> None:
+    """TorchServe answers 503 when its job queue is full (and when a handler raises): the replica is alive.
+    Counted as failures, a burst of 503s from every replica would take them all out for fail_timeout, and
+    every client would get 502 for 10 s after the overload ended."""
+    with (
+        StandInReplica(503) as first,
+        StandInReplica(503) as second,
+        NginxProcess([first.address, second.address], tmp_path / "nginx") as nginx,
+    ):
+        overloaded = [post_from("127.0.0.1", nginx)[0] for _ in range(12)]
+        first.status = second.status = 200
+        after = [post_from("127.0.0.1", nginx)[0] for _ in range(6)]
+        error_log = nginx.error_log.read_text()
+    assert set(overloaded) == {503}, "the overload's 503 reaches the client as it is"
+    assert after == [200] * 6, "no replica was taken out of rotation"
+    assert "temporarily disabled" not in error_log
+
+
+@needs_nginx
+def test_one_overloaded_replica_is_retried_elsewhere_and_stays_in_rotation(tmp_path: Path) -> None:
+    with (
+        StandInReplica(503) as overloaded,
+        StandInReplica(200) as healthy,
+        NginxProcess([overloaded.address, healthy.address], tmp_path / "nginx") as nginx,
+    ):
+        statuses = [post_from("127.0.0.1", nginx)[0] for _ in range(20)]
+        error_log = nginx.error_log.read_text()
+    assert statuses == [200] * 20, "an overloaded replica's 503 is retried on the other one"
+    assert len(overloaded.answered) >= 10, "the overloaded replica keeps getting its share: it was not taken out"
+    assert "temporarily disabled" not in error_log
 
 
 # ---------------------------------------------------------------- deploy manifests
