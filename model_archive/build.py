@@ -49,6 +49,7 @@ from model_factory.artifact import (
 )
 from model_factory.config import DEFAULT_PRESET, ConfigError, DLRMConfig, preset
 from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
+from model_factory.files import move_into_place, write_file
 from model_factory.quantization import QuantizationSpec, TableDtype, quantize_model_tables, random_quantized_model
 from servers.torchserve import executable
 from training.checkpoint import is_checkpoint, latest_checkpoint
@@ -177,7 +178,12 @@ def copy_packages(destination: Path) -> None:
 
 
 def build_archive(options: BuildOptions) -> tuple[Path, ModelArtifact]:
-    """Run torch-model-archiver over a staged artifact; returns the archive (file or directory) and its model."""
+    """Run torch-model-archiver over a staged artifact; returns the archive (file or directory) and its model.
+
+    The archive is built in the staging directory and renamed over the old one when complete
+    (:func:`~model_factory.files.move_into_place`): the archiver itself truncates an existing ``.mar``
+    and copies over the files of an existing unzipped archive, which TorchServe's workers may be mapping.
+    """
     output = options.output
     output.parent.mkdir(parents=True, exist_ok=True)
     unzipped = options.archive_format == ArchiveFormat.UNZIPPED
@@ -187,18 +193,20 @@ def build_archive(options: BuildOptions) -> tuple[Path, ModelArtifact]:
         artifact = write_model_artifact(options, staging / "artifact")
         copy_packages(staging / "code")
         model_yaml = staging / MODEL_YAML
-        model_yaml.write_text(yaml.safe_dump(options.serving.to_model_yaml(), sort_keys=False))
+        write_file(model_yaml, yaml.safe_dump(options.serving.to_model_yaml(), sort_keys=False))
         metadata = staging / "artifact" / oip.METADATA_FILE
-        metadata.write_bytes(orjson.dumps(oip.model_metadata(artifact.model), option=orjson.OPT_INDENT_2))
+        write_file(metadata, orjson.dumps(oip.model_metadata(artifact.model), option=orjson.OPT_INDENT_2))
         tables = staging / "artifact" / TABLES_FILE
         extra_files = [staging / "artifact" / CONFIG_FILE, metadata, staging / "code"]
         if options.golden_set is not None:
             rows, labels = read_golden_rows(options.golden_set, options.golden_rows, artifact.model)
             golden = GoldenSet(rows, labels, score_in_process(staging / "artifact", rows))
             extra_files.append(staging / GOLDEN_FILE)
-            extra_files[-1].write_bytes(golden.to_json())
+            write_file(extra_files[-1], golden.to_json())
         if tables.exists() and not unzipped:
             extra_files.append(tables)
+        built = staging / "archive"
+        staged = built / (output.stem if unzipped else output.name)
         command = [
             executable("torch-model-archiver"),
             "--model-name", output.stem,
@@ -207,13 +215,15 @@ def build_archive(options: BuildOptions) -> tuple[Path, ModelArtifact]:
             "--serialized-file", str(staging / "artifact" / WEIGHTS_FILE),
             "--extra-files", ",".join(str(path) for path in extra_files),
             "--config-file", str(model_yaml),
-            "--export-path", str(output.parent),
+            "--export-path", str(built),
             "--archive-format", options.archive_format.value,
             "--force",
         ]  # fmt: skip
+        built.mkdir()
         subprocess.run(command, check=True)
         if tables.exists() and unzipped:
-            tables.rename(options.archive_path / TABLES_FILE)
+            tables.rename(staged / TABLES_FILE)
+        move_into_place(staged, options.archive_path)
     return options.archive_path, artifact
 
 

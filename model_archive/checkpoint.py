@@ -23,7 +23,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
 
-from model_factory.artifact import TABLES_FILE, WEIGHTS_FILE, ModelArtifact, write_description
+from model_factory.artifact import TABLES_FILE, WEIGHTS_FILE, ModelArtifact, save_state_dict, write_description
 from model_factory.config import ConfigError, DLRMConfig
 from model_factory.factory import build_dlrm
 from model_factory.quantization import StoredTable, quantize_table, write_table_file
@@ -108,5 +108,5 @@ def write_artifact_from_checkpoint(directory: Path, artifact: ModelArtifact, che
         write_table_file(artifact.table_file(), directory / TABLES_FILE, quantized)
     else:
         state |= weights.read([key for key in weights.keys if key.startswith(_TABLE_PREFIX)])
-    torch.save(state, directory / WEIGHTS_FILE)
+    save_state_dict(directory / WEIGHTS_FILE, state)
     write_description(directory, artifact)

@@ -35,6 +35,7 @@ from torchrec.models.dlrm import DLRM
 from model_factory.config import ConfigError, DLRMConfig
 from model_factory.factory import build_dlrm, load_weights
 from model_factory.features import Preprocessing
+from model_factory.files import replacing, write_file
 from model_factory.quantization import (
     MlpDtype,
     QuantizationSpec,
@@ -143,7 +144,7 @@ def write_artifact(directory: Path, artifact: ModelArtifact, model: DLRM) -> Non
     if artifact.quantized_tables:
         state = {key: value for key, value in state.items() if not key.startswith(_TABLES_PREFIX)}
         write_tables(model.sparse_arch.embedding_bag_collection, artifact.table_file(), directory / TABLES_FILE)
-    torch.save(state, directory / WEIGHTS_FILE)
+    save_state_dict(directory / WEIGHTS_FILE, state)
     write_description(directory, artifact)
 
 
@@ -151,7 +152,7 @@ def write_description(directory: Path, artifact: ModelArtifact) -> None:
     """``model_config.json`` alone, in the current format: for weights written some other way."""
     directory.mkdir(parents=True, exist_ok=True)
     artifact = replace(artifact, format_version=FORMAT_VERSION, recorded_table_file=None)
-    (directory / CONFIG_FILE).write_text(json.dumps(artifact.to_dict(), indent=2) + "\n")
+    write_file(directory / CONFIG_FILE, json.dumps(artifact.to_dict(), indent=2) + "\n")
 
 
 def read_artifact(directory: Path) -> ModelArtifact:
@@ -161,6 +162,12 @@ def read_artifact(directory: Path) -> ModelArtifact:
     except OSError as error:
         raise ConfigError(f"cannot read model artifact {path}: {error}") from error
     return ModelArtifact.from_json(text, source=str(path))
+
+
+def save_state_dict(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Save a state dict as ``weights.pt``, replacing the file rather than rewriting it: workers map it."""
+    with replacing(path) as file:
+        torch.save(state, file)
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -60,6 +60,7 @@ from torchrec.tensor_types import UInt4Tensor
 
 from model_factory.config import ConfigError, DLRMConfig
 from model_factory.factory import META, build_dlrm, embedding_bag_configs, init_weights, table_name
+from model_factory.files import replacing
 
 logger = logging.getLogger(__name__)
 
@@ -365,9 +366,10 @@ def write_table_file(layout: TableFile, path: Path, rows_of: Callable[[StoredTab
 
     Tables are asked for one at a time, in file order, and nothing of one is kept
     once it is written: a caller that makes each table when asked (quantizing it
-    from a checkpoint) never holds more than one.
+    from a checkpoint) never holds more than one. An existing file is replaced, not
+    rewritten: processes that map it keep their tables (:mod:`model_factory.files`).
     """
-    with open(path, "wb") as output:
+    with replacing(path) as output:
         for part in layout.tbes:
             for table in part.tables:
                 output.write(bytes(part.offset + table.offset - output.tell()))

@@ -61,6 +61,7 @@ from model_factory.artifact import WEIGHTS_FILE, ModelArtifact, Provenance, writ
 from model_factory.config import DEFAULT_PRESET, PRESETS, ConfigError, DLRMConfig, preset
 from model_factory.factory import build_dlrm, load_weights
 from model_factory.features import Preprocessing, rows_to_kjt
+from model_factory.files import write_file
 from training import checkpoint
 from training.checkpoint import Progress
 from training.criteo import metadata_path, read_batches
@@ -410,8 +411,8 @@ def write_outputs(
         (config.output / WEIGHTS_FILE).unlink(missing_ok=True)  # a one-process run's, now out of date
         write_description(config.output, artifact)
     sharding = {"world_size": len(table_bytes), "rank_table_bytes": list(table_bytes), "tables": describe_plan(plan)}
-    (config.output / SHARDING_FILE).write_text(json.dumps(sharding, indent=2) + "\n")
-    (config.output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_file(config.output / SHARDING_FILE, json.dumps(sharding, indent=2) + "\n")
+    write_file(config.output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainingConfig:
