@@ -21,6 +21,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from servers.torchserve import LOOPBACK, free_port
@@ -30,10 +31,25 @@ UPSTREAM = "${DLRM_UPSTREAM}"
 LISTEN = "${DLRM_LISTEN}"
 
 
-def render_site(upstreams: Sequence[str], listen: str) -> str:
+@dataclass(frozen=True)
+class ClientLimits:
+    """What one client address may send through nginx; the defaults are deploy/compose.yaml's (the template
+    explains them). Beyond them nginx answers 429."""
+
+    rate: int = 5000  # requests per second
+    burst: int = 5000  # requests beyond the rate answered at once
+    connections: int = 64  # requests in flight
+
+    def placeholders(self) -> dict[str, str]:
+        """The template's placeholder for each limit, with its value."""
+        return {f"${{DLRM_CLIENT_{name.upper()}}}": str(value) for name, value in asdict(self).items()}
+
+
+def render_site(upstreams: Sequence[str], listen: str, limits: ClientLimits = ClientLimits()) -> str:
     """The site config for these replica addresses (the template's server line once per address)."""
     if not upstreams:
         raise ValueError("at least one upstream address is needed")
+    values = {LISTEN: listen, **limits.placeholders()}
     lines = []
     for line in SITE_TEMPLATE.read_text().splitlines(keepends=True):
         if line.lstrip().startswith("#"):
@@ -41,8 +57,10 @@ def render_site(upstreams: Sequence[str], listen: str) -> str:
         elif UPSTREAM in line:
             lines.extend(line.replace(UPSTREAM, address) for address in upstreams)
         else:
-            lines.append(line.replace(LISTEN, listen))
-            if "${DLRM_" in lines[-1]:
+            for placeholder, value in values.items():
+                line = line.replace(placeholder, value)
+            lines.append(line)
+            if "${DLRM_" in line:
                 raise ValueError(f"{SITE_TEMPLATE} has a placeholder that render_site does not fill: {line.strip()}")
     return "".join(lines)
 
@@ -50,10 +68,13 @@ def render_site(upstreams: Sequence[str], listen: str) -> str:
 class NginxProcess:
     """nginx in the foreground of its own process group, serving the rendered site on a loopback port."""
 
-    def __init__(self, upstreams: Sequence[str], workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, upstreams: Sequence[str], workdir: Path, port: int | None = None, limits: ClientLimits = ClientLimits()
+    ) -> None:
         self.upstreams = list(upstreams)
         self.workdir = workdir.resolve()
         self.port = port or free_port()
+        self.limits = limits
         self.process: subprocess.Popen | None = None
 
     @property
@@ -71,7 +92,7 @@ class NginxProcess:
     def write_config(self) -> Path:
         """The site (the shipped template, listening on loopback) inside a main config of this prefix."""
         site = self.workdir / "dlrm.conf"
-        site.write_text(render_site(self.upstreams, f"{LOOPBACK}:{self.port}"))
+        site.write_text(render_site(self.upstreams, f"{LOOPBACK}:{self.port}", self.limits))
         temp = {name: self.workdir / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
         # As root, nginx's workers would switch to an unprivileged user that cannot use this work directory.
         user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
@@ -154,8 +175,12 @@ def main() -> None:
     render = commands.add_parser("render", help="print the site config (an nginx http-context file)")
     render.add_argument("--upstream", action="append", required=True, help="host:port of a replica; repeat")
     render.add_argument("--listen", default="8080", help="port or address:port nginx listens on (default: 8080)")
+    defaults = ClientLimits()
+    for name, value in asdict(defaults).items():
+        render.add_argument(f"--client-{name}", type=int, default=value, help=f"ClientLimits.{name} (default: {value})")
     args = parser.parse_args()
-    print(render_site(args.upstream, args.listen), end="")
+    limits = ClientLimits(args.client_rate, args.client_burst, args.client_connections)
+    print(render_site(args.upstream, args.listen, limits), end="")
 
 
 if __name__ == "__main__":

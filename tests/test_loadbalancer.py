@@ -27,7 +27,7 @@ import requests
 import yaml
 
 from servers.load import SteadyLoad
-from servers.nginx import LISTEN, UPSTREAM, NginxProcess, nginx_path, render_site
+from servers.nginx import LISTEN, UPSTREAM, ClientLimits, NginxProcess, nginx_path, render_site
 from servers.torchserve import LOOPBACK, REPO_ROOT, TorchServeProcess, free_port
 from tests.test_server import prometheus_counter
 
@@ -317,6 +317,44 @@ def test_one_overloaded_replica_is_retried_elsewhere_and_stays_in_rotation(tmp_p
     assert "temporarily disabled" not in error_log
 
 
+def assert_too_many_requests(status: int, body: bytes) -> None:
+    assert status == 429, body
+    answer = json.loads(body)
+    assert answer["code"] == 429 and answer["type"] == "too_many_requests", answer
+
+
+@needs_nginx
+def test_a_client_over_the_rate_limit_gets_429_and_another_is_served(tmp_path: Path) -> None:
+    limits = ClientLimits(rate=5, burst=5, connections=64)  # the shipped template, with limits a test reaches
+    with StandInReplica() as replica, NginxProcess([replica.address], tmp_path / "nginx", limits=limits) as nginx:
+        greedy = [post_from("127.0.0.2", nginx) for _ in range(limits.burst + 10)]
+        other = [post_from("127.0.0.3", nginx) for _ in range(3)]
+    statuses = [status for status, _ in greedy]
+    assert statuses[: limits.burst + 1] == [200] * (limits.burst + 1), "the burst is answered at once"
+    assert statuses.count(429) >= 5, statuses
+    for status, body in greedy:
+        if status != 200:
+            assert_too_many_requests(status, body)
+    assert [status for status, _ in other] == [200] * 3, "another client is not limited by the first one's requests"
+    assert len(replica.answered) == statuses.count(200) + 3, "nginx refused the excess without passing it on"
+
+
+@needs_nginx
+def test_a_client_over_the_connection_limit_gets_429_and_another_is_served(tmp_path: Path) -> None:
+    limits = ClientLimits(connections=2)
+    with StandInReplica() as replica, NginxProcess([replica.address], tmp_path / "nginx", limits=limits) as nginx:
+        replica.hold.clear()  # requests stay in flight until released
+        with ThreadPoolExecutor(3) as pool:
+            in_flight = [pool.submit(post_from, "127.0.0.2", nginx) for _ in range(limits.connections)]
+            assert eventually(lambda: replica.received == limits.connections)
+            other = pool.submit(post_from, "127.0.0.3", nginx)
+            assert eventually(lambda: replica.received == limits.connections + 1), "the other client is let in"
+            assert_too_many_requests(*post_from("127.0.0.2", nginx))
+            replica.hold.set()
+            assert [future.result()[0] for future in in_flight] == [200] * limits.connections
+            assert other.result()[0] == 200
+
+
 # ---------------------------------------------------------------- deploy manifests
 
 
@@ -347,6 +385,8 @@ def test_compose_file_wires_nginx_to_the_replicas() -> None:
     placeholders = set(re.findall(r"\$\{(DLRM_\w+)\}", template))
     assert placeholders <= set(balancer["environment"]), "every placeholder of the template is set"
     assert balancer["environment"]["DLRM_UPSTREAM"] == "dlrm:8080"
+    limits = {placeholder[2:-1]: value for placeholder, value in ClientLimits().placeholders().items()}
+    assert limits == {name: balancer["environment"][name] for name in limits}, "compose's limits are the defaults"
     assert balancer["depends_on"]["dlrm"]["condition"] == "service_healthy"
 
 
