@@ -9,8 +9,9 @@ import java.util.Map;
 import java.util.function.UnaryOperator;
 
 /**
- * A Java agent (-javaagent, set in config.properties' vmargs) that changes two classes of
- * TorchServe 0.12's frontend as they load; nothing else of it is touched.
+ * A Java agent (-javaagent, set in config.properties' vmargs) that changes three classes of
+ * TorchServe 0.12's frontend as they load; nothing else of it is touched. Every TorchServe
+ * internal it relies on is listed in docs/torchserve-internals.md.
  *
  * <p>OpenInferenceProtocolRequestHandler is replaced by this project's: TorchServe 0.12 answers
  * /v2/health and /v2 but not the Open Inference Protocol's model metadata and model readiness
@@ -21,6 +22,11 @@ import java.util.function.UnaryOperator;
  * which is exactly where the missing routes belong. The replacement is compiled against the
  * installed TorchServe jar, so a TorchServe whose internals changed fails at build time, not
  * while serving.
+ *
+ * <p>ModelServer gets {@link StandardServiceRegistration}: its gRPC inference server also serves
+ * the Open Inference Protocol's standard inference.GRPCInferenceService
+ * ({@link StandardInferenceService}), which standard clients call, beside TorchServe's own
+ * org.pytorch.serve.grpc.openinference.GRPCInferenceService.
  *
  * <p>WorkerThread gets {@link ImmediateFirstRestart}: a dead worker's first restart at once
  * instead of after TorchServe's fixed one-second back-off.
@@ -42,6 +48,7 @@ public final class FrontendAgent {
         Map<String, UnaryOperator<byte[]>> changes =
                 Map.of(
                         OIP_HANDLER, original -> replacement,
+                        StandardServiceRegistration.TARGET, StandardServiceRegistration::patch,
                         ImmediateFirstRestart.TARGET, ImmediateFirstRestart::patch);
         instrumentation.addTransformer(
                 new ClassFileTransformer() {

@@ -38,8 +38,8 @@ final class ImmediateFirstRestart {
     private ImmediateFirstRestart() {}
 
     static byte[] patch(byte[] original) {
-        int at = indexOf(original, BACK_OFF_START, 0);
-        if (at < 0 || indexOf(original, BACK_OFF_START, at + 1) >= 0) {
+        int at = ClassBytes.indexOf(original, BACK_OFF_START, 0);
+        if (at < 0 || ClassBytes.indexOf(original, BACK_OFF_START, at + 1) >= 0) {
             System.err.println(
                     "dlrm frontend agent: WorkerThread's BACK_OFF initialiser not found exactly once; "
                             + "dead workers restart after TorchServe's own back-off");
@@ -48,14 +48,5 @@ final class ImmediateFirstRestart {
         byte[] patched = Arrays.copyOf(original, original.length);
         patched[at + FIRST_RETRY_VALUE] = ICONST_0;
         return patched;
-    }
-
-    private static int indexOf(byte[] data, byte[] pattern, int from) {
-        for (int start = from; start <= data.length - pattern.length; start++) {
-            if (Arrays.equals(data, start, start + pattern.length, pattern, 0, pattern.length)) {
-                return start;
-            }
-        }
-        return -1;
     }
 }

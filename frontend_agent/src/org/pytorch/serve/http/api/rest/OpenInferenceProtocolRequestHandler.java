@@ -1,49 +1,39 @@
 package org.pytorch.serve.http.api.rest;
 
 import com.google.gson.JsonArray;
-import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
-import com.google.gson.JsonParseException;
-import com.google.gson.JsonParser;
+import dlrm.agent.OipModels;
 import io.netty.channel.ChannelHandlerContext;
 import io.netty.handler.codec.http.FullHttpRequest;
 import io.netty.handler.codec.http.HttpMethod;
 import io.netty.handler.codec.http.HttpResponseStatus;
 import io.netty.handler.codec.http.QueryStringDecoder;
-import java.io.File;
-import java.io.IOException;
-import java.nio.charset.StandardCharsets;
-import java.nio.file.Files;
-import java.util.Map;
 import org.pytorch.serve.archive.DownloadArchiveException;
 import org.pytorch.serve.archive.model.ModelException;
 import org.pytorch.serve.archive.model.ModelNotFoundException;
 import org.pytorch.serve.archive.model.ModelVersionNotFoundException;
 import org.pytorch.serve.archive.workflow.WorkflowException;
 import org.pytorch.serve.http.HttpRequestHandlerChain;
-import org.pytorch.serve.util.ConfigManager;
 import org.pytorch.serve.util.NettyUtils;
 import org.pytorch.serve.wlm.Model;
 import org.pytorch.serve.wlm.ModelManager;
 import org.pytorch.serve.wlm.WorkerInitializationException;
-import org.pytorch.serve.wlm.WorkerState;
 
 /**
  * The Open Inference Protocol's REST routes other than inference, in place of TorchServe
- * 0.12.0's class of the same name (loaded by dlrm.agent.OipRoutesAgent).
+ * 0.12.0's class of the same name (put in its place by dlrm.agent.FrontendAgent).
  *
  * <p>TorchServe's inference handler takes POST /v2/models/{m}/infer before this link of the
  * chain is reached. Kept from TorchServe: GET /v2/health/live and /v2 (server metadata, with
  * its "extensions" key spelled as the protocol spells it). Changed: GET /v2/health/ready, always
- * true in TorchServe (even while every worker is down and restarting), is true while every model's
- * default version is ready. Added: GET /v2/models/{m}[/versions/{v}] (model metadata) and
- * .../ready (model readiness). A model's tensors come from the oip-metadata.json that
- * build_mar.py writes into its archive from the handler's own schema; a model is ready while
- * one of its workers has it loaded. Errors have the protocol's {"error": ...} body.
+ * true in TorchServe (even while every worker is down and restarting, or with no model at all), is
+ * true while at least one model is registered and every model's default version is ready. Added:
+ * GET /v2/models/{m}[/versions/{v}] (model metadata) and .../ready (model readiness), answered as
+ * the standard gRPC service answers them ({@link OipModels}). Errors have the protocol's
+ * {"error": ...} body.
  */
 public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain {
 
-    static final String METADATA_FILE = "oip-metadata.json";
     private static final String SERVER_METADATA_API = "/v2";
     private static final String SERVER_LIVE_API = "/v2/health/live";
     private static final String SERVER_READY_API = "/v2/health/ready";
@@ -60,8 +50,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
                     WorkerInitializationException {
         String path = String.join("/", segments).trim();
         if (path.equals(SERVER_READY_API)) {
-            boolean ready = ModelManager.getInstance().getDefaultModels().values().stream().allMatch(
-                    OpenInferenceProtocolRequestHandler::isReady);
+            boolean ready = OipModels.serverReady();
             JsonObject response = new JsonObject();
             response.addProperty("ready", ready);
             // The protocol answers "not ready" with a 4xx.
@@ -72,10 +61,10 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
             NettyUtils.sendJsonResponse(ctx, response);
         } else if (path.equals(SERVER_METADATA_API)) {
             JsonObject response = new JsonObject();
-            response.addProperty("name", "Torchserve");
-            response.addProperty("version", ConfigManager.getInstance().getVersion());
+            response.addProperty("name", OipModels.SERVER_NAME);
+            response.addProperty("version", OipModels.serverVersion());
             JsonArray extensions = new JsonArray();
-            extensions.add("binary_tensor_data");
+            OipModels.EXTENSIONS.forEach(extensions::add);
             response.add("extensions", extensions);
             NettyUtils.sendJsonResponse(ctx, response);
         } else if (segments.length >= 4 && "v2".equals(segments[1]) && "models".equals(segments[2])) {
@@ -129,18 +118,8 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         }
     }
 
-    /**
-     * Ready: a worker has the model loaded and can take a request. Not TorchServe's "healthy"
-     * (its /ping and gRPC ModelReady), which counts a worker that died and is restarting as
-     * healthy for max_retry_timeout_in_sec.
-     */
-    private static boolean isReady(Model model) {
-        return ModelManager.getInstance().getWorkers(model.getModelVersionName()).stream()
-                .anyMatch(worker -> worker.getState() == WorkerState.WORKER_MODEL_LOADED);
-    }
-
     private static void sendReadiness(ChannelHandlerContext ctx, Model model) {
-        if (isReady(model)) {
+        if (OipModels.isReady(model)) {
             JsonObject response = new JsonObject();
             response.addProperty("name", model.getModelName());
             response.addProperty("ready", true);
@@ -152,36 +131,13 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
     }
 
     private static void sendMetadata(ChannelHandlerContext ctx, Model model) {
-        JsonObject response = new JsonObject();
-        response.addProperty("name", model.getModelName());
-        JsonArray versions = new JsonArray();
         try {
-            for (Map.Entry<String, Model> entry :
-                    ModelManager.getInstance().getAllModelVersions(model.getModelName())) {
-                versions.add(entry.getKey());
-            }
-        } catch (ModelNotFoundException e) {
+            NettyUtils.sendJsonResponse(ctx, OipModels.toJson(OipModels.metadata(model)));
+        } catch (ModelNotFoundException e) { // unregistered meanwhile
             sendError(ctx, HttpResponseStatus.NOT_FOUND, e.getMessage());
-            return;
+        } catch (OipModels.InvalidMetadataException e) {
+            sendError(ctx, HttpResponseStatus.INTERNAL_SERVER_ERROR, e.getMessage());
         }
-        response.add("versions", versions);
-        File file = new File(model.getModelDir(), METADATA_FILE);
-        try {
-            JsonObject tensors =
-                    JsonParser.parseString(Files.readString(file.toPath(), StandardCharsets.UTF_8))
-                            .getAsJsonObject();
-            for (Map.Entry<String, JsonElement> entry : tensors.entrySet()) {
-                response.add(entry.getKey(), entry.getValue());
-            }
-        } catch (IOException | JsonParseException | IllegalStateException e) {
-            sendError(
-                    ctx,
-                    HttpResponseStatus.INTERNAL_SERVER_ERROR,
-                    "the archive of " + model.getModelName() + " has no readable " + METADATA_FILE
-                            + " (built by an older build_mar.py?): " + e.getMessage());
-            return;
-        }
-        NettyUtils.sendJsonResponse(ctx, response);
     }
 
     private static void sendError(ChannelHandlerContext ctx, HttpResponseStatus status, String message) {
