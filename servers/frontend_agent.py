@@ -1,9 +1,11 @@
 """Build the TorchServe frontend agent of ``frontend_agent/`` (a jar) with the JDK's ``javac``.
 
 The agent gives TorchServe 0.12 the Open Inference Protocol's model metadata and model
-readiness routes (``GET /v2/models/{m}[/versions/{v}][/ready]``) and restarts a dead worker
-at once the first time (not after TorchServe's one-second back-off); the Java sources say how
-and why. ``config.properties`` loads it through ``vmargs=-javaagent:...``, so it must exist
+readiness routes (``GET /v2/models/{m}[/versions/{v}][/ready]``) and its standard gRPC service
+(``inference.GRPCInferenceService``, which ``tritonclient.grpc`` and KServe's client call), and
+restarts a dead worker at once the first time (not after TorchServe's one-second back-off); the
+Java sources say how and why, docs/torchserve-internals.md what of TorchServe they rely on.
+``config.properties`` loads it through ``vmargs=-javaagent:...``, so it must exist
 before TorchServe starts: ``make install`` builds it, :class:`~servers.torchserve.TorchServeProcess`
 rebuilds it when a source changed, the container image builds it in its build stage.
 
