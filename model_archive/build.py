@@ -13,6 +13,7 @@ initialisation that the archive records as untrained.
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import subprocess
@@ -220,7 +221,10 @@ def build_archive(options: BuildOptions) -> tuple[Path, ModelArtifact]:
             "--force",
         ]  # fmt: skip
         built.mkdir()
-        subprocess.run(command, check=True)
+        # The archiver gathers the files in $TMPDIR/<model name>, removed first: a private TMPDIR keeps two
+        # builds of the same model name (tests, a rollout beside a build) from deleting each other's files.
+        (staging / "tmp").mkdir()
+        subprocess.run(command, check=True, env={**os.environ, "TMPDIR": str(staging / "tmp")})
         if tables.exists() and unzipped:
             tables.rename(staged / TABLES_FILE)
         move_into_place(staged, options.archive_path)

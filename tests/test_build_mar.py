@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,22 @@ def test_help_documents_every_flag() -> None:
     )  # fmt: skip
     for flag in flags:
         assert flag in result.stdout
+
+
+def test_a_build_leaves_other_builds_files_in_the_temporary_directory_alone(tmp_path: Path) -> None:
+    """torch-model-archiver gathers an archive's files in ``$TMPDIR/<model name>`` after deleting what is
+    there: two builds of one model name at once (tests, a rollout's build beside another) deleted each
+    other's files. Each build gives the archiver a private temporary directory."""
+    shared_tmp = tmp_path / "tmp"
+    other_build = shared_tmp / "dlrm"
+    other_build.mkdir(parents=True)
+    (other_build / "weights.pt").write_bytes(b"another build's file")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "build_mar.py"), "--output", str(tmp_path / "dlrm.mar"), "--seed", "1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(shared_tmp)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert (other_build / "weights.pt").read_bytes() == b"another build's file"
