@@ -7,7 +7,8 @@
 
 The server must run with the model-management API on and token authorization on
 (TS_ENABLE_MODEL_API=true TS_DISABLE_TOKEN_AUTHORIZATION=false); the keys are read
-from TorchServe's key_file.json (in the directory it was started from).
+from TorchServe's key_file.json (in the directory it was started from), and read
+again, or renewed, when TorchServe refuses an expired one (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 from rollout.gate import DEFAULT_LIMITS, GateLimits
 from rollout.publish import Switch, check, publish, rollback
 from rollout.server import RolloutError, TorchServe
-from servers.torchserve import Keys
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,6 +34,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=Path("key_file.json"),
         help="TorchServe's key file; absent: no token (default: %(default)s)",
+    )
+    common.add_argument(
+        "--register-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a new version may take to register, its workers included; a publish that takes longer "
+        "fails and unregisters it (default: %(default)s)",
     )
     common.add_argument(
         "--drain-grace",
@@ -81,11 +88,11 @@ def describe(switch: Switch) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    key_file = args.key_file if args.key_file.is_file() else None
     try:
-        keys = Keys.from_key_file(args.key_file) if args.key_file.is_file() else Keys()
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        sys.exit(f"rollout: cannot read TorchServe's keys from {args.key_file}: {error!r}")
-    server = TorchServe(args.management, args.inference, keys)
+        server = TorchServe(args.management, args.inference, key_file=key_file, register_timeout=args.register_timeout)
+    except RolloutError as error:
+        sys.exit(f"rollout: {error}")
     try:
         if args.command == "publish":
             limits = GateLimits(args.max_auc_drop, args.max_mean_drift, args.max_served_drift, args.min_auc)
@@ -103,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                 marker = " (default)" if state.default else ""
                 print(f"{args.model} {state.version}{marker}: {state.ready_workers} ready workers")
     except RolloutError as error:
-        sys.exit(f"rollout: {error}")
+        # The notes say what a failed publish could not undo.
+        sys.exit("\n".join([f"rollout: {error}", *getattr(error, "__notes__", [])]))
     finally:
         server.close()
 

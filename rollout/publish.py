@@ -12,6 +12,11 @@ directory: never an archive modified in place). Publishing:
    batch in its workers) and unregisters it, which stops its workers and
    frees their memory. Its archive stays in the store, for a rollback.
 
+A publish that fails before step 3 (a refused gate, an error, a registration
+past its timeout that TorchServe completes anyway) unregisters the new version:
+the server is left as it was, and the error raised is the one that failed it
+(a failed cleanup is added to it as a note).
+
 Both versions run side by side during the switch: the host needs the memory of
 both for that time (mapped tables: the page cache of both table files).
 """
@@ -19,6 +24,7 @@ both for that time (mapped tables: the page cache of both table files).
 from __future__ import annotations
 
 import json
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +34,10 @@ from packaging.version import InvalidVersion, Version
 from model_archive.contents import MANIFEST, read_file, serving_settings
 from model_archive.golden import GOLDEN_FILE, GoldenSet
 from rollout.gate import DEFAULT_LIMITS, GateLimits, Verdict, evaluate
-from rollout.server import RolloutError, TorchServe
+from rollout.server import NoAnswer, RolloutError, TorchServe
+
+# How long a failed publish waits for a version whose registration got no answer to show up (and be unregistered).
+UNANSWERED_WAIT_S = 60.0
 
 
 class GateRefused(RolloutError):
@@ -78,8 +87,8 @@ def publish(
         raise RolloutError(f"{model} {new} is already the default version")
     if any(state.version == new for state in registered):
         raise RolloutError(f"{model} {new} is already registered: unregister it first, or publish another version")
-    server.register(archive, model)
     try:
+        server.register(archive, model)
         new_scores = server.score(model, new, golden.rows, rows_per_request)
         current_scores = None
         if old is not None and limits is not None:
@@ -88,13 +97,40 @@ def publish(
         if not verdict.passed:
             raise GateRefused(f"{model} {new} {verdict}")
         server.set_default(model, new)
-    except BaseException:
-        server.unregister(model, new)
+    except BaseException as error:
+        withdraw(server, model, new, error)
         raise
     if old is not None:
         server.drain(model, old, drain_grace_s)
         server.unregister(model, old)
     return Switch(model, old, new, verdict)
+
+
+def withdraw(server: TorchServe, model: str, version: str, error: BaseException) -> None:
+    """Unregister ``version`` after ``error`` failed its publish, so that the server is left as it was.
+
+    A call that got no answer (``NoAnswer``: a registration past its timeout, say) may still be carried
+    out, so then the version is awaited a while. ``error`` stays the error raised: a failed cleanup is
+    added to it as a note.
+    """
+    wait_s = UNANSWERED_WAIT_S if isinstance(error, NoAnswer) else 0.0
+    deadline = time.monotonic() + wait_s
+    try:
+        while not any(state.version == version for state in server.versions(model)):
+            if time.monotonic() >= deadline:
+                if wait_s:
+                    error.add_note(
+                        f"{model} {version} was not registered {wait_s:.0f} s later; should `python -m rollout status` "
+                        f"list it, unregister it (DELETE /models/{model}/{version})"
+                    )
+                return
+            time.sleep(0.2)
+        server.unregister(model, version)
+    except RolloutError as cleanup:
+        error.add_note(
+            f"and {model} {version} may still be registered: removing it failed: {cleanup}; "
+            f"unregister it (DELETE /models/{model}/{version}) once the server answers"
+        )
 
 
 def check(server: TorchServe, archive: Path, model: str = "dlrm", limits: GateLimits = DEFAULT_LIMITS) -> Verdict:

@@ -85,15 +85,21 @@ KEY_FILE = "key_file.json"
 @dataclass(frozen=True)
 class Keys:
     """TorchServe's API keys, from the ``key_file.json`` it writes into its working directory when token
-    authorization is on; ``None`` where it is off."""
+    authorization is on; ``None`` where it is off.
+
+    The management and inference keys expire (``token_expiration_min``, 60 minutes by default); the
+    token-API key (``api``) does not, and renews them: ``GET /token?type=management|inference`` on the
+    management API, which rewrites the key file.
+    """
 
     management: str | None = None
     inference: str | None = None
+    api: str | None = None
 
     @classmethod
     def from_key_file(cls, path: Path) -> Keys:
         keys = json.loads(path.read_text())
-        return cls(management=keys["management"]["key"], inference=keys["inference"]["key"])
+        return cls(management=keys["management"]["key"], inference=keys["inference"]["key"], api=keys["API"]["key"])
 
 
 def bearer(key: str | None) -> dict[str, str]:

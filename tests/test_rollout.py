@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +32,9 @@ from model_archive.golden import GOLDEN_FILE, GoldenSet, auc
 from model_factory.config import preset
 from rollout.gate import GateLimits, evaluate
 from rollout.publish import GateRefused, publish, rollback
-from rollout.server import RolloutError, TorchServe
+from rollout.server import KEY_REFUSED, NoAnswer, RolloutError, TorchServe
 from servers.load import SteadyLoad
-from servers.torchserve import REPO_ROOT, TorchServeProcess, bearer
+from servers.torchserve import KEY_FILE, REPO_ROOT, Keys, TorchServeProcess, bearer
 from tests.archives import TEST_MAX_ROWS
 from training.synthetic import PlantedClickModel, format_tsv
 
@@ -207,3 +209,139 @@ def test_wait_ready_uses_the_key_file_under_token_authorization(updatable_server
     assert keyed.returncode == 0
     unkeyed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert unkeyed.returncode != 0 and "is not ready" in unkeyed.stderr
+
+
+def rollout_cli(server: TorchServeProcess, key_file: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m rollout ARGS`` against ``server``, as an operator runs it."""
+    endpoints = ["--management", server.endpoints.management, "--inference", server.endpoints.inference]
+    command = [sys.executable, "-m", "rollout", *args, *endpoints, "--key-file", str(key_file)]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def client(server: TorchServeProcess) -> TorchServe:
+    """A rollout client of ``server`` that reads its key file (and renews expired keys)."""
+    return TorchServe(server.endpoints.management, server.endpoints.inference, key_file=server.workdir / KEY_FILE)
+
+
+def registered(server: TorchServe) -> list[tuple[str, bool]]:
+    return [(state.version, state.default) for state in server.versions("dlrm")]
+
+
+def test_expired_keys_are_renewed(versions: Path, tmp_path: Path) -> None:
+    """Keys that expire 3 s after TorchServe writes them: ``python -m rollout`` renews them through TorchServe's token
+    API (TorchServe renews nothing by itself), and a publish outlives several expiries."""
+    overrides = {**UPDATES, "token_expiration_min": "0.05"}  # TorchServe reads a double: 3 s
+    with TorchServeProcess(versions, "dlrm=dlrm-1.0", tmp_path / "torchserve", overrides=overrides) as process:
+        key_file = process.workdir / KEY_FILE
+        deadline = time.monotonic() + 120
+        while not _ready(process):  # renews the keys on the way
+            assert time.monotonic() < deadline, process.log_tail()
+            time.sleep(0.5)
+        server = client(process)
+
+        expired = _wait_until_expired(key_file)
+        refused = requests.get(f"{process.endpoints.management}/models", headers=bearer(expired.management), timeout=10)
+        assert refused.status_code == 400 and KEY_REFUSED in refused.text
+        status = rollout_cli(process, key_file, "status")
+        assert status.returncode == 0, status.stderr
+        assert status.stdout == "dlrm 1.0 (default): 2 ready workers\n"
+        renewed = Keys.from_key_file(key_file)
+        assert renewed.management != expired.management and renewed.api == expired.api
+
+        _wait_until_expired(key_file)
+        switch = publish(server, versions, "dlrm-1.1", drain_grace_s=4.0)  # the keys expire again on the way
+        assert switch.new == "1.1" and switch.verdict.passed
+        assert registered(server) == [("1.1", True)]
+        server.close()
+
+
+def _ready(process: TorchServeProcess) -> bool:
+    """Whether a worker of dlrm is READY, asked by a rollout client (TorchServeProcess.wait_ready cannot renew keys)."""
+    if not process.keys().management:
+        return False  # no key file yet
+    server = client(process)
+    try:
+        return any(state.ready_workers for state in server.versions("dlrm"))
+    except NoAnswer:  # the key file is written before the APIs listen
+        return False
+    finally:
+        server.close()
+
+
+def _wait_until_expired(key_file: Path) -> Keys:
+    """The keys of ``key_file`` once both have expired."""
+    content = json.loads(key_file.read_text())
+    expiry = max(datetime.fromisoformat(content[api]["expiration time"]) for api in ("management", "inference"))
+    time.sleep(max(0.0, (expiry - datetime.now(UTC)).total_seconds()) + 0.2)
+    return Keys.from_key_file(key_file)
+
+
+def test_publish_past_its_register_timeout_leaves_the_server_as_it_was(
+    updatable_server: TorchServeProcess, versions: Path
+) -> None:
+    """A registration slower than ``--register-timeout`` goes on in TorchServe after the client gave up; the failed
+    publish unregisters the version all the same, and says what failed."""
+    key_file = updatable_server.workdir / KEY_FILE
+    failed = rollout_cli(updatable_server, key_file, "publish", "dlrm-1.1", "--model-store", str(versions),
+                         "--register-timeout", "0.05")  # fmt: skip
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("rollout: POST /models: ") and "timed out" in failed.stderr, failed.stderr
+    # TorchServe answers the registration (to nobody) once its workers are up: only then is the outcome final.
+    access_log = updatable_server.log_dir / "access_log.log"
+    deadline = time.monotonic() + 120
+    while '"POST /models?url=dlrm-1.1&' not in access_log.read_text():
+        assert time.monotonic() < deadline, updatable_server.log_tail()
+        time.sleep(0.2)
+    server = client(updatable_server)
+    assert registered(server) == [("1.0", True)]
+    server.close()
+
+
+def renew_management_key_once_registering(process: TorchServeProcess, version: str) -> None:
+    """Another client renews TorchServe's management key the moment ``version`` shows up, while it registers."""
+    management = process.endpoints.management
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        keys = process.keys()
+        described = requests.get(f"{management}/models/dlrm/all", headers=bearer(keys.management), timeout=10)
+        if described.ok and any(entry["modelVersion"] == version for entry in described.json()):
+            renewal = requests.get(
+                f"{management}/token", params={"type": "management"}, headers=bearer(keys.api), timeout=10
+            )
+            assert renewal.status_code == 200, renewal.text
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"dlrm {version} never showed up")
+
+
+def test_a_failed_publish_reports_its_own_error_and_cleans_up(
+    updatable_server: TorchServeProcess, versions: Path, tmp_path: Path
+) -> None:
+    """The management key changes while a refused version registers. Reading the key file, the publish still
+    unregisters it. With a copy of the key file, whose keys cannot be renewed, the user sees the gate's refusal,
+    and a note that the version is still registered (and why), not the cleanup's error in its place."""
+    server = client(updatable_server)
+    with ThreadPoolExecutor(1) as pool:
+        renewed = pool.submit(renew_management_key_once_registering, updatable_server, "2.0")
+        with pytest.raises(GateRefused, match="AUC") as refused:
+            publish(server, versions, "dlrm-2.0")
+        renewed.result()
+    assert not getattr(refused.value, "__notes__", None)
+    assert registered(server) == [("1.0", True)]
+
+    copy = tmp_path / "copied_key_file.json"
+    copy.write_text((updatable_server.workdir / KEY_FILE).read_text())
+    with ThreadPoolExecutor(1) as pool:
+        renewed = pool.submit(renew_management_key_once_registering, updatable_server, "2.0")
+        failed = rollout_cli(updatable_server, copy, "publish", "dlrm-2.0", "--model-store", str(versions))
+        renewed.result()
+    assert failed.returncode == 1
+    first, *notes = failed.stderr.splitlines()
+    assert first.startswith("rollout: dlrm 2.0 refused: ") and "AUC" in first, failed.stderr
+    assert len(notes) == 1, failed.stderr
+    assert notes[0].startswith("and dlrm 2.0 may still be registered: removing it failed: "), notes
+    assert f"{copy} is not the key file of this TorchServe" in notes[0], notes
+    assert registered(server) == [("1.0", True), ("2.0", False)]  # as the note says
+    server.unregister("dlrm", "2.0")
+    assert registered(server) == [("1.0", True)]
+    server.close()
