@@ -6,7 +6,9 @@ TS_DEFAULT_WORKERS_PER_MODEL does nothing for an archive that sets minWorkers). 
 settings an operator chooses at `docker run` time are written into a copy of the archive
 before TorchServe starts; without any of them the image's archive is served as built.
 The copy has one fixed place, SETTINGS_STORE (in the temporary directory, $TMPDIR or
-/tmp), which each start replaces: restarts never pile up copies of a large archive.
+/tmp), which each start replaces; and what TorchServe extracted from the archive at an
+earlier start goes before it extracts it again: restarts never pile up copies of a large
+archive.
 
     DLRM_WORKERS          worker processes (minWorkers = maxWorkers)
     DLRM_THREADS          torch threads per worker (default: usable cores / workers)
@@ -19,6 +21,7 @@ TS_INFERENCE_ADDRESS, which the image sets to http://0.0.0.0:8080.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,6 +40,9 @@ from handler.settings import ServingSettings, SettingsError
 ARCHIVE = Path("/opt/dlrm/model_store/dlrm.mar")
 # The model store of the archive with the DLRM_* settings applied (the image's own is read-only).
 SETTINGS_STORE = Path(tempfile.gettempdir()) / "dlrm-model-store"
+# Where TorchServe extracts a zipped archive at every start, each time under a new random name, and
+# never removes it: Java's temporary directory (java.io.tmpdir, /tmp on Linux whatever TMPDIR says).
+TORCHSERVE_EXTRACTIONS = Path("/tmp/models")
 MANIFEST = "MAR-INF/MANIFEST.json"
 # Each variable and the ServingSettings field it sets.
 VARIABLES = {
@@ -119,7 +125,15 @@ def model_store(environ: Mapping[str, str], archive: Path = ARCHIVE, settings_st
     return settings_store
 
 
+def remove_earlier_extractions(directory: Path = TORCHSERVE_EXTRACTIONS) -> None:
+    """Remove the archives TorchServe extracted at earlier starts of this container: it is not running yet,
+    and it never reads them again (a full-size model's extraction is GBs)."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(directory)
+
+
 def main() -> None:
+    remove_earlier_extractions()
     command = [
         "torchserve", "--start", "--foreground", "--ncs",
         "--model-store", str(model_store(os.environ)), "--models", f"dlrm={ARCHIVE.name}",

@@ -12,14 +12,16 @@ Slow (minutes: the image holds PyTorch and a Java runtime), so it is not part of
    --torch-wheels names a directory (default: $TORCH_WHEELS, else $PIP_FIND_LINKS), the
    torch wheel from there instead of the PyTorch CPU index.
 5. The container runs with its inference, management and metrics ports published on free
-   loopback ports of the host and with every DLRM_* setting, until a prediction of
-   sample_data/sample_data.json succeeds.
+   loopback ports of the host, with every DLRM_* setting and the Kubernetes Deployment's
+   memory limit, until a prediction of sample_data/sample_data.json succeeds.
 6. Checks: the answer is a score in [0, 1]; the OIP model metadata route (the frontend agent)
    answers; the Kubernetes startup probe (the golden check) passes inside the container;
    management and metrics are refused from the host while they answer inside the container;
-   the DLRM_* settings reached TorchServe and the handler; TorchServe runs as a non-root user;
-   the HEALTHCHECK passes; `podman stop` stops TorchServe on SIGTERM, well before its timeout;
-   a container given a bad DLRM_* value exits at once with a message that names it.
+   the DLRM_* settings reached TorchServe and the handler; the JVM's heap limit is the image's
+   share of the memory limit; TorchServe runs as a non-root user; the HEALTHCHECK passes; a
+   restart serves again from the one copy of the archive with the settings (no copy per start);
+   `podman stop` stops TorchServe on SIGTERM, well before its timeout; a container given a bad
+   DLRM_* value exits at once with a message that names it.
 7. Containers are removed whatever happens.
 """
 
@@ -29,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -70,10 +73,14 @@ path-exclude /usr/share/lintian/*
 ARCHIVE = CACHE / "dlrm.mar"
 SAMPLE = REPO_ROOT / "sample_data" / "sample_data.json"
 DEPLOYMENT = REPO_ROOT / "deploy" / "k8s" / "deployment.yaml"
-# The Deployment's startup probe, as the pod runs it.
-STARTUP_PROBE = next(doc for doc in yaml.safe_load_all(DEPLOYMENT.read_text()) if doc["kind"] == "Deployment")["spec"][
+# The Deployment's container: its startup probe, as the pod runs it, and its memory limit (Gi).
+POD_CONTAINER = next(doc for doc in yaml.safe_load_all(DEPLOYMENT.read_text()) if doc["kind"] == "Deployment")["spec"][
     "template"
-]["spec"]["containers"][0]["startupProbe"]["exec"]["command"][-1]
+]["spec"]["containers"][0]
+STARTUP_PROBE = POD_CONTAINER["startupProbe"]["exec"]["command"][-1]
+MEMORY_GIB = int(POD_CONTAINER["resources"]["limits"]["memory"].removesuffix("Gi"))
+# Where the entry point writes the archive with the DLRM_* settings (deploy/container/entrypoint.py).
+SETTINGS_STORE = "/tmp/dlrm-model-store"
 SETTINGS = {"DLRM_WORKERS": 2, "DLRM_THREADS": 1, "DLRM_BATCH_SIZE": 8, "DLRM_MAX_BATCH_DELAY": 10}
 CONTAINER_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
 STOP_TIMEOUT = 30
@@ -167,7 +174,9 @@ def build_archive() -> None:
     golden = CACHE / "golden.tsv"
     write_tsv(golden, 200, PlantedClickModel(seed=0), seed=1)
     command = [sys.executable, "build_mar.py", "--output", str(ARCHIVE), "--golden-set", str(golden)]
-    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
+    built = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if built.returncode != 0:
+        raise CheckFailed(f"build_mar.py failed ({built.returncode}):\n{built.stderr[-4000:]}")
 
 
 def host_ca_bundle() -> Path | None:
@@ -200,7 +209,7 @@ def build_image(tag: str, torch_wheels: str | None, log: Path) -> None:
 def run_container(name: str, tag: str, ports: dict[str, int]) -> None:
     published = [f"--publish=127.0.0.1:{ports[api]}:{port}" for api, port in CONTAINER_PORTS.items()]
     settings = [f"--env={key}={value}" for key, value in SETTINGS.items()]
-    podman("run", "--detach", "--name", name, *published, *settings, tag)
+    podman("run", "--detach", "--name", name, f"--memory={MEMORY_GIB}g", *published, *settings, tag)
 
 
 def wait_for_prediction(name: str, url: str, body: bytes, timeout: float = 300.0) -> requests.Response:
@@ -282,6 +291,38 @@ def check_settings(name: str) -> None:
         raise CheckFailed(f"no worker logged '{threads_line}' in logs/model_log.log")
 
 
+def check_jvm_heap(name: str) -> str:
+    """TorchServe's JVM runs with the image's MaxRAMPercentage, whose heap is that share of the memory limit."""
+    java = [row for row in podman("top", name, "args").stdout.splitlines() if "org.pytorch.serve.ModelServer" in row]
+    percentages = re.findall(r"-XX:MaxRAMPercentage=(\S+)", "".join(java))
+    if len(java) != 1 or len(percentages) != 1:
+        raise CheckFailed(f"expected one TorchServe JVM with -XX:MaxRAMPercentage, got {java}")
+    # The JRE has no jcmd: a JVM with the same options in the same container reports the bound it computes.
+    flags = inside(name, "java", f"-XX:MaxRAMPercentage={percentages[0]}", "-XX:+PrintFlagsFinal", "-version")
+    heap = int(re.search(r"\bMaxHeapSize\s*=\s*(\d+)", flags).group(1))  # type: ignore[union-attr]
+    expected = MEMORY_GIB * 2**30 * float(percentages[0]) / 100
+    if not 0.95 * expected <= heap <= expected:
+        raise CheckFailed(f"MaxHeapSize {heap} is not {percentages[0]} % of the {MEMORY_GIB} GiB limit")
+    return f"-XX:MaxRAMPercentage={percentages[0]}: {heap / 2**20:.0f} MiB of {MEMORY_GIB} GiB"
+
+
+def check_restart_keeps_one_copy(name: str, url: str, body: bytes) -> str:
+    """A restarted container (its files kept) serves again with one copy of the archive with the DLRM_*
+    settings, and one extraction of it by TorchServe (/tmp/models): no copy piles up per start."""
+    before = inside(name, "ls", "-A", "/tmp")
+    podman("restart", "--time", str(STOP_TIMEOUT), name)
+    check_score(wait_for_prediction(name, url, body))
+    after = inside(name, "ls", "-A", "/tmp")
+    store = inside(name, "ls", "-A", SETTINGS_STORE).split()
+    extractions = inside(name, "ls", "-A", "/tmp/models").split()
+    if after != before or store != ["dlrm.mar"] or len(extractions) != 1:
+        raise CheckFailed(
+            f"after a restart: /tmp {after.split()} (before: {before.split()}), {SETTINGS_STORE} {store}, "
+            f"/tmp/models {extractions}"
+        )
+    return f"{SETTINGS_STORE}: {store}, /tmp/models: {len(extractions)} archive"
+
+
 def check_non_root(name: str) -> list[str]:
     """The users of TorchServe's processes: none may be root."""
     rows = podman("top", name, "user", "comm").stdout.splitlines()[1:]
@@ -356,11 +397,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         clock.log("management and metrics: refused from the host, answering on the container's loopback")
         check_settings(name)
         clock.log("DLRM_* settings: applied (management API and worker log)")
+        clock.log(f"JVM heap: {check_jvm_heap(name)}")
         clock.log(f"processes: {', '.join(check_non_root(name))}")
         health = podman("healthcheck", "run", name, check=False)
         if health.returncode != 0:
             raise CheckFailed(f"healthcheck failed: {health.stdout}{health.stderr}")
         clock.log("healthcheck: healthy")
+        files = check_restart_keeps_one_copy(name, f"{inference}/predictions/dlrm", SAMPLE.read_bytes())
+        clock.log(f"restart: served again, /tmp unchanged ({files})")
         seconds = check_stop(name)
         exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
         clock.log(f"podman stop: {seconds:.1f}s (exit code {exit_code})")
