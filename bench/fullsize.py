@@ -59,7 +59,7 @@ import torch
 
 from bench import environment
 from handler.predictor import DLRMPredictor
-from model_factory import quantization
+from model_factory import tbe
 from model_factory.config import preset
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from training.synthetic import random_inputs, request_rows
@@ -216,7 +216,7 @@ def _time_single_rows(model_dir: str, populate: bool, count: int, seed: int, res
     a page fault on first touch)."""
     torch.set_num_threads(1)
     tables = str(Path(model_dir) / "tables.bin")
-    left_out = mock.patch.object(quantization, "populate_in_background", lambda *_: None)
+    left_out = mock.patch.object(tbe, "populate_in_background", lambda *_: None)
     with contextlib.nullcontext() if populate else left_out:
         predictor = DLRMPredictor.from_artifact(Path(model_dir), torch.device("cpu"))
     if populate:

@@ -51,7 +51,8 @@ from model_factory.artifact import (
 from model_factory.config import DEFAULT_PRESET, ConfigError, DLRMConfig, preset
 from model_factory.factory import build_dlrm, format_summary, init_weights, load_weights, summarize
 from model_factory.files import move_into_place, write_file
-from model_factory.quantization import QuantizationSpec, TableDtype, quantize_model_tables, random_quantized_model
+from model_factory.quantization import QuantizationSpec, TableDtype, quantize_model_tables
+from model_factory.random_tables import random_quantized_model
 from servers.torchserve import executable
 from training.checkpoint import is_checkpoint, latest_checkpoint
 from training.criteo import CriteoFormatError, open_text, parse_lines, request_row

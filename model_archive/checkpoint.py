@@ -26,7 +26,8 @@ from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
 from model_factory.artifact import TABLES_FILE, WEIGHTS_FILE, ModelArtifact, save_state_dict, write_description
 from model_factory.config import ConfigError, DLRMConfig
 from model_factory.factory import build_dlrm
-from model_factory.quantization import StoredTable, quantize_table, write_table_file
+from model_factory.table_file import StoredTable, write_table_file
+from model_factory.tbe import quantize_table
 
 _TABLE_PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags."
 

@@ -8,13 +8,13 @@ An artifact is a directory holding
 - ``weights.pt``: the model's ``state_dict``, loaded with ``weights_only=True``;
   without the embedding tables when they are quantized, which are then in
 - ``tables.bin``: the quantized tables, laid out as FBGEMM's CPU TBEs hold them
-  (see :mod:`model_factory.quantization`); the layout is recorded in
+  (see :mod:`model_factory.table_file`); the layout is recorded in
   ``model_config.json`` (``table_file``) and checked at load. On CPU the file is
   mapped read-only and shared, not copied.
 
-Format 2 introduced that layout. Format-1 artifacts (unpadded rows, one table
-after the other, no recorded layout) still load: their tables are copied into
-each process, as before; rebuilding them makes the tables shared.
+Format 2 introduced that layout. Artifacts of any other format (format 1, before
+0.1.0: unpadded rows, no recorded layout) are refused with a message saying to
+rebuild them.
 
 The trainer writes one, ``build_mar.py`` packs one into the model store and
 the handler loads one from the extracted archive; all three go through this
@@ -25,7 +25,7 @@ with.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +36,14 @@ from model_factory.config import ConfigError, DLRMConfig
 from model_factory.factory import build_dlrm, load_weights
 from model_factory.features import Preprocessing
 from model_factory.files import replacing, write_file
-from model_factory.quantization import (
-    MlpDtype,
-    QuantizationSpec,
-    TableFile,
-    legacy_table_file,
-    load_tables,
-    quantize_mlps,
-    table_file_layout,
-    write_tables,
-)
+from model_factory.quantization import MlpDtype, QuantizationSpec, quantize_mlps
+from model_factory.table_file import TableFile
+from model_factory.tbe import load_tables, table_file_layout, write_tables
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.pt"
 TABLES_FILE = "tables.bin"
 FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)  # 1: tables.bin unpadded, no recorded layout
 _TABLES_PREFIX = "sparse_arch."
 
 
@@ -76,8 +68,6 @@ class ModelArtifact:
     provenance: Provenance
     preprocessing: Preprocessing = Preprocessing()
     quantization: QuantizationSpec = QuantizationSpec()
-    # As read from model_config.json; write_artifact always writes the current format.
-    format_version: int = field(default=FORMAT_VERSION, compare=False)
     # The table file's layout model_config.json records (format 2, quantized tables); checked at load.
     recorded_table_file: TableFile | None = field(default=None, compare=False, repr=False)
 
@@ -89,29 +79,27 @@ class ModelArtifact:
         return self.quantization.quantizes_tables(self.model)
 
     def table_file(self) -> TableFile:
-        """How this artifact's ``tables.bin`` is laid out: FBGEMM's CPU layout, or format 1's unpadded rows."""
-        if self.format_version == 1:
-            return legacy_table_file(self.model, self.quantization)
+        """How this artifact's ``tables.bin`` is laid out: as FBGEMM's CPU TBEs hold the tables."""
         return table_file_layout(self.model, self.quantization)
 
     def to_dict(self) -> dict[str, Any]:
         data = {
-            "format_version": self.format_version,
+            "format_version": FORMAT_VERSION,
             "model": self.model.to_dict(),
             "preprocessing": asdict(self.preprocessing),
             "quantization": asdict(self.quantization),
             "provenance": asdict(self.provenance),
         }
-        if self.quantized_tables and self.format_version >= 2:
+        if self.quantized_tables:
             data["table_file"] = self.table_file().to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelArtifact:
         version = data.get("format_version")
-        if version not in _READABLE_VERSIONS:
+        if version != FORMAT_VERSION:
             raise ConfigError(
-                f"unsupported artifact format_version {version!r}; expected one of {_READABLE_VERSIONS}: "
+                f"unsupported artifact format_version {version!r}; expected {FORMAT_VERSION}: "
                 "rebuild the archive with this version of build_mar.py"
             )
         recorded = data.get("table_file")
@@ -120,7 +108,6 @@ class ModelArtifact:
             provenance=Provenance(**data["provenance"]),
             preprocessing=Preprocessing(**data["preprocessing"]),
             quantization=QuantizationSpec(**data.get("quantization", {})),  # absent: fp32, as checkpoints are
-            format_version=version,
             recorded_table_file=TableFile.from_dict(recorded) if recorded is not None else None,
         )
 
@@ -134,12 +121,8 @@ class ModelArtifact:
 
 
 def write_artifact(directory: Path, artifact: ModelArtifact, model: DLRM) -> None:
-    """Save ``model`` as ``artifact`` says: tables into ``tables.bin`` when quantized, the rest into weights.pt.
-
-    Always in the current format, whatever format ``artifact`` was read in.
-    """
+    """Save ``model`` as ``artifact`` says: tables into ``tables.bin`` when quantized, the rest into weights.pt."""
     directory.mkdir(parents=True, exist_ok=True)
-    artifact = replace(artifact, format_version=FORMAT_VERSION, recorded_table_file=None)
     state = model.state_dict()
     if artifact.quantized_tables:
         state = {key: value for key, value in state.items() if not key.startswith(_TABLES_PREFIX)}
@@ -149,9 +132,8 @@ def write_artifact(directory: Path, artifact: ModelArtifact, model: DLRM) -> Non
 
 
 def write_description(directory: Path, artifact: ModelArtifact) -> None:
-    """``model_config.json`` alone, in the current format: for weights written some other way."""
+    """``model_config.json`` alone: for weights written some other way."""
     directory.mkdir(parents=True, exist_ok=True)
-    artifact = replace(artifact, format_version=FORMAT_VERSION, recorded_table_file=None)
     write_file(directory / CONFIG_FILE, json.dumps(artifact.to_dict(), indent=2) + "\n")
 
 
@@ -205,10 +187,8 @@ def load_model(
 
 def checked_table_file(artifact: ModelArtifact, path: Path) -> TableFile:
     """The layout of the artifact's table file at ``path``, with a :class:`ConfigError` naming the file unless
-    model_config.json records the layout this TorchRec and FBGEMM hold the tables in (format 2)."""
+    model_config.json records the layout this TorchRec and FBGEMM hold the tables in."""
     layout = artifact.table_file()
-    if artifact.format_version == 1:
-        return layout
     recorded = artifact.recorded_table_file
     if recorded is None:
         raise ConfigError(f"{CONFIG_FILE} records no layout for {path} ({layout.size} bytes expected): rebuild it")

@@ -64,7 +64,7 @@ def init_weights(model: DLRM, seed: int, device: torch.device | str = "cpu") -> 
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         collection = model.sparse_arch.embedding_bag_collection
-        if isinstance(collection, EmbeddingBagCollection):  # quantized tables come filled (quantization.fill_random)
+        if isinstance(collection, EmbeddingBagCollection):  # quantized tables come filled (random_tables.fill_random)
             for table in collection.embedding_bag_configs():
                 assert table.init_fn is not None  # EmbeddingBagConfig always sets one
                 table.init_fn(collection.embedding_bags[table.name].weight)

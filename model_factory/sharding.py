@@ -39,7 +39,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from model_factory.artifact import ModelArtifact, load_model
 from model_factory.config import ConfigError
-from model_factory.quantization import MlpDtype, row_blocks, table_views
+from model_factory.quantization import MlpDtype
+from model_factory.table_file import row_blocks
+from model_factory.tbe import table_views
 
 logger = logging.getLogger(__name__)
 

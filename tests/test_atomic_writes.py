@@ -30,13 +30,9 @@ from model_factory.artifact import (
 )
 from model_factory.config import DLRMConfig
 from model_factory.files import write_file
-from model_factory.quantization import (
-    QuantizationSpec,
-    StoredTable,
-    TableDtype,
-    random_quantized_model,
-    write_table_file,
-)
+from model_factory.quantization import QuantizationSpec, TableDtype
+from model_factory.random_tables import random_quantized_model
+from model_factory.table_file import StoredTable, write_table_file
 from servers.torchserve import REPO_ROOT
 
 SPEC = QuantizationSpec(TableDtype.INT8)

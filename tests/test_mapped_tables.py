@@ -4,7 +4,7 @@ The file is each TBE's ``weights_host`` in turn; loading on CPU maps it
 (``MAP_SHARED``, ``PROT_READ``) and hands the mapping to the TBEs. These tests
 check the layout, that mapped and copied tables score identically, that the
 file is never written, that bad files are refused with a clear error, that
-format-1 archives still load, and (``test_two_processes_share_one_copy_of_the_tables``)
+format-1 archives are refused with one saying to rebuild them, and (``test_two_processes_share_one_copy_of_the_tables``)
 that two processes mapping one archive share the page cache's copy.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import subprocess
@@ -25,32 +24,21 @@ import pytest
 import torch
 
 from handler.predictor import DLRMPredictor
-from model_factory import quantization
+from model_factory import quantization, tbe
 from model_factory.artifact import (
     CONFIG_FILE,
     TABLES_FILE,
     ModelArtifact,
     Provenance,
     load_model,
-    read_artifact,
     write_artifact,
 )
 from model_factory.config import ConfigError, DLRMConfig, preset
-from model_factory.factory import build_dlrm, init_weights, summarize
+from model_factory.factory import build_dlrm, init_weights, summarize, table_name
 from model_factory.features import rows_to_kjt
-from model_factory.quantization import (
-    MlpDtype,
-    QuantizationSpec,
-    TableDtype,
-    empty_quantized_collection,
-    legacy_table_file,
-    map_tables,
-    quantize_model_tables,
-    random_quantized_model,
-    table_file_layout,
-    table_views,
-    write_tables,
-)
+from model_factory.quantization import MlpDtype, QuantizationSpec, TableDtype, quantize_model_tables
+from model_factory.random_tables import random_quantized_model
+from model_factory.tbe import empty_quantized_collection, map_tables, table_file_layout, table_views
 from servers.torchserve import REPO_ROOT
 from tests.archives import QUANTIZATION_SPECS
 from training.synthetic import random_inputs, request_rows
@@ -220,7 +208,7 @@ def test_the_gpu_path_streams_the_cpu_layout_into_other_row_alignments(
     spec = SPECS["mixed"]
     write_quantized(tmp_path, padded_config, spec)
     mapped, _ = load_model(tmp_path)
-    monkeypatch.setattr(quantization, "row_alignment", lambda device: quantization.GPU_ROW_ALIGNMENT)
+    monkeypatch.setattr(tbe, "row_alignment", lambda device: quantization.GPU_ROW_ALIGNMENT)
     streamed, _ = load_model(tmp_path, copy_tables=True)
     assert streamed.sparse_arch.embedding_bag_collection._emb_modules[0].row_alignment == 16
     assert torch.equal(scores(streamed, padded_config), scores(mapped, padded_config))
@@ -334,34 +322,24 @@ def test_unknown_format_versions_are_refused(int8_artifact: Path) -> None:
         load_model(int8_artifact)
 
 
-@pytest.mark.parametrize("name", ["int8", "mixed"])
-def test_format_1_archives_still_load_by_copy(
-    name: str, padded_config: DLRMConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Yesterday's tables.bin (unpadded rows, no recorded layout) loads, copied, and scores as before."""
-    spec = SPECS[name]
+def test_format_1_archives_are_refused_saying_to_rebuild_them(padded_config: DLRMConfig, tmp_path: Path) -> None:
+    """A format-1 archive (tables.bin of unpadded rows, one table after the other, no recorded layout) is no
+    longer read: mapped or copied, loading names the format and says to rebuild it."""
+    spec = SPECS["int8"]
     original = write_quantized(tmp_path, padded_config, spec)
-    legacy = legacy_table_file(padded_config, spec)
-    write_tables(original.sparse_arch.embedding_bag_collection, legacy, tmp_path / TABLES_FILE)
-    assert (tmp_path / TABLES_FILE).stat().st_size == sum(t.rows * t.row_bytes for t in legacy.tbes[0].tables)
+    views = table_views(original.sparse_arch.embedding_bag_collection)
+    unpadded = b"".join(views[table_name(feature)].numpy().tobytes() for feature in padded_config.sparse_feature_names)
+    (tmp_path / TABLES_FILE).write_bytes(unpadded)
 
     def downgrade(data: dict) -> None:
         data["format_version"] = 1
         del data["table_file"]
 
     _edit_config(tmp_path, downgrade)
-    assert read_artifact(tmp_path).format_version == 1
-    with caplog.at_level(logging.WARNING, logger="model_factory.quantization"):
-        model, artifact = load_model(tmp_path)
-    assert "rebuild the archive" in caplog.text
+    for copy_tables in (False, True):
+        with pytest.raises(ConfigError, match=r"unsupported artifact format_version 1; .*rebuild the archive"):
+            load_model(tmp_path, copy_tables=copy_tables)
     assert mapped_lines(tmp_path / TABLES_FILE) == []
-    assert torch.equal(scores(model, padded_config), scores(original, padded_config))
-    assert artifact.to_dict()["format_version"] == 1 and "table_file" not in artifact.to_dict()
-    # Rewriting it (build_mar.py from a checkpoint, say) writes format 2.
-    write_artifact(tmp_path / "rewritten", artifact, model)
-    assert read_artifact(tmp_path / "rewritten").format_version == 2
-    remapped, _ = load_model(tmp_path / "rewritten")
-    assert torch.equal(scores(remapped, padded_config), scores(original, padded_config))
 
 
 # Sharing: two processes, one copy. About 15 s, mostly two interpreters importing torch and TorchRec.

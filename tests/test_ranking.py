@@ -18,7 +18,8 @@ from handler.errors import ErrorKind
 from handler.predictor import DLRMPredictor, Request
 from model_factory.artifact import ModelArtifact, Provenance, write_artifact
 from model_factory.config import preset
-from model_factory.quantization import MlpDtype, QuantizationSpec, quantize_mlps, random_quantized_model
+from model_factory.quantization import MlpDtype, QuantizationSpec, quantize_mlps
+from model_factory.random_tables import random_quantized_model
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from tests.archives import QUANTIZATION_SPECS
 from tests.rows import columnar

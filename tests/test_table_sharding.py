@@ -26,7 +26,7 @@ from model_factory.artifact import ModelArtifact, Provenance, load_model, write_
 from model_factory.config import ConfigError, preset
 from model_factory.factory import table_name
 from model_factory.features import rows_to_kjt
-from model_factory.quantization import random_quantized_model
+from model_factory.random_tables import random_quantized_model
 from model_factory.sharding import load_sharded_model, shard_tables
 from tests.archives import QUANTIZATION_SPECS, build_archive
 from tests.test_ranking import SPARSE, logits, ranking
