@@ -41,8 +41,9 @@ ARCHIVE = Path("/opt/dlrm/model_store/dlrm.mar")
 # The model store of the archive with the DLRM_* settings applied (the image's own is read-only).
 SETTINGS_STORE = Path(tempfile.gettempdir()) / "dlrm-model-store"
 # Where TorchServe extracts a zipped archive at every start, each time under a new random name, and
-# never removes it: Java's temporary directory (java.io.tmpdir, /tmp on Linux whatever TMPDIR says).
-TORCHSERVE_EXTRACTIONS = Path("/tmp/models")
+# never removes it: Java's temporary directory, which TorchServe's launcher sets to $TEMP (Java's
+# default, /tmp, without it; TMPDIR plays no part).
+TORCHSERVE_EXTRACTIONS = Path(os.environ.get("TEMP") or "/tmp") / "models"
 MANIFEST = "MAR-INF/MANIFEST.json"
 # Each variable and the ServingSettings field it sets.
 VARIABLES = {
