@@ -6,6 +6,7 @@ the problem is (``field``, ``row``) and what was expected and received.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -86,6 +87,25 @@ class InvalidRequest(Exception):
             if value is not None:
                 body[key] = value if _is_encodable_scalar(value) else shorten(repr(value))
         return body
+
+
+@dataclass(frozen=True)
+class Location:
+    """Which rows an error is in: a request's rows (``row 3: ...``, ``"row": 3``), or a part of the request
+    named in place of a row (a JSON ranking request's ``context: ...``, no ``row``)."""
+
+    part: str | None = None
+
+    def prefix(self, row: int) -> str:
+        """The start of a message about ``row``."""
+        return f"{self.part}: " if self.part else f"row {row}: "
+
+    def row(self, row: int) -> int | None:
+        """The error body's ``row`` for ``row``."""
+        return None if self.part else row
+
+
+ROWS = Location()
 
 
 def shorten(text: str) -> str:

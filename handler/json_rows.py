@@ -62,9 +62,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from handler.errors import ErrorKind, InvalidRequest, fits_int64, json_type
-from handler.rows import FeatureRows, FieldNames, RowValidator, all_features, preprocessed, split
+from handler import values
+from handler.errors import ROWS, ErrorKind, InvalidRequest, Location, fits_int64, json_type
+from handler.rows import FeatureRows, FieldNames, RowValidator, preprocessed, preprocessed_ranking, split
 from handler.settings import DEFAULT_MAX_ROWS
+from handler.values import INT_TYPES, NUMBER_TYPES, BeyondRange
 from model_factory.config import DLRMConfig
 from model_factory.features import CategoryFormatError, Preprocessing, parse_categories
 
@@ -77,10 +79,10 @@ CONTEXT_FIELD = "context"
 ROW_FIELDS = (DENSE_FIELD, LENGTHS_FIELD, VALUES_FIELD)
 _ROW_FIELD_SET = frozenset(ROW_FIELDS)
 FIELD_NAMES = FieldNames(dense=DENSE_FIELD, lengths=LENGTHS_FIELD, values=VALUES_FIELD)
+# A ranking request's context is named in errors in place of a row.
+CONTEXT = Location(CONTEXT_FIELD)
+EMPTY_BODY = "the request has no JSON body: send it with 'Content-Type: application/json'"
 
-
-_NUMBER_TYPES: frozenset[type] = frozenset({int, float})
-_INT_TYPES: frozenset[type] = frozenset({int})
 _RAW_INT_TYPES: frozenset[type] = frozenset({int, type(None)})
 _RAW_CATEGORY_TYPES: frozenset[type] = frozenset({str, type(None)})
 
@@ -290,32 +292,20 @@ class RequestDecoder:
         """The raw context's checked values (as :meth:`_raw_columns`, one row), its errors named as the context's."""
         dense_names = [name for name in self.config.dense_feature_names if name in context]
         sparse_names = [name for name in self.config.sparse_feature_names if name in context]
-        try:
-            return self._raw_columns([context], dense_names, sparse_names)
-        except InvalidRequest as error:
-            raise _context_error(error) from None
+        return self._raw_columns([context], dense_names, sparse_names, CONTEXT)
 
     def _raw_ranking(
         self, context: dict, context_values: tuple[np.ndarray, np.ndarray], ints: np.ndarray, categories: np.ndarray
     ) -> RowsRequest:
         """A raw ranking's rows from checked values: the candidates' (``ints`` ``[N, own dense]``,
-        ``categories`` ``[N, own sparse]``) and the context's. Each side is preprocessed alone: the context once."""
-        context_ints, context_categories = context_values
-        shared_dense = np.array([name in context for name in self.config.dense_feature_names])
-        shared_sparse = np.array([name in context for name in self.config.sparse_feature_names])
-        num_rows, tables = len(ints), self.validator.table_sizes
-        dense = np.empty((num_rows, self.num_dense), dtype=np.float32)
-        dense[:, ~shared_dense] = self.preprocessing.dense(ints)
-        dense[:, shared_dense] = self.preprocessing.dense(context_ints)
-        rows = FeatureRows(
-            dense=dense,
-            lengths=np.repeat((~shared_sparse)[None].astype(np.int64), num_rows, axis=0),
-            values=self.preprocessing.category_rows(categories, tables[~shared_sparse]).ravel(),
-        )
-        context_row = FeatureRows(
-            dense=np.zeros((1, self.num_dense), dtype=np.float32),  # already in every row
-            lengths=shared_sparse[None].astype(np.int64),
-            values=self.preprocessing.category_rows(context_categories, tables[shared_sparse]).ravel(),
+        ``categories`` ``[N, own sparse]``) and the context's."""
+        rows, context_row = preprocessed_ranking(
+            self.preprocessing,
+            self.validator.table_sizes,
+            context_values,
+            (ints, categories),
+            shared_dense=np.array([name in context for name in self.config.dense_feature_names]),
+            shared_sparse=np.array([name in context for name in self.config.sparse_feature_names]),
         )
         return RowsRequest(rows=rows, single_row=False, context=context_row)
 
@@ -327,32 +317,20 @@ class RequestDecoder:
         length > 0); each candidate's lengths cover the other features only (compact)
         or all 26 with 0 for the context's.
         """
-        try:
-            context_row = self._reference_context(context)
-        except InvalidRequest as error:
-            raise _context_error(error) from None
-        shared = context_row.lengths[0] > 0
+        context_row = self._reference_context(context)
+        own = context_row.lengths[0] == 0
         fields = _ROW_FIELD_SET - {DENSE_FIELD} if DENSE_FIELD in context else _ROW_FIELD_SET
-        widths = tuple(sorted({int((~shared).sum()), self.num_sparse}))
+        widths = tuple(sorted({int(own.sum()), self.num_sparse}))
         context_fields = frozenset(context.keys() & {DENSE_FIELD})
         dense_rows, length_rows, value_rows = self._well_formed_fields(
             candidates, fields, widths
         ) or self._checked_fields(candidates, fields, widths, context_fields)
-        lengths = np.zeros((len(candidates), self.num_sparse), dtype=np.int64)
-        compact = np.array([len(row) != self.num_sparse for row in length_rows])
-        if not compact.all():
-            lengths[~compact] = [row for row, short in zip(length_rows, compact, strict=True) if not short]
-        if compact.any():
-            short_rows = [row for row, short in zip(length_rows, compact, strict=True) if short]
-            lengths[compact] = all_features(np.array(short_rows, dtype=np.int64), ~shared)
-        self.validator.check_one_side(lengths, shared, LENGTHS_FIELD, CONTEXT_FIELD)
-        values = self._id_array(value_rows, int(lengths.sum()))
-        self.validator.check_ids(lengths, values, VALUES_FIELD)
-        if DENSE_FIELD in context:
-            dense = np.repeat(context_row.dense, len(candidates), axis=0)
-        else:
-            dense = self._dense_array(dense_rows)
-        return RowsRequest(FeatureRows(dense, lengths, values), single_row=False, context=context_row)
+        ids = self._ids(value_rows, sum(map(len, value_rows)))
+        dense = None if DENSE_FIELD in context else values.float32(dense_rows)
+        rows = self.validator.ranking_rows(
+            context_row, dense, length_rows, ids, FIELD_NAMES, CONTEXT_FIELD, sent_dense=dense_rows
+        )
+        return RowsRequest(rows, single_row=False, context=context_row)
 
     def _reference_context(self, context: dict) -> FeatureRows:
         """The context of a reference-format ranking as one row (no ids: lengths 0; no dense values: zeros)."""
@@ -360,19 +338,18 @@ class RequestDecoder:
         if unknown:
             raise InvalidRequest(
                 ErrorKind.UNKNOWN_FIELD,
-                f"row 0: unknown field {unknown[0]!r}; a reference-format context holds {DENSE_FIELD!r}, or "
-                f"{LENGTHS_FIELD!r} with {VALUES_FIELD!r}, or all three",
+                f"{CONTEXT.prefix(0)}unknown field {unknown[0]!r}; a reference-format context holds {DENSE_FIELD!r}, "
+                f"or {LENGTHS_FIELD!r} with {VALUES_FIELD!r}, or all three",
                 field=unknown[0],
             )
         fields = context.keys() | (
             {LENGTHS_FIELD, VALUES_FIELD} if context.keys() & {LENGTHS_FIELD, VALUES_FIELD} else set()
         )
-        dense_rows, length_rows, value_rows = self._row_fields(context, 0, frozenset(fields))
-        dense = self._dense_array(dense_rows) if dense_rows else np.zeros((1, self.num_dense), dtype=np.float32)
+        dense_rows, length_rows, value_rows = self._row_fields(context, 0, frozenset(fields), location=CONTEXT)
+        dense = values.float32(dense_rows) if dense_rows else np.zeros((1, self.num_dense), dtype=np.float32)
         lengths = np.array(length_rows or [[0] * self.num_sparse], dtype=np.int64)
-        values = self._id_array(value_rows, int(lengths.sum()))
-        self.validator.check_ids(lengths, values, VALUES_FIELD)
-        return FeatureRows(dense, lengths, values)
+        ids = self._ids(value_rows, int(lengths.sum()), CONTEXT)
+        return self.validator.check(FeatureRows(dense, lengths, ids), FIELD_NAMES, CONTEXT, dense_rows or None)
 
     def _check_each_feature_once(self, context: dict, candidates: list) -> None:
         schema = self.config.dense_feature_names + self.config.sparse_feature_names
@@ -394,11 +371,9 @@ class RequestDecoder:
 
     def _decode_rows(self, rows: list, single_row: bool) -> RowsRequest:
         dense_rows, length_rows, value_rows = self._well_formed_fields(rows) or self._checked_fields(rows)
-        dense = self._dense_array(dense_rows)
         lengths = np.array(length_rows, dtype=np.int64)
-        values = self._id_array(value_rows, int(lengths.sum()))
-        self.validator.check_ids(lengths, values, VALUES_FIELD)
-        return RowsRequest(FeatureRows(dense=dense, lengths=lengths, values=values), single_row)
+        features = FeatureRows(values.float32(dense_rows), lengths, self._ids(value_rows, int(lengths.sum())))
+        return RowsRequest(self.validator.check(features, FIELD_NAMES, sent_dense=dense_rows), single_row)
 
     def _decode_raw_rows(self, rows: list, single_row: bool) -> RowsRequest:
         """Raw Criteo rows → the same arrays as the reference format, through the archive's preprocessing."""
@@ -410,7 +385,7 @@ class RequestDecoder:
         )
 
     def _raw_columns(
-        self, rows: list, dense_names: Sequence[str], sparse_names: Sequence[str]
+        self, rows: list, dense_names: Sequence[str], sparse_names: Sequence[str], location: Location = ROWS
     ) -> tuple[np.ndarray, np.ndarray]:
         """The checked raw values of these features in ``rows`` (an absent key is a missing value).
 
@@ -418,7 +393,7 @@ class RequestDecoder:
         ``[N, len(sparse_names)]`` parsed hex values.
         """
         return self._well_formed_raw_columns(rows, dense_names, sparse_names) or self._checked_raw_columns(
-            rows, dense_names, sparse_names
+            rows, dense_names, sparse_names, location
         )
 
     def _well_formed_raw_columns(
@@ -532,7 +507,7 @@ class RequestDecoder:
         return self._raw_ranking(context, self._raw_context_values(context), ints, categories)
 
     def _checked_raw_columns(
-        self, rows: list, dense_names: Sequence[str], sparse_names: Sequence[str]
+        self, rows: list, dense_names: Sequence[str], sparse_names: Sequence[str], location: Location = ROWS
     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`_raw_columns` row by row: the first problem becomes :class:`InvalidRequest`."""
         raw_ints: list[list[int | None]] = []
@@ -551,10 +526,10 @@ class RequestDecoder:
                 all_dense, all_sparse = self.config.dense_feature_names, self.config.sparse_feature_names
                 raise InvalidRequest(
                     ErrorKind.UNKNOWN_FIELD,
-                    f"row {index}: unknown field {unknown[0]!r}; a raw row has the keys "
+                    f"{location.prefix(index)}unknown field {unknown[0]!r}; a raw row has the keys "
                     f"{all_dense[0]}..{all_dense[-1]} and {all_sparse[0]}..{all_sparse[-1]}",
                     field=unknown[0],
-                    row=index,
+                    row=location.row(index),
                 )
             ints = [row.get(name) for name in dense_names]
             if not set(map(type, ints)) <= _RAW_INT_TYPES:
@@ -563,9 +538,9 @@ class RequestDecoder:
                 )
                 raise InvalidRequest(
                     ErrorKind.NON_INTEGER,
-                    f"row {index}: {name} must be a JSON integer or null, got {json_type(value)} {value!r}",
+                    f"{location.prefix(index)}{name} must be a JSON integer or null, got {json_type(value)} {value!r}",
                     field=name,
-                    row=index,
+                    row=location.row(index),
                     expected="integer or null",
                     got=value,
                 )
@@ -575,36 +550,25 @@ class RequestDecoder:
             if overflowing is not None:
                 raise InvalidRequest(
                     ErrorKind.NON_FINITE,
-                    f"row {index}: {overflowing} = {row[overflowing]} does not fit a 64-bit integer",
+                    f"{location.prefix(index)}{overflowing} = {row[overflowing]} does not fit a 64-bit integer",
                     field=overflowing,
-                    row=index,
+                    row=location.row(index),
                     expected="integer within int64",
                     got=str(row[overflowing]),
                 )
             categories = [row.get(name) for name in sparse_names]
             if not set(map(type, categories)) <= _RAW_CATEGORY_TYPES:
                 position = next(i for i, v in enumerate(categories) if type(v) not in _RAW_CATEGORY_TYPES)
-                raise self._invalid_category(index, sparse_names[position], categories[position])
+                raise _invalid_category(index, sparse_names[position], categories[position], location)
             raw_ints.append(ints)
             raw_categories.extend("" if value is None else value for value in categories)
-        try:
-            parsed = parse_categories(raw_categories)
-        except CategoryFormatError as error:
-            row, position = divmod(error.index, len(sparse_names))
-            raise self._invalid_category(row, sparse_names[position], error.value) from None
+        parsed = values.categories(
+            raw_categories,
+            len(sparse_names),
+            lambda row, position, text: _invalid_category(row, sparse_names[position], text, location),
+        )
         dense = np.array([[np.nan if v is None else float(v) for v in ints] for ints in raw_ints], dtype=np.float64)
         return dense.reshape(len(rows), len(dense_names)), parsed.reshape(len(rows), len(sparse_names))
-
-    def _invalid_category(self, row: int, name: str, value: Any) -> InvalidRequest:
-        return InvalidRequest(
-            ErrorKind.INVALID_CATEGORY,
-            f"row {row}: {name} must be 8 hex digits (like '05db9164'), empty or null, "
-            f"got {json_type(value)} {value!r}",
-            field=name,
-            row=row,
-            expected="string of 8 hex digits, empty or null",
-            got=value,
-        )
 
     def _well_formed_fields(
         self, rows: list, fields: frozenset[str] = _ROW_FIELD_SET, widths: tuple[int, ...] | None = None
@@ -629,9 +593,9 @@ class RequestDecoder:
             set(map(type, chain(dense_rows, length_rows, value_rows))) == {list}
             and set(map(len, dense_rows)) <= {self.num_dense}
             and set(map(len, length_rows)) <= set(widths)
-            and set(map(type, chain.from_iterable(dense_rows))) <= _NUMBER_TYPES
-            and set(map(type, chain.from_iterable(length_rows))) <= _INT_TYPES
-            and set(map(type, chain.from_iterable(value_rows))) <= _INT_TYPES
+            and set(map(type, chain.from_iterable(dense_rows))) <= NUMBER_TYPES
+            and set(map(type, chain.from_iterable(length_rows))) <= INT_TYPES
+            and set(map(type, chain.from_iterable(value_rows))) <= INT_TYPES
             and min(chain.from_iterable(length_rows), default=0) >= 0
             and list(map(sum, length_rows)) == list(map(len, value_rows))
         )
@@ -647,10 +611,10 @@ class RequestDecoder:
         """The columns of ``rows``, checked row by row: raises on the first malformed row."""
         dense_rows, length_rows, value_rows = [], [], []
         for index, row in enumerate(rows):
-            dense, lengths, values = self._row_fields(row, index, fields, widths, context_fields)
+            dense, lengths, ids = self._row_fields(row, index, fields, widths, context_fields)
             dense_rows.extend(dense)
             length_rows.extend(lengths)
-            value_rows.extend(values)
+            value_rows.extend(ids)
         return dense_rows, length_rows, value_rows
 
     def _row_fields(
@@ -660,11 +624,12 @@ class RequestDecoder:
         fields: frozenset[str] = _ROW_FIELD_SET,
         widths: tuple[int, ...] | None = None,
         context_fields: frozenset[str] = frozenset(),
+        location: Location = ROWS,
     ) -> tuple[list, list, list]:
         """The lists of ``fields`` in one row, checked for presence, JSON type and counts, each wrapped in a
         list (empty for a field not among ``fields``). ``widths``: the accepted numbers of lengths (26 unless
         a ranking's candidates may leave out the context's features); ``context_fields``: what the context
-        already gives."""
+        already gives; ``location``: how errors name the row."""
         names = [name for name in ROW_FIELDS if name in fields]
         if not isinstance(row, dict):
             raise InvalidRequest(
@@ -681,134 +646,104 @@ class RequestDecoder:
         if unknown:
             raise InvalidRequest(
                 ErrorKind.UNKNOWN_FIELD,
-                f"row {index}: unknown field {unknown[0]!r}; a row has exactly the keys {names}",
+                f"{location.prefix(index)}unknown field {unknown[0]!r}; a row has exactly the keys {names}",
                 field=unknown[0],
-                row=index,
+                row=location.row(index),
             )
         missing = [name for name in names if name not in row]
         if missing:
             raise InvalidRequest(
                 ErrorKind.MISSING_FIELD,
-                f"row {index}: missing field {missing[0]!r}",
+                f"{location.prefix(index)}missing field {missing[0]!r}",
                 field=missing[0],
-                row=index,
+                row=location.row(index),
             )
         dense = []
         if DENSE_FIELD in fields:
-            dense = [self._typed_list(row, DENSE_FIELD, index, _NUMBER_TYPES, "number")]
-            self._check_count(DENSE_FIELD, dense[0], (self.num_dense,), index)
+            dense = [_typed_list(row, DENSE_FIELD, index, NUMBER_TYPES, "number", location)]
+            _check_count(DENSE_FIELD, dense[0], (self.num_dense,), index, location)
         if LENGTHS_FIELD not in fields:
             return dense, [], []
-        lengths = self._typed_list(row, LENGTHS_FIELD, index, _INT_TYPES, "integer")
-        values = self._typed_list(row, VALUES_FIELD, index, _INT_TYPES, "integer")
-        self._check_count(LENGTHS_FIELD, lengths, widths or (self.num_sparse,), index)
-        self._check_lengths(lengths, len(values), index)
-        return dense, [lengths], [values]
+        lengths = _typed_list(row, LENGTHS_FIELD, index, INT_TYPES, "integer", location)
+        ids = _typed_list(row, VALUES_FIELD, index, INT_TYPES, "integer", location)
+        _check_count(LENGTHS_FIELD, lengths, widths or (self.num_sparse,), index, location)
+        _check_lengths(lengths, len(ids), index, location)
+        return dense, [lengths], [ids]
 
-    @staticmethod
-    def _typed_list(row: dict, field: str, index: int, allowed: frozenset[type], what: str) -> list:
-        """The field's value, which must be a JSON array of the allowed scalar types.
-
-        ``set(map(type, ...))`` runs at C speed and rejects what NumPy would
-        silently convert: booleans, strings, nulls, nested lists, and floats
-        where integers are required (so ``3.0`` is never taken as id 3).
-        """
-        value = row[field]
-        if not isinstance(value, list):
-            raise InvalidRequest(
-                ErrorKind.WRONG_TYPE,
-                f"row {index}: {field!r} must be an array of {what}s, got {json_type(value)}",
-                field=field,
-                row=index,
-                expected=f"array of {what}s",
-                got=json_type(value),
-            )
-        found = set(map(type, value))
-        if not found <= allowed:
-            position, bad = next((i, v) for i, v in enumerate(value) if type(v) not in allowed)
-            raise InvalidRequest(
-                ErrorKind.NON_INTEGER if allowed is _INT_TYPES else ErrorKind.NON_NUMERIC,
-                f"row {index}: {field}[{position}] must be a JSON {what}, got {json_type(bad)} {bad!r}",
-                field=field,
-                row=index,
-                expected=what,
-                got=bad,
-            )
-        return value
-
-    @staticmethod
-    def _check_count(field: str, value: list, accepted: tuple[int, ...], index: int) -> None:
-        """``len(value)`` is one of ``accepted``: one count, or a ranking candidate's compact and full counts."""
-        if len(value) not in accepted:
-            expected = " or ".join(map(str, accepted))
-            raise InvalidRequest(
-                ErrorKind.WRONG_COUNT,
-                f"row {index}: {field!r} must have {expected} entries, got {len(value)}",
-                field=field,
-                row=index,
-                expected=accepted[0] if len(accepted) == 1 else expected,
-                got=len(value),
-            )
-
-    @staticmethod
-    def _check_lengths(lengths: list[int], num_values: int, index: int) -> None:
-        """Lengths are non-negative and add up to the number of ids (checked on Python ints: no overflow)."""
-        if min(lengths, default=0) < 0:
-            position = next(i for i, length in enumerate(lengths) if length < 0)
-            raise InvalidRequest(
-                ErrorKind.NEGATIVE_LENGTH,
-                f"row {index}: {LENGTHS_FIELD}[{position}] is negative",
-                field=LENGTHS_FIELD,
-                row=index,
-                expected="integer >= 0",
-                got=lengths[position],
-            )
-        total = sum(lengths)
-        if total != num_values:
-            raise InvalidRequest(
-                ErrorKind.LENGTH_MISMATCH,
-                f"row {index}: {VALUES_FIELD!r} has {num_values} ids but {LENGTHS_FIELD!r} adds up to {total}",
-                field=VALUES_FIELD,
-                row=index,
-                expected=total,
-                got=num_values,
-            )
-
-    @staticmethod
-    def _dense_array(dense_rows: list[list[float]]) -> np.ndarray:
-        """``(rows, num_dense)`` float32; values that are not finite in float32 are refused."""
-        try:
-            wide = np.array(dense_rows, dtype=np.float64)
-        except OverflowError:  # a JSON integer beyond float64: mark it infinite, refused below
-            wide = np.array([[v if abs(v) <= 1e308 else np.inf for v in row] for row in dense_rows])
-        with np.errstate(over="ignore"):
-            dense = wide.astype(np.float32)
-        bad = np.argwhere(~np.isfinite(dense))
-        if bad.size:
-            row, position = (int(i) for i in bad[0])
-            raise InvalidRequest(
-                ErrorKind.NON_FINITE,
-                f"row {row}: {DENSE_FIELD}[{position}] = {dense_rows[row][position]!r} is not a finite float32 value",
-                field=DENSE_FIELD,
-                row=row,
-                expected="finite number within float32 range (|x| < 3.4e38)",
-                got=str(dense_rows[row][position]),
-            )
-        return dense
-
-    def _id_array(self, value_rows: list[list[int]], count: int) -> np.ndarray:
+    def _ids(self, value_rows: list[list[int]], count: int, location: Location = ROWS) -> np.ndarray:
         """The rows' ids, in order, as int64 (an id beyond int64 is out of every table)."""
         try:
-            return np.fromiter(chain.from_iterable(value_rows), dtype=np.int64, count=count)
-        except OverflowError:
-            raise self._first_overflowing_id(value_rows) from None
+            return values.integers(value_rows, np.int64, count)
+        except BeyondRange as beyond:
+            raise self.validator.out_of_range(
+                beyond.part, beyond.position, beyond.value, None, VALUES_FIELD, location
+            ) from None
 
-    def _first_overflowing_id(self, value_rows: list[list[int]]) -> InvalidRequest:
-        for row, values in enumerate(value_rows):
-            for position, value in enumerate(values):
-                if not fits_int64(value):
-                    return self.validator.out_of_range(row, position, value, None, VALUES_FIELD)
-        raise AssertionError("an id overflowed int64 but none was found")
+
+def _typed_list(row: dict, field: str, index: int, allowed: frozenset[type], what: str, location: Location) -> list:
+    """The field's value, which must be a JSON array of the allowed scalar types (:func:`values.check_types`)."""
+    value = row[field]
+    if not isinstance(value, list):
+        raise InvalidRequest(
+            ErrorKind.WRONG_TYPE,
+            f"{location.prefix(index)}{field!r} must be an array of {what}s, got {json_type(value)}",
+            field=field,
+            row=location.row(index),
+            expected=f"array of {what}s",
+            got=json_type(value),
+        )
+    values.check_types(value, allowed, what, f"{location.prefix(index)}{field}", field, location.row(index))
+    return value
+
+
+def _check_count(field: str, value: list, accepted: tuple[int, ...], index: int, location: Location) -> None:
+    """``len(value)`` is one of ``accepted``: one count, or a ranking candidate's compact and full counts."""
+    if len(value) not in accepted:
+        expected = " or ".join(map(str, accepted))
+        raise InvalidRequest(
+            ErrorKind.WRONG_COUNT,
+            f"{location.prefix(index)}{field!r} must have {expected} entries, got {len(value)}",
+            field=field,
+            row=location.row(index),
+            expected=accepted[0] if len(accepted) == 1 else expected,
+            got=len(value),
+        )
+
+
+def _check_lengths(lengths: list[int], num_values: int, index: int, location: Location) -> None:
+    """Lengths are non-negative and add up to the number of ids (checked on Python ints: no overflow)."""
+    if min(lengths, default=0) < 0:
+        position = next(i for i, length in enumerate(lengths) if length < 0)
+        raise InvalidRequest(
+            ErrorKind.NEGATIVE_LENGTH,
+            f"{location.prefix(index)}{LENGTHS_FIELD}[{position}] is negative",
+            field=LENGTHS_FIELD,
+            row=location.row(index),
+            expected="integer >= 0",
+            got=lengths[position],
+        )
+    total = sum(lengths)
+    if total != num_values:
+        raise InvalidRequest(
+            ErrorKind.LENGTH_MISMATCH,
+            f"{location.prefix(index)}{VALUES_FIELD!r} has {num_values} ids but {LENGTHS_FIELD!r} adds up to {total}",
+            field=VALUES_FIELD,
+            row=location.row(index),
+            expected=total,
+            got=num_values,
+        )
+
+
+def _invalid_category(row: int, name: str, value: Any, location: Location) -> InvalidRequest:
+    return InvalidRequest(
+        ErrorKind.INVALID_CATEGORY,
+        f"{location.prefix(row)}{name} must be 8 hex digits (like '05db9164'), empty or null, "
+        f"got {json_type(value)} {value!r}",
+        field=name,
+        row=location.row(row),
+        expected="string of 8 hex digits, empty or null",
+        got=value,
+    )
 
 
 def _decoded_or_error(
@@ -855,30 +790,16 @@ def _given_twice(name: str, row: int) -> InvalidRequest:
     )
 
 
-def _context_error(error: InvalidRequest) -> InvalidRequest:
-    """An error found in a ranking request's context (decoded as row 0), named as the context's."""
-    message = error.message.replace("row 0: ", f"{CONTEXT_FIELD}: ", 1)
-    return InvalidRequest(error.kind, message, field=error.field, expected=error.expected, got=error.got)
-
-
 def parse_json(body: bytes | bytearray | str | dict | list | None, validator: RowValidator) -> Any:
     """The JSON value of a request body; TorchServe may hand over bytes or an already-parsed value.
 
     Text with more arrays and objects than ``validator``'s row limit allows is refused unparsed.
     """
-    if body is None or body == b"" or body == "":
-        raise InvalidRequest(
-            ErrorKind.EMPTY_BODY,
-            "the request has no JSON body: send it with 'Content-Type: application/json'",
-            expected="application/json body",
-        )
+    if body is None:
+        body = b""
     if not isinstance(body, (bytes, bytearray, str)):
         return body
-    validator.check_json_size(body)
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        raise InvalidRequest(ErrorKind.INVALID_JSON, f"the request body is not valid JSON: {error}") from None
+    return values.parse_json(body, validator, EMPTY_BODY, "the request body is not valid JSON")
 
 
 def encode_scores(logits: np.ndarray, scores: np.ndarray, single_row: bool) -> bytes:

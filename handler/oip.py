@@ -47,10 +47,12 @@ from typing import Any
 import numpy as np
 import orjson
 
+from handler import values
 from handler.errors import ErrorKind, InvalidRequest, json_type
-from handler.rows import FeatureRows, FieldNames, RowValidator, all_features, preprocessed
+from handler.rows import FeatureRows, FieldNames, RowValidator, preprocessed
+from handler.values import NUMBER_TYPES, STRING_TYPES, BeyondRange
 from model_factory.config import DLRMConfig
-from model_factory.features import CategoryFormatError, Preprocessing, parse_categories
+from model_factory.features import Preprocessing
 
 DENSE_INPUT = "dense_features"
 LENGTHS_INPUT = "sparse_lengths"
@@ -89,17 +91,16 @@ _ALLOWED_DATATYPES = {
     CONTEXT_LENGTHS_INPUT: ("INT32", "INT64"),
     CONTEXT_IDS_INPUT: ("INT64",),
 }
-_JSON_TYPES: dict[str, frozenset[type]] = {
-    "FP32": frozenset({int, float}),
-    "INT32": frozenset({int}),
-    "INT64": frozenset({int}),
-    "BYTES": frozenset({str}),
+_JSON_TYPES: dict[str, tuple[frozenset[type], str]] = {
+    "FP32": (NUMBER_TYPES, "number"),
+    "INT32": (values.INT_TYPES, "integer"),
+    "INT64": (values.INT_TYPES, "integer"),
+    "BYTES": (STRING_TYPES, "string"),
 }
 # model_name and model_version: TorchServe's gRPC service adds them to the JSON it hands over.
 _TOP_LEVEL_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
 _TENSOR_KEYS = frozenset({"name", "datatype", "shape", "parameters", "data"})
 _BYTES_PREFIX = struct.Struct("<I")
-_DECIMAL = re.compile(r"-?[0-9]+")
 _HEADER_LENGTH = re.compile(r"[0-9]{1,12}")
 
 
@@ -377,29 +378,22 @@ class OipCodec:
         rows = lengths.shape[0] if lengths.shape else 0
         self.validator.check_row_count(rows, LENGTHS_INPUT)
         context = self._context_row(tensors)
-        shared = context.lengths[0] > 0
-        lengths = self._all_features(lengths, own=~shared)
+        own = int((context.lengths[0] == 0).sum())
+        if lengths.shape not in ((rows, self.num_sparse), (rows, own)):
+            raise _shape_error(
+                lengths, f"[{rows}, {self.num_sparse}] or [{rows}, {own}] (the features without context ids)"
+            )
+        dense = None
         if DENSE_INPUT in tensors:
             _check_shape(tensors[DENSE_INPUT], (rows, self.num_dense))
             dense = np.asarray(tensors[DENSE_INPUT].data).reshape(rows, self.num_dense)
-        else:
-            dense = np.repeat(context.dense, rows, axis=0)
-        candidates = self._model_rows(dense, lengths, ids)
-        self.validator.check_one_side(candidates.lengths, shared, LENGTHS_INPUT, CONTEXT_LENGTHS_INPUT)
+        if len(ids.shape) != 1:
+            raise _shape_error(ids, "[total]")
+        lengths_array = np.asarray(lengths.data).reshape(lengths.shape)
+        candidates = self.validator.ranking_rows(
+            context, dense, lengths_array, np.asarray(ids.data), FIELD_NAMES, CONTEXT_LENGTHS_INPUT
+        )
         return candidates, context
-
-    def _all_features(self, lengths: Tensor, own: np.ndarray) -> Tensor:
-        """The candidates' ``[N, 26]`` lengths, from those or from the compact ``[N, own.sum()]``: the lengths
-        of only the features the context has no ids for (``own``), the others 0."""
-        rows, compact = lengths.shape[0], int(own.sum())
-        if lengths.shape == (rows, self.num_sparse):
-            return lengths
-        if lengths.shape != (rows, compact):
-            raise _shape_error(
-                lengths, f"[{rows}, {self.num_sparse}] or [{rows}, {compact}] (the features without context ids)"
-            )
-        full = all_features(np.asarray(lengths.data).reshape(rows, compact), own)
-        return Tensor(lengths.name, lengths.datatype, full.shape, full.ravel())
 
     def _context_row(self, tensors: dict[str, Tensor]) -> FeatureRows:
         """The one context row: its dense values (zeros when the candidates carry them) and its sparse ids."""
@@ -425,7 +419,7 @@ class OipCodec:
         raw_ints = np.full(len(ints.data), np.nan)
         for index, text in enumerate(ints.data):
             if text:
-                value = _decimal_int64(text)
+                value = values.decimal_int64(text)
                 if value is None:
                     row, position = divmod(index, self.num_dense)
                     raise InvalidRequest(
@@ -438,24 +432,20 @@ class OipCodec:
                         got=text,
                     )
                 raw_ints[index] = value
-        try:
-            parsed = parse_categories(categories.data)
-        except CategoryFormatError as error:
-            row, position = divmod(error.index, self.num_sparse)
-            raise InvalidRequest(
-                ErrorKind.INVALID_CATEGORY,
-                f"row {row}: {RAW_CATEGORIES_INPUT}[{position}] ({self.config.sparse_feature_names[position]}) "
-                f"must be 8 hex digits (like '05db9164') or empty, got {error.value!r}",
-                field=RAW_CATEGORIES_INPUT,
-                row=row,
-                expected="string of 8 hex digits or empty",
-                got=error.value,
-            ) from None
+        parsed = values.categories(categories.data, self.num_sparse, self._invalid_category)
         return preprocessed(
-            self.preprocessing,
-            self.validator.table_sizes,
-            raw_ints.reshape(rows, self.num_dense),
-            parsed.reshape(rows, self.num_sparse),
+            self.preprocessing, self.validator.table_sizes, raw_ints.reshape(rows, self.num_dense), parsed
+        )
+
+    def _invalid_category(self, row: int, position: int, text: str) -> InvalidRequest:
+        return InvalidRequest(
+            ErrorKind.INVALID_CATEGORY,
+            f"row {row}: {RAW_CATEGORIES_INPUT}[{position}] ({self.config.sparse_feature_names[position]}) "
+            f"must be 8 hex digits (like '05db9164') or empty, got {text!r}",
+            field=RAW_CATEGORIES_INPUT,
+            row=row,
+            expected="string of 8 hex digits or empty",
+            got=text,
         )
 
     # ------------------------------------------------------------------ responses
@@ -532,17 +522,9 @@ def _split_body(
 
 
 def _parse_json(text: bytes | bytearray | memoryview, validator: RowValidator) -> Any:
-    if not len(text):
-        raise InvalidRequest(
-            ErrorKind.EMPTY_BODY,
-            "the request has no body: send an inference request as JSON",
-            expected="application/json body",
-        )
-    validator.check_json_size(text)
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as error:
-        raise InvalidRequest(ErrorKind.INVALID_JSON, f"the request's JSON is not valid: {error}") from None
+    return values.parse_json(
+        text, validator, "the request has no body: send an inference request as JSON", "the request's JSON is not valid"
+    )
 
 
 def _shape(name: str, shape: Any) -> tuple[int, ...]:
@@ -597,45 +579,22 @@ def _json_data(name: str, datatype: str, data: Any, size: int) -> np.ndarray | l
             expected=size,
             got=len(data),
         )
-    allowed = _JSON_TYPES[datatype]
-    if not set(map(type, data)) <= allowed:
-        position, bad = next((i, v) for i, v in enumerate(data) if type(v) not in allowed)
-        what = {"FP32": "number", "BYTES": "string"}.get(datatype, "integer")
-        raise InvalidRequest(
-            ErrorKind.NON_NUMERIC if datatype == "FP32" else ErrorKind.NON_INTEGER,
-            f"{name}.data[{position}] must be a JSON {what}, got {json_type(bad)} {bad!r}",
-            field=name,
-            expected=what,
-            got=bad,
-        )
+    allowed, what = _JSON_TYPES[datatype]
+    values.check_types(data, allowed, what, f"{name}.data", name)
     if datatype == "BYTES":
         return data
     if datatype == "FP32":
-        return _float32(name, data)
+        return values.float32(data)
     try:
-        return np.array(data, dtype=_NUMPY_TYPES[datatype])
-    except OverflowError:
-        limit = 2**31 if datatype == "INT32" else 2**63
-        position = next(i for i, value in enumerate(data) if not -limit <= value < limit)
+        return values.integers([data], _NUMPY_TYPES[datatype], len(data))
+    except BeyondRange as beyond:
         raise InvalidRequest(
             ErrorKind.ID_OUT_OF_RANGE if name == IDS_INPUT else ErrorKind.NON_INTEGER,
-            f"{name}.data[{position}] = {data[position]} does not fit {datatype}",
+            f"{name}.data[{beyond.position}] = {beyond.value} does not fit {datatype}",
             field=name,
             expected=f"integer that fits {datatype}",
-            got=str(data[position]),
+            got=str(beyond.value),
         ) from None
-
-
-def _decimal_int64(text: str) -> int | None:
-    """The value of a decimal integer within int64, or None.
-
-    Its significant digits are counted first: ``int()`` refuses texts of over 4,300
-    digits with an error of its own, and no int64 has more than 19.
-    """
-    if not _DECIMAL.fullmatch(text) or len(text.lstrip("-").lstrip("0")) > 19:
-        return None
-    value = int(text)
-    return value if -(2**63) <= value < 2**63 else None
 
 
 def _from_base64(name: str, elements: list[str]) -> list[str]:
@@ -646,16 +605,6 @@ def _from_base64(name: str, elements: list[str]) -> list[str]:
         raise InvalidRequest(
             ErrorKind.INVALID_BINARY, f"input {name!r} has a BYTES element that is not UTF-8 text", field=name
         ) from None
-
-
-def _float32(name: str, data: list) -> np.ndarray:
-    """FP32 values; anything beyond float32 becomes infinite here and is refused as non-finite later."""
-    try:
-        wide = np.array(data, dtype=np.float64)
-    except OverflowError:  # a JSON integer beyond float64
-        wide = np.array([v if abs(v) <= 1e308 else math.inf for v in data], dtype=np.float64)
-    with np.errstate(over="ignore"):
-        return wide.astype(np.float32)
 
 
 def _binary_data(name: str, datatype: str, raw: memoryview, size: int) -> np.ndarray | list[str]:

@@ -1,10 +1,13 @@
-"""The validation core every wire format decodes into: rows of model inputs as arrays.
+"""The request contract: decoded values → validated model rows, the same rules for every wire format.
 
-A wire format (``json_rows``, ``oip``) turns a request into :class:`FeatureRows`
-and checks what only it can see (JSON types, tensor datatypes and shapes);
-:class:`RowValidator` then checks what every format shares: the row count,
-finite dense values, non-negative lengths that add up to the ids, and ids
-within their tables. Errors name the field as the client's format spells it.
+A wire format (``json_rows``, ``oip``) turns a request into arrays with the help of
+:mod:`handler.values` and checks what only it can see (JSON keys and counts, tensor datatypes
+and shapes); this module turns those arrays into :class:`FeatureRows` and checks what every
+format shares: finite dense values, non-negative lengths that add up to the ids, ids within
+their tables, and a ranking request's rules (its context row, its candidates' compact or full
+lengths, each feature's ids on one side only). Raw Criteo rows become model rows here too,
+through the archive's preprocessing. Errors name the field as the client's format spells it
+(:class:`FieldNames`) and the rows as a :class:`~handler.errors.Location`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from handler.errors import ErrorKind, InvalidRequest
+from handler.errors import ROWS, ErrorKind, InvalidRequest, Location
 from model_factory.config import DLRMConfig
 from model_factory.features import Preprocessing
 
@@ -101,37 +104,69 @@ class RowValidator:
                 got=containers,
             )
 
-    def check(self, rows: FeatureRows, names: FieldNames) -> FeatureRows:
-        """``rows`` if every shared rule holds; else the first problem as :class:`InvalidRequest`."""
-        self.check_row_count(rows.num_rows, names.dense)
-        self.check_dense(rows.dense, names.dense)
+    def check(
+        self, rows: FeatureRows, names: FieldNames, location: Location = ROWS, sent_dense: list | None = None
+    ) -> FeatureRows:
+        """``rows`` if every shared rule holds; else the first problem as :class:`InvalidRequest`.
+
+        ``sent_dense``: the dense values as the client sent them (JSON numbers), to echo in an error.
+        """
+        self.check_dense(rows.dense, names.dense, location, sent_dense)
+        self.check_lengths(rows.lengths, rows.values.size, names, location)
+        self.check_ids(rows.lengths, rows.values, names.values, location)
+        return rows
+
+    def ranking_rows(
+        self,
+        context: FeatureRows,
+        dense: np.ndarray | None,
+        lengths: np.ndarray | Sequence[Sequence[int]],
+        ids: np.ndarray,
+        names: FieldNames,
+        context_lengths: str,
+        sent_dense: list | None = None,
+    ) -> FeatureRows:
+        """A ranking request's candidates as model rows, beside its ``context`` row (checked by :meth:`check`).
+
+        The context's sparse features are those it has ids for; the others are the candidates' own.
+        ``lengths``: each candidate's over every feature (0 for the context's), or compact, over its own
+        features only (:func:`all_features`). ``dense``: the candidates' dense values, or None for the
+        context's in every row. The shared rules hold for the candidates, and no candidate has ids of a
+        feature whose ids the context has (``context_lengths``: how the request names the context's).
+        """
+        own = context.lengths[0] == 0
+        full = all_features(lengths, own)
+        rows = FeatureRows(np.repeat(context.dense, len(full), axis=0) if dense is None else dense, full, ids)
+        self.check_dense(rows.dense, names.dense, ROWS, sent_dense)
         self.check_lengths(rows.lengths, rows.values.size, names)
+        self.check_one_side(rows.lengths, ~own, names.lengths, context_lengths)
         self.check_ids(rows.lengths, rows.values, names.values)
         return rows
 
     @staticmethod
-    def check_dense(dense: np.ndarray, field: str) -> None:
+    def check_dense(dense: np.ndarray, field: str, location: Location = ROWS, sent: list | None = None) -> None:
         finite = np.isfinite(dense)
         if not finite.all():  # the culprit is looked for only when there is one
             row, position = (int(i) for i in np.argwhere(~finite)[0])
+            value = dense[row, position] if sent is None else sent[row][position]
             raise InvalidRequest(
                 ErrorKind.NON_FINITE,
-                f"row {row}: {field}[{position}] = {dense[row, position]} is not a finite float32 value",
+                f"{location.prefix(row)}{field}[{position}] = {value} is not a finite float32 value",
                 field=field,
-                row=row,
+                row=location.row(row),
                 expected="finite number within float32 range (|x| < 3.4e38)",
-                got=str(dense[row, position]),
+                got=str(value),
             )
 
     @staticmethod
-    def check_lengths(lengths: np.ndarray, num_ids: int, names: FieldNames) -> None:
+    def check_lengths(lengths: np.ndarray, num_ids: int, names: FieldNames, location: Location = ROWS) -> None:
         if lengths.size and lengths.min() < 0:
             row, position = (int(i) for i in np.argwhere(lengths < 0)[0])
             raise InvalidRequest(
                 ErrorKind.NEGATIVE_LENGTH,
-                f"row {row}: {names.lengths}[{position}] is negative",
+                f"{location.prefix(row)}{names.lengths}[{position}] is negative",
                 field=names.lengths,
-                row=row,
+                row=location.row(row),
                 expected="integer >= 0",
                 got=int(lengths[row, position]),
             )
@@ -159,7 +194,7 @@ class RowValidator:
                 row=row,
             )
 
-    def check_ids(self, lengths: np.ndarray, ids: np.ndarray, field: str) -> None:
+    def check_ids(self, lengths: np.ndarray, ids: np.ndarray, field: str, location: Location = ROWS) -> None:
         """Every id is in ``[0, rows)`` of its feature's table; the first one that is not is named.
 
         ``ids`` holds ``lengths.sum()`` ids (checked before)."""
@@ -182,9 +217,11 @@ class RowValidator:
         position = first - (int(row_ends[row - 1]) if row else 0)
         segment_ends = np.cumsum(lengths[row])
         feature = int(np.searchsorted(segment_ends, position, side="right"))
-        raise self.out_of_range(row, position, int(ids[first]), feature, field)
+        raise self.out_of_range(row, position, int(ids[first]), feature, field, location)
 
-    def out_of_range(self, row: int, position: int, value: int, feature: int | None, field: str) -> InvalidRequest:
+    def out_of_range(
+        self, row: int, position: int, value: int, feature: int | None, field: str, location: Location = ROWS
+    ) -> InvalidRequest:
         if feature is None:
             where, expected = "", "integer in [0, table size) that fits int64"
         else:
@@ -193,19 +230,30 @@ class RowValidator:
             where, expected = f" for feature {name} (table of {size} rows)", f"integer in [0, {size})"
         return InvalidRequest(
             ErrorKind.ID_OUT_OF_RANGE,
-            f"row {row}: {field}[{position}] = {value} is out of range{where}",
+            f"{location.prefix(row)}{field}[{position}] = {value} is out of range{where}",
             field=field,
-            row=row,
+            row=location.row(row),
             expected=expected,
             got=value,
         )
 
 
-def all_features(lengths: np.ndarray, own: np.ndarray) -> np.ndarray:
-    """A ranking request's candidate lengths over every feature, from the compact ``[N, own.sum()]``: the
-    lengths of only the features the context has no ids for (``own``), the others 0."""
+def all_features(lengths: np.ndarray | Sequence[Sequence[int]], own: np.ndarray) -> np.ndarray:
+    """A ranking request's candidate lengths over every feature, ``[N, own.size]`` int64: each row as sent when
+    it covers every feature, else expanded from the compact form, the lengths of only the features the context
+    has no ids for (``own``), the others 0. In a list of rows, both forms may mix."""
     full = np.zeros((len(lengths), own.size), dtype=np.int64)
-    full[:, own] = lengths
+    if isinstance(lengths, np.ndarray):
+        if lengths.shape[1] == own.size:
+            return lengths.astype(np.int64, copy=False)
+        full[:, own] = lengths
+        return full
+    whole = np.array([len(row) == own.size for row in lengths], dtype=bool)
+    if whole.any():
+        full[whole] = [row for row, is_whole in zip(lengths, whole, strict=True) if is_whole]
+    if not whole.all():
+        compact = [row for row, is_whole in zip(lengths, whole, strict=True) if not is_whole]
+        full[np.ix_(~whole, own)] = np.array(compact, dtype=np.int64).reshape(len(compact), int(own.sum()))
     return full
 
 
@@ -241,3 +289,36 @@ def preprocessed(
     """
     rows = preprocessing.category_rows(categories, table_sizes)
     return FeatureRows(dense=preprocessing.dense(raw_ints), lengths=np.ones_like(rows), values=rows.ravel())
+
+
+def preprocessed_ranking(
+    preprocessing: Preprocessing,
+    table_sizes: np.ndarray,
+    context: tuple[np.ndarray, np.ndarray],
+    candidates: tuple[np.ndarray, np.ndarray],
+    shared_dense: np.ndarray,
+    shared_sparse: np.ndarray,
+) -> tuple[FeatureRows, FeatureRows]:
+    """A raw ranking request's candidate rows and context row, each side preprocessed alone: the context once.
+
+    ``context``: one row's raw integers and categories of the features it holds (``shared_dense``,
+    ``shared_sparse``), as :func:`preprocessed` takes them; ``candidates``: ``N`` rows' of the others.
+    The context's dense values are copied into every row (the dense MLP takes all of them together);
+    its sparse ids are the context row's, whose lookups the forward shares.
+    """
+    (context_ints, context_categories), (ints, categories) = context, candidates
+    num_rows = len(ints)
+    dense = np.empty((num_rows, shared_dense.size), dtype=np.float32)
+    dense[:, ~shared_dense] = preprocessing.dense(ints)
+    dense[:, shared_dense] = preprocessing.dense(context_ints)
+    rows = FeatureRows(
+        dense=dense,
+        lengths=np.repeat((~shared_sparse)[None].astype(np.int64), num_rows, axis=0),
+        values=preprocessing.category_rows(categories, table_sizes[~shared_sparse]).ravel(),
+    )
+    context_row = FeatureRows(
+        dense=np.zeros((1, shared_dense.size), dtype=np.float32),  # already in every row
+        lengths=shared_sparse[None].astype(np.int64),
+        values=preprocessing.category_rows(context_categories, table_sizes[shared_sparse]).ravel(),
+    )
+    return rows, context_row
