@@ -45,7 +45,19 @@ AGENT_JAR := frontend_agent/build/dlrm-frontend-agent.jar
 $(AGENT_JAR): $(VENV)/.installed $(shell find frontend_agent/src -name '*.java')
 	$(PY) -m servers.frontend_agent
 
-install: check-java $(VENV)/.installed $(AGENT_JAR)
+# The venv's torchserve launcher reads config.properties' vmargs (the agent, log4j2.xml) only through TS_CONFIG_FILE
+# or --ts-config, which activate exports but a unit file or script that only calls .venv/bin/torchserve lacks:
+# a .pth runs servers/launcher_hook.py at interpreter start, and it points TS_CONFIG_FILE at ./config.properties
+# for the launcher alone (docs/operations.md). Rewritten on every change, so installing again is harmless.
+LAUNCHER_HOOK := $(VENV)/.launcher-hook
+$(LAUNCHER_HOOK): servers/launcher_hook.py $(VENV)/.installed
+	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+		&& cp servers/launcher_hook.py "$$site/dlrm_torchserve_launcher.py" \
+		&& echo 'import dlrm_torchserve_launcher; dlrm_torchserve_launcher.configure()' > "$$site/dlrm_torchserve_launcher.pth" \
+		&& echo "installed the torchserve launcher hook in $$site"
+	touch $@
+
+install: check-java $(VENV)/.installed $(AGENT_JAR) $(LAUNCHER_HOOK)
 
 # The CUDA build of the same torch version with the matching fbgemm-gpu (requirements-gpu.txt)
 # in place of the two CPU lines of requirements.txt; everything else is shared.
