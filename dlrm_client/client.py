@@ -96,7 +96,7 @@ class DLRMRequestError(Exception):
 
     @property
     def kind(self) -> str | None:
-        """The error ``type`` (``wrong_shape``, ``id_out_of_range``, ...); README lists them."""
+        """The error ``type`` (``wrong_shape``, ``id_out_of_range``, ...); docs/api.md lists them (Errors)."""
         kind = self.body.get("type")
         return kind if isinstance(kind, str) else None
 

@@ -1,4 +1,4 @@
-"""Model updates without downtime on a running TorchServe (README, "Model updates").
+"""Model updates without downtime on a running TorchServe (docs/deploy.md, "Model updates without downtime").
 
     python -m rollout publish dlrm-2.0            # a new version, gated on its golden set
     python -m rollout rollback [--to 1.0]         # back to an earlier version in the model store

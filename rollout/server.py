@@ -2,7 +2,7 @@
 
 Only TorchServe's own versioning is used (register a version, ``set-default``,
 unregister). With token authorization on, as it must be whenever the
-model-management API is (README, "Model updates"), every call carries the key
+model-management API is (docs/deploy.md, "Model updates without downtime"), every call carries the key
 TorchServe wrote into its ``key_file.json``. Those keys expire
 (``token_expiration_min``, 60 minutes by default) and TorchServe does not renew
 them by itself: a call refused for its key reads the key file again (another

@@ -50,7 +50,7 @@ class PlantedClickModel:
     ``interaction_scale`` is the standard deviation of the pairwise interaction
     vectors. The default plants weak interactions; at 0.5 they add as much to the
     logit's variance as half the categorical effects, and the DLRM trained by
-    ``make train`` does not pick them up within two epochs of 1M rows (see README).
+    ``make train`` does not pick them up within two epochs of 1M rows (docs/performance/2026-11-23-training.md).
     """
 
     def __init__(self, seed: int = 0, interaction_scale: float = DEFAULT_INTERACTION_SCALE) -> None:
