@@ -15,9 +15,11 @@ from typing import Any
 import orjson
 import torch
 
+from handler.codec import INTERNAL_ERROR
 from handler.metrics import HandlerMetrics
-from handler.predictor import INTERNAL_ERROR, DLRMPredictor, Request
+from handler.predictor import DLRMPredictor
 from handler.settings import ServingSettings
+from handler.torchserve import check_version, request_of
 from model_factory.factory import format_summary, summarize
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class DLRMHandler:
         self.metrics: HandlerMetrics | None = None
 
     def initialize(self, context: Any) -> None:
+        check_version()
         properties = context.system_properties
         settings = ServingSettings.from_model_yaml(context.model_yaml_config)
         device = select_device(properties.get("gpu_id"), settings.shard_tables_gpus)
@@ -97,26 +100,6 @@ class DLRMHandler:
             "device": str(self.predictor.device),
             "max_rows_per_request": self.predictor.decoder.max_rows,
         }
-
-
-def request_body(request: dict[str, Any]) -> Any:
-    """The body of one TorchServe request: raw bytes, or a value TorchServe already decoded."""
-    for key in ("body", "data"):
-        if request.get(key) is not None:
-            return request[key]
-    return None
-
-
-def request_of(context: Any, index: int, data: dict[str, Any]) -> Request:
-    """One request of the batch with its HTTP headers, names lower-cased (TorchServe keeps the client's spelling).
-
-    TorchServe's gRPC service passes no HTTP header at all, where an HTTP request
-    with a body always has some (``Content-Length`` at least).
-    """
-    headers = {
-        name.lower(): value for name, value in context.get_all_request_header(index).items() if isinstance(value, str)
-    }
-    return Request(request_body(data), headers, grpc=not headers)
 
 
 def select_device(gpu_id: int | str | None, shard_tables_gpus: int = 0) -> torch.device:

@@ -40,6 +40,7 @@ import base64
 import math
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -47,7 +48,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from handler import values
+from handler import torchserve, values
+from handler.codec import Received, Response
 from handler.errors import ErrorKind, InvalidRequest, json_type
 from handler.rows import FeatureRows, FieldNames, RowValidator, preprocessed
 from handler.values import NUMBER_TYPES, STRING_TYPES, BeyondRange
@@ -123,13 +125,6 @@ class OutputRequest:
 
 
 @dataclass(frozen=True)
-class Encoded:
-    body: bytes
-    content_type: str
-    headers: dict[str, str]
-
-
-@dataclass(frozen=True)
 class OipRequest:
     """The rows of one OIP request, and how to answer it; ``context``: a ranking request's shared row."""
 
@@ -177,6 +172,22 @@ class OipCodec:
         self.num_dense = config.num_dense_features
         self.num_sparse = config.num_sparse_features
         self._raw_widths = {RAW_INTS_INPUT: self.num_dense, RAW_CATEGORIES_INPUT: self.num_sparse}
+
+    # ------------------------------------------------------------------ the codec
+
+    def decodes_together(self, received: Received) -> bool:
+        return False
+
+    def decode_batch(self, batch: Sequence[Received]) -> list[OipRequest | InvalidRequest]:
+        """Each request decoded alone (its body parsed already when it came by ``/predictions``)."""
+        results: list[OipRequest | InvalidRequest] = []
+        for received in batch:
+            request = received.request
+            try:
+                results.append(self.decode(received.body, request.headers.get(HEADER_LENGTH), request.grpc))
+            except InvalidRequest as error:
+                results.append(error)
+        return results
 
     # ------------------------------------------------------------------ requests
 
@@ -450,7 +461,7 @@ class OipCodec:
 
     # ------------------------------------------------------------------ responses
 
-    def encode(self, request: OipRequest, logits: np.ndarray, scores: np.ndarray) -> Encoded:
+    def encode(self, request: OipRequest, logits: np.ndarray, scores: np.ndarray) -> Response:
         """The OIP response: JSON tensors, or a JSON header followed by the binary ones."""
         values = {SCORE_OUTPUT: scores.astype("<f4", copy=False), LOGIT_OUTPUT: logits.astype("<f4", copy=False)}
         outputs: list[dict[str, Any]] = []
@@ -469,26 +480,19 @@ class OipCodec:
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         if not chunks:
-            return Encoded(header, JSON_CONTENT_TYPE, {})
-        return Encoded(
-            b"".join([header, *chunks]), BINARY_CONTENT_TYPE, {"Inference-Header-Content-Length": str(len(header))}
+            return Response(200, header, JSON_CONTENT_TYPE)
+        return Response(
+            200,
+            b"".join([header, *chunks]),
+            BINARY_CONTENT_TYPE,
+            {"Inference-Header-Content-Length": str(len(header))},
         )
 
-    def encode_error(self, error: InvalidRequest, grpc: bool) -> bytes:
-        """An error body; over gRPC, a response TorchServe 0.12 can convert, the error as an ``error`` output.
-
-        TorchServe's gRPC service turns every answer of the handler into a
-        ``ModelInferResponse`` whatever its status, and fails on one without
-        ``id``, ``model_name``, ``model_version`` and ``outputs``.
-        """
+    def encode_error(self, error: InvalidRequest, request: torchserve.Request) -> Response:
+        """The error body with OIP's ``error`` key; over gRPC, as the ``error`` output TorchServe 0.12 needs."""
         body = error.to_body(oip=True)
-        if not grpc:
-            return orjson.dumps(body)
-        # TorchServe writes each BYTES element as its JSON text: an object arrives encoded once.
-        error_output = {"name": "error", "datatype": "BYTES", "shape": [1], "data": [body]}
-        return orjson.dumps(
-            {"model_name": self.name, "model_version": self.version, "id": "", "outputs": [error_output]}
-        )
+        encoded = torchserve.grpc_error(body, self.name, self.version) if request.grpc else orjson.dumps(body)
+        return Response(error.status, encoded, error_kind=error.kind)
 
 
 def _split_body(

@@ -12,84 +12,33 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-import orjson
 import torch
 from torchrec.models.dlrm import DLRM
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from handler import oip
+from handler.codec import INTERNAL_ERROR, Codec, Decoded, Received, Response
 from handler.errors import ErrorKind, InvalidRequest
-from handler.json_rows import RequestDecoder, RowsRequest, encode_error, parse_json
+from handler.json_rows import RequestDecoder
+from handler.oip import HEADER_LENGTH, OipCodec
 from handler.ranking import RankingForward, Segment
 from handler.rows import FeatureRows, concatenate
 from handler.settings import DEFAULT_MAX_ROWS
+from handler.torchserve import Request
 from model_factory.artifact import ModelArtifact, load_model
 from model_factory.features import feature_major_on_device, rows_to_kjt
 from model_factory.sharding import load_sharded_model
 
-JSON = "application/json"
-# JSON row bodies up to this size are parsed and kept until the batch's other small bodies are parsed, to be
-# checked together (a TorchServe batch of 32 single rows: one set of array checks, not 32); larger ones are
-# decoded and dropped at once, so that a batch never holds the Python objects of more than one large body.
-COMBINED_BODY_BYTES = 64 * 1024
-INTERNAL_ERROR = orjson.dumps({"code": 500, "type": "internal_error", "message": "the server failed; see its log"})
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Request:
-    """One request's body and HTTP headers (names lower-cased), as TorchServe hands them to a worker.
-
-    ``grpc``: it came through TorchServe's OIP gRPC service (``ModelInfer``). TorchServe
-    marks the requests of its REST routes with an ``explain`` header, and those of
-    ``/predictions`` also with ``url_path``: ``explain`` alone means ``/v2/.../infer``.
-    """
-
-    body: Any
-    headers: Mapping[str, str] = field(default_factory=dict)
-    grpc: bool = False
-
-    @property
-    def is_oip(self) -> bool:
-        oip_route = "explain" in self.headers and "url_path" not in self.headers
-        return self.grpc or oip_route or oip.HEADER_LENGTH in self.headers
-
-    @property
-    def is_describe(self) -> bool:
-        """TorchServe's describe request (``GET /models/{m}?customized=true``, management API only).
-
-        TorchServe marks it with a ``describe: True`` header, but it also copies every
-        client header into an inference request: an inference request is told apart
-        by the ``explain`` header that TorchServe adds to every one of its REST
-        inference routes (gRPC requests have no headers at all).
-        """
-        return self.headers.get("describe") == "True" and "explain" not in self.headers and not self.grpc
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: bytes
-    content_type: str = JSON
-    headers: Mapping[str, str] = field(default_factory=dict)
-    error_kind: ErrorKind | None = None
-
-
-@dataclass
-class Reply:
-    """How a request is answered: in OIP's shape (``oip``) when it came by an OIP route or its body is an
-    OIP request, else in the JSON rows' shape. Decoding may find the former out."""
-
-    request: Request
-    oip: bool
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -103,6 +52,8 @@ class BatchResult:
 
 
 class DLRMPredictor:
+    """Requests of any wire format in, one forward pass, each request answered in its format."""
+
     def __init__(
         self,
         model: DLRM,
@@ -116,8 +67,8 @@ class DLRMPredictor:
         self.artifact = artifact
         self.device = device
         self.decoder = RequestDecoder(artifact.model, artifact.preprocessing, max_rows=max_rows)
+        self.oip = OipCodec(artifact.model, artifact.preprocessing, self.decoder.validator, name, version)
         self.ranking = RankingForward(model)
-        self.oip = oip.OipCodec(artifact.model, artifact.preprocessing, self.decoder.validator, name, version)
 
     @classmethod
     def from_artifact(
@@ -149,137 +100,104 @@ class DLRMPredictor:
     def predict(self, requests: Sequence[Request]) -> BatchResult:
         """One response per request, in order, whatever any request holds.
 
-        Each request is decoded, answered and encoded under its own guard: bad input
-        gets its 4xx, a bug its 500, and neither touches the other requests of the
-        batch. A body is parsed, checked and dropped before the next one is parsed,
-        so a batch holds the Python objects of one large body at a time; only small
-        JSON row bodies wait to be checked together (:data:`COMBINED_BODY_BYTES`).
+        Each request's wire format is found (:meth:`wire_format`), each format's codec decodes its
+        requests, the rows of all of them go through one forward pass, and each codec answers its
+        own. Every step is taken for each request under its own guard (:meth:`_guard`): bad input
+        gets its 4xx, a bug its 500, and neither touches the other requests of the batch; a
+        decode or forward pass of several requests that fails is run again for each alone
+        (:func:`each_alone_if_failed`). Requests a codec decodes together wait for the batch's
+        others; the rest are decoded at once, so that a batch holds the parsed body of one
+        large request at a time.
         """
         started = time.perf_counter()
-        responses: dict[int, Response] = {}
-        decoded: dict[int, RowsRequest | oip.OipRequest] = {}
-        small_rows: dict[int, Any] = {}  # parsed small JSON row bodies, decoded together below
+        answers: dict[int, Response] = {}
+        decoded: dict[int, tuple[Codec[Any], Decoded]] = {}
+        waiting: dict[Codec[Any], list[Received]] = {}
         for index, request in enumerate(requests):
-            with self._guard(index, Reply(request, request.is_oip), responses) as reply:
-                payload = self._decode(reply)
-                if isinstance(payload, (RowsRequest, oip.OipRequest)):
-                    decoded[index] = payload
+            with self._guard(index, self.decoder, request, answers):  # a body that is no JSON: a JSON rows error
+                codec, body = self.wire_format(request)
+                received = Received(index, request, body)
+                if codec.decodes_together(received):
+                    waiting.setdefault(codec, []).append(received)
                 else:
-                    small_rows[index] = payload
-        if small_rows:
-            self._decode_small_rows(small_rows, requests, decoded, responses)
+                    self._decode(codec, [received], decoded, answers)
+        for codec, batch in waiting.items():
+            self._decode(codec, batch, decoded, answers)
         decoded_at = time.perf_counter()
         rows = 0
-        if decoded:
-            order = sorted(decoded)
-            outputs = self._forward_each_alone_if_failed([decoded[index] for index in order])
-            for index, output in zip(order, outputs, strict=True):
-                reply = Reply(requests[index], isinstance(decoded[index], oip.OipRequest))
-                with self._guard(index, reply, responses):
-                    if isinstance(output, BaseException):
-                        raise output
-                    responses[index] = self._answer(decoded[index], requests[index], *output)
-                    rows += decoded[index].num_rows
+        order = sorted(decoded)
+        outputs = each_alone_if_failed(self._forward_requests, [decoded[index][1] for index in order]) if order else []
+        for index, output in zip(order, outputs, strict=True):
+            codec, part = decoded[index]
+            with self._guard(index, codec, requests[index], answers):
+                answers[index] = self._answer(codec, part, *outcome(output))
+                rows += part.num_rows
         finished = time.perf_counter()
         return BatchResult(
-            responses=[responses[index] for index in range(len(requests))],
+            responses=[answers[index] for index in range(len(requests))],
             rows=rows,
             decode_ms=(decoded_at - started) * 1e3,
             forward_ms=(finished - decoded_at) * 1e3,
         )
 
-    def _decode(self, reply: Reply) -> RowsRequest | oip.OipRequest | Any:
-        """A request's decoded rows; or, for a small JSON body of rows, its parsed value, to decode with others.
+    def wire_format(self, request: Request) -> tuple[Codec[Any], Any]:
+        """The codec of a request's wire format, and its body as that codec takes it.
 
-        A ``/predictions`` body that is an OIP request (``inputs`` a list of tensors, where the
-        columnar rows' is an object of columns) is decoded, and answered, as OIP: ``reply.oip``.
+        The Open Inference Protocol's when the request came by an OIP route, uses OIP's binary
+        data extension, or its body is an OIP inference request (a JSON object whose ``inputs``
+        is a list of tensors, where the JSON rows' columnar ``inputs`` is an object); else the
+        JSON rows'. A body that did not come by an OIP route is parsed to tell, as JSON rows
+        (whose errors it gets), and goes on parsed.
         """
-        request = reply.request
-        if reply.oip:
-            return self.oip.decode(request.body, request.headers.get(oip.HEADER_LENGTH), grpc=request.grpc)
-        payload = parse_json(request.body, self.decoder.validator)
+        if request.oip_route or HEADER_LENGTH in request.headers:
+            return self.oip, request.body
+        payload = self.decoder.parse(request.body)
         if isinstance(payload, dict) and isinstance(payload.get("inputs"), list):
-            reply.oip = True
-            return self.oip.decode(payload)
-        if isinstance(request.body, (bytes, bytearray, str)) and len(request.body) > COMBINED_BODY_BYTES:
-            return self._decoded(self.decoder.decode_payloads([payload])[0])
-        return payload
+            return self.oip, payload
+        return self.decoder, payload
 
-    def _decode_small_rows(
+    def _decode(
         self,
-        payloads: dict[int, Any],
-        requests: Sequence[Request],
-        decoded: dict[int, RowsRequest | oip.OipRequest],
-        responses: dict[int, Response],
+        codec: Codec[Any],
+        batch: Sequence[Received],
+        decoded: dict[int, tuple[Codec[Any], Decoded]],
+        answers: dict[int, Response],
     ) -> None:
-        """Small JSON row bodies, decoded together (one set of array checks for a batch of single rows);
-        should that fail other than on bad input, each alone under its own guard."""
-        try:
-            results = self.decoder.decode_payloads(list(payloads.values()))
-        except Exception:
-            logger.exception("decoding %d JSON bodies together failed: decoding each alone", len(payloads))
-            results = None
-        for position, (index, payload) in enumerate(payloads.items()):
-            with self._guard(index, Reply(requests[index], oip=False), responses):
-                result = results[position] if results is not None else self.decoder.decode_payloads([payload])[0]
-                decoded[index] = self._decoded(result)
-
-    @staticmethod
-    def _decoded(result: RowsRequest | InvalidRequest) -> RowsRequest:
-        if isinstance(result, InvalidRequest):
-            raise result
-        return result
+        """``batch`` decoded by ``codec``, each request into ``decoded`` or, refused, its answer into ``answers``."""
+        for received, result in zip(batch, each_alone_if_failed(codec.decode_batch, batch), strict=True):
+            with self._guard(received.index, codec, received.request, answers):
+                decoded[received.index] = (codec, outcome(result))
 
     @contextmanager
-    def _guard(self, index: int, reply: Reply, responses: dict[int, Response]) -> Iterator[Reply]:
-        """Whatever goes wrong in this block is request ``index``'s own answer: its 4xx, or a 500 for a bug."""
+    def _guard(self, index: int, codec: Codec[Any], request: Request, answers: dict[int, Response]) -> Iterator[None]:
+        """Whatever goes wrong in this block is request ``index``'s own answer: its 4xx in its format, a 500 for
+        a bug."""
         try:
-            yield reply
+            yield
         except InvalidRequest as error:
-            responses[index] = self._error(error, reply)
+            answers[index] = codec.encode_error(error, request)
         except Exception:  # a bug, not bad input: this request fails alone, and the worker log says why
             logger.exception("request %d of the batch failed", index)
-            responses[index] = Response(500, INTERNAL_ERROR)
+            answers[index] = Response(500, INTERNAL_ERROR)
 
-    def _forward_each_alone_if_failed(
-        self, batch: Sequence[RowsRequest | oip.OipRequest]
-    ) -> list[tuple[np.ndarray, np.ndarray] | BaseException]:
-        """Each request's logits and scores from one forward pass over all of them.
-
-        Should that pass fail (decoded rows are valid, so this is a bug), each request
-        is run alone, so that the failure stays with the request that causes it.
-        """
-        try:
-            logits, scores = self.forward([part.rows for part in batch], [part.context for part in batch])
-        except Exception as error:
-            if len(batch) == 1:
-                return [error]
-            logger.exception("the forward pass of %d requests failed: running each alone", len(batch))
-            return [output for part in batch for output in self._forward_each_alone_if_failed([part])]
+    def _forward_requests(self, batch: Sequence[Decoded]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each request's logits and scores, from one forward pass over all of them."""
+        logits, scores = self.forward([part.rows for part in batch], [part.context for part in batch])
         bounds = np.cumsum([0, *(part.num_rows for part in batch)]).tolist()
         return [(logits[start:end], scores[start:end]) for start, end in pairwise(bounds)]
 
-    def _answer(
-        self, request: RowsRequest | oip.OipRequest, received: Request, logits: np.ndarray, scores: np.ndarray
-    ) -> Response:
+    @staticmethod
+    def _answer(codec: Codec[Any], decoded: Decoded, logits: np.ndarray, scores: np.ndarray) -> Response:
         overflowed = np.flatnonzero(~np.isfinite(logits))
         if overflowed.size:  # finite inputs so large that the MLPs overflow: no score to give
             row = int(overflowed[0])
-            error = InvalidRequest(
+            raise InvalidRequest(
                 ErrorKind.NON_FINITE,
                 f"row {row}: the model's output is not finite for these inputs: dense values too large",
                 row=row,
                 expected="dense values that keep the model's output finite",
             )
-            return self._error(error, Reply(received, isinstance(request, oip.OipRequest)))
-        if isinstance(request, RowsRequest):
-            return Response(200, request.response(logits, scores))
-        encoded = self.oip.encode(request, logits, scores)
-        return Response(200, encoded.body, encoded.content_type, encoded.headers)
-
-    def _error(self, error: InvalidRequest, reply: Reply) -> Response:
-        body = self.oip.encode_error(error, grpc=reply.request.grpc) if reply.oip else encode_error(error)
-        return Response(error.status, body, error_kind=error.kind)
+        return codec.encode(decoded, logits, scores)
 
     def forward(
         self, parts: Sequence[FeatureRows], contexts: Sequence[FeatureRows | None] | None = None
@@ -319,6 +237,26 @@ class DLRMPredictor:
                 logits = self.model(dense, sparse).squeeze(1).float()
             scores = torch.sigmoid(logits)
         return logits.cpu().numpy(), scores.cpu().numpy()
+
+
+def each_alone_if_failed(call: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R | Exception]:
+    """``call(items)``, one result per item, from one call for all of them; should that call raise (a bug: bad
+    input is a result), ``call`` for each item alone, so that the failure stays with the item that causes it,
+    its exception in its place."""
+    try:
+        return list(call(items))
+    except Exception as error:
+        if len(items) == 1:
+            return [error]
+        logger.exception("%s for %d requests together failed: each alone", call.__name__, len(items))
+        return [result for item in items for result in each_alone_if_failed(call, [item])]
+
+
+def outcome(result: T | Exception) -> T:
+    """A result of :func:`each_alone_if_failed` or a codec, raised when it is an error."""
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def segments(parts: Sequence[FeatureRows], contexts: Sequence[FeatureRows | None]) -> list[Segment]:
