@@ -40,14 +40,10 @@ import multiprocessing
 import os
 import shutil
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -57,14 +53,13 @@ import psutil
 import requests
 import torch
 
-from bench import environment
+from bench.harness import Run, build_archive, latency_summary, machine_record, results_dir, write_results
 from handler.predictor import DLRMPredictor
 from model_factory import tbe
 from model_factory.config import preset
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from training.synthetic import random_inputs, request_rows
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 REFERENCE_SAMPLE = REPO_ROOT / "sample_data" / "reference_sample_data.json"
 # Workers per precision: two int8 or four int4 workers share one mapped copy of the tables.
 DEFAULT_WORKERS = {"int8": 2, "int4": 4}
@@ -93,46 +88,14 @@ class FullSizeResult:
     first_touch: dict | None = None  # --first-touch: in-process single rows on fresh / populated mappings
 
 
-class PeakRss:
-    """Samples a process tree's RSS in the background; ``peak`` is the largest sum seen."""
-
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self.interval = interval
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                tree = [self.process, *self.process.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-            except psutil.Error:
-                pass
-            self.stopped.wait(self.interval)
-
-    def stop(self) -> int:
-        self.stopped.set()
-        self.thread.join()
-        return self.peak
-
-
-def build(dtype: str, workers: int, store: Path) -> tuple[float, int]:
-    """Build the unzipped archive; returns (seconds, peak RSS in bytes)."""
-    command = [
-        sys.executable, str(REPO_ROOT / "build_mar.py"), "--preset", "criteo-1tb", "--quantize", dtype,
-        "--archive-format", "no-archive", "--workers", str(workers), "--startup-timeout", "1800",
-        "--output", str(store / f"dlrm-1tb-{dtype}.mar"),
-    ]  # fmt: skip
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO_ROOT)
-    meter = PeakRss(process.pid)
-    if process.wait() != 0:
-        meter.stop()
-        sys.exit(f"build_mar.py failed for {dtype}")
-    return time.perf_counter() - started, meter.stop()
+def build(dtype: str, workers: int, store: Path) -> Run:
+    """Build the unzipped archive: its seconds and peak RSS."""
+    return build_archive(
+        store / f"dlrm-1tb-{dtype}.mar",
+        "--preset", "criteo-1tb", "--quantize", dtype, "--archive-format", "no-archive",
+        "--workers", str(workers), "--startup-timeout", "1800",
+        stream=True,
+    )  # fmt: skip
 
 
 def worker_memory(server: TorchServeProcess) -> tuple[int, int]:
@@ -230,7 +193,7 @@ def _time_single_rows(model_dir: str, populate: bool, count: int, seed: int, res
         begin = time.perf_counter()
         predictor.predict_bodies([body])
         latencies.append((time.perf_counter() - begin) * 1e3)
-    results.put((round(statistics.median(latencies), 2), round(float(np.percentile(latencies, 99)), 2)))
+    results.put(latency_summary(latencies))
 
 
 def first_touch(model_dir: Path, count: int) -> dict:
@@ -241,9 +204,8 @@ def first_touch(model_dir: Path, count: int) -> dict:
         results = context.Queue()
         child = context.Process(target=_time_single_rows, args=(str(model_dir), populate, count, seed, results))
         child.start()
-        p50, p99 = results.get(timeout=1800)
+        measured[label] = results.get(timeout=1800)
         child.join()
-        measured[label] = {"p50_ms": p50, "p99_ms": p99}
     return measured
 
 
@@ -279,8 +241,7 @@ def serve_and_measure(dtype: str, workers: int, store: Path, workdir: Path, coun
             "killed_worker_ready_seconds": round(replace_a_worker(server, workers), 1),
             "requests": len(rows),
             "errors": errors,
-            "p50_ms": round(statistics.median(latencies), 2),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 2),
+            **latency_summary(latencies),
             "reference_sample": {"status": reference.status_code, "body": reference.json()},
         }
 
@@ -353,15 +314,14 @@ def main() -> None:
         help="also time single rows in-process on a fresh mapping, without and with its pages mapped first",
     )
     args = parser.parse_args()
-    output = RESULTS_DIR / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-fullsize"
-    output.mkdir(parents=True)
+    output = results_dir("fullsize")
     store = args.store or Path(tempfile.mkdtemp(prefix="dlrm-1tb-", dir=REPO_ROOT / "model_store"))
     store.mkdir(parents=True, exist_ok=True)
     results = []
     try:
         for dtype in args.dtypes:
             workers = args.workers or DEFAULT_WORKERS[dtype]
-            build_seconds, build_peak = build(dtype, workers, store)
+            built = build(dtype, workers, store)
             model_dir = store / f"dlrm-1tb-{dtype}"
             tables_gib = (model_dir / "tables.bin").stat().st_size / 2**30
             served = serve_and_measure(dtype, workers, store, output / f"torchserve-{dtype}", args.requests)
@@ -372,8 +332,8 @@ def main() -> None:
             result = FullSizeResult(
                 dtype=dtype,
                 tables_gib=round(tables_gib, 2),
-                build_seconds=round(build_seconds, 1),
-                build_peak_rss_gib=round(build_peak / 2**30, 2),
+                build_seconds=round(built.seconds, 1),
+                build_peak_rss_gib=round(built.peak_rss / 2**30, 2),
                 **served,
                 all_pages=every_page_shared(model_dir, workers) if args.touch_all else None,
                 cold=cold,
@@ -386,15 +346,10 @@ def main() -> None:
     finally:
         if not args.keep and args.store is None:
             shutil.rmtree(store, ignore_errors=True)
-    machine = environment.machine()
-    (output / "results.json").write_text(
-        json.dumps(
-            {"machine": machine, "versions": environment.versions(), "results": [asdict(r) for r in results]},
-            indent=2,
-        )
-    )
-    (output / "results.md").write_text(markdown(results, machine))
-    print((output / "results.md").read_text())
+    record = machine_record()
+    text = markdown(results, record["machine"])
+    write_results(output, {**record, "results": [asdict(r) for r in results]}, text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -39,6 +37,7 @@ from typing import Any
 
 import torch
 
+from bench.harness import time_calls
 from bench.workload import Body, Inputs, Protocol, criteo_like_inputs, request_bodies
 from handler.predictor import DLRMPredictor, Request
 from model_archive.contents import extracted, serving_settings
@@ -57,21 +56,6 @@ class Timing:
     seconds: float
     p50_ms: float
     rows_per_s: float
-
-
-def time_calls(
-    call: Callable[[], Any], seconds: float, warmup: int = 3, min_calls: int = 5
-) -> tuple[int, float, float]:
-    """Calls, total seconds and median milliseconds per call of ``call`` run for about ``seconds``."""
-    for _ in range(warmup):
-        call()
-    durations: list[float] = []
-    started = time.perf_counter()
-    while len(durations) < min_calls or time.perf_counter() - started < seconds:
-        begin = time.perf_counter()
-        call()
-        durations.append(time.perf_counter() - begin)
-    return len(durations), sum(durations), statistics.median(durations) * 1e3
 
 
 def check_valid(predictor: DLRMPredictor, requests: list[Request]) -> None:

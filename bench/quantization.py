@@ -21,12 +21,9 @@ quantize) — the run builds the archive with build_mar.py and records:
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +32,7 @@ import requests
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from bench import environment
-from bench.inprocess import time_calls
+from bench.harness import build_archive, machine_record, results_dir, time_calls, write_results
 from model_archive.contents import extracted, read_file
 from model_factory.artifact import WEIGHTS_FILE, load_model
 from model_factory.features import rows_to_kjt
@@ -44,7 +40,6 @@ from servers.torchserve import REPO_ROOT, TorchServeProcess
 from training.criteo import read_batches
 from training.synthetic import random_inputs
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 TRAINED_RUN = REPO_ROOT / "runs" / "small-synthetic"
 VALIDATION = REPO_ROOT / "data" / "synthetic" / "validation.tsv"
 OPTIONS = {
@@ -78,8 +73,7 @@ def archive_name(model: str, option: str) -> str:
 def build(store: Path, model: str, source: list[str], option: str) -> Path:
     """build_mar.py for ``model`` from ``source`` (its model flags) with ``option``'s quantization flags."""
     archive = store / f"{archive_name(model, option)}.mar"
-    command = [sys.executable, "build_mar.py", *source, *OPTIONS[option], "--workers", "1", "--output", str(archive)]
-    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
+    build_archive(archive, *source, *OPTIONS[option], "--workers", "1")
     return archive
 
 
@@ -142,8 +136,7 @@ def main() -> None:
     if not (TRAINED_RUN / "weights.pt").exists():
         sys.exit("run `make train` first: the accuracy figures need the trained default model")
     torch.set_num_threads(1)
-    output = RESULTS_DIR / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-quantization"
-    output.mkdir(parents=True)
+    output = results_dir("quantization")
     results: list[OptionResult] = []
     with tempfile.TemporaryDirectory(prefix="dlrm-quant-") as tmp:
         store = Path(tmp) / "store"
@@ -185,10 +178,9 @@ def main() -> None:
         results = [
             OptionResult(**{**asdict(r), "worker_rss_mib": rss[name]}) for r, name in zip(results, names, strict=True)
         ]
-    document = {"machine": environment.machine(), "versions": environment.versions(), "threads": 1,
-                "results": [asdict(r) for r in results]}  # fmt: skip
-    (output / "results.json").write_text(json.dumps(document, indent=2))
-    (output / "results.md").write_text(markdown(results))
+    write_results(
+        output, {**machine_record(), "threads": 1, "results": [asdict(r) for r in results]}, markdown(results)
+    )
     print(markdown(results))
 
 

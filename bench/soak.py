@@ -19,32 +19,30 @@ worker's RSS growing by less than 5 % from the end of the warm-up to the end of 
 measured after the warm-up because the first requests grow the allocator's arenas,
 which is not a leak; it is sampled every 10 s meanwhile, and the workers' pids must not
 change (a restarted worker would hide a leak). The result goes to
-``bench/results/soak-<time>.json``; the exit status is 1 when it fails.
+``bench/results/<time>-soak/results.json``; the exit status is 1 when it fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bench.environment import machine, versions
+from bench.harness import build_archive, machine_record, results_dir
 from bench.load import CpuMeter, post, run_wrk
 from bench.workload import DISTINCT_ROWS, criteo_like_inputs, request_bodies, write_bodies
 from model_factory.config import DEFAULT_PRESET, preset
-from servers.torchserve import REPO_ROOT, TorchServeProcess
+from servers.torchserve import TorchServeProcess
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MAX_RSS_GROWTH = 0.05
 SAMPLE_EVERY_S = 10.0
 
@@ -90,19 +88,9 @@ class MemorySampler:
         self.samples.append(self.sample())
 
 
-def build_default_archive(store: Path) -> Path:
-    store.mkdir(parents=True, exist_ok=True)
-    archive = store / "dlrm.mar"
-    command = [sys.executable, str(REPO_ROOT / "build_mar.py"), "--output", str(archive)]
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if completed.returncode != 0:
-        sys.exit(f"build_mar.py failed:\n{completed.stdout}\n{completed.stderr}")
-    return archive
-
-
 def soak(duration: int, concurrency: int, warmup: int, workdir: Path) -> dict[str, Any]:
     store = workdir / "model_store"
-    build_default_archive(store)
+    build_archive(store / "dlrm.mar")
     bodies = request_bodies(criteo_like_inputs(preset(DEFAULT_PRESET), DISTINCT_ROWS), 1)
     bodies_file = write_bodies(bodies, workdir / "bodies.bin")
     with TorchServeProcess(store, "dlrm=dlrm.mar", workdir / "torchserve") as server:
@@ -144,8 +132,7 @@ def soak(duration: int, concurrency: int, warmup: int, workdir: Path) -> dict[st
         "memory_timeline": [asdict(sample) for sample in memory.samples],
         "other_cpu_cores": round(other_cores, 2),
         "steal_cores": round(steal_cores, 2),
-        "machine": machine(),
-        "versions": versions(),
+        **machine_record(),
     }
 
 
@@ -154,14 +141,14 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=600, help="seconds of measured load (default: 600)")
     parser.add_argument("--concurrency", type=int, default=32, help="connections kept busy (default: 32)")
     parser.add_argument("--warmup", type=int, default=30, help="seconds of load before measuring (default: 30)")
-    parser.add_argument("--output", type=Path, help="result file (default: bench/results/soak-<time>.json)")
+    parser.add_argument("--output", type=Path, help="result file (default: bench/results/<time>-soak/results.json)")
     args = parser.parse_args()
-    started = datetime.now()
+    started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="dlrm-soak-") as workdir:
         document = {"started": started.isoformat(timespec="seconds")} | soak(
             args.duration, args.concurrency, args.warmup, Path(workdir)
         )
-    output = args.output or RESULTS_DIR / f"soak-{started:%Y%m%d-%H%M%S}.json"
+    output = args.output or results_dir("soak", started) / "results.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(document, indent=2))
     rss, verdict = document["worker_rss_mib"], "PASSED" if document["passed"] else "FAILED"

@@ -20,22 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import environment
-from bench.fullsize import PeakRss
+from bench.harness import build_archive, machine_record, results_dir, run_command, write_results
 from model_factory.config import DLRMConfig, criteo_kaggle
 from servers.torchserve import REPO_ROOT
 from training.checkpoint import latest_checkpoint
 from training.synthetic import PlantedClickModel, write_tsv
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 GLOBAL_BATCH = 2048
 # 26 tables × 1,290,555 rows × 64 fp32 values = 8.0 GiB.
 CONVERSION_ROWS_PER_TABLE = 1_290_555
@@ -57,18 +52,6 @@ def train_command(ranks: int, output: Path, train: Path, validation: Path, *args
     ]  # fmt: skip
 
 
-def run(command: list[str]) -> tuple[float, int]:
-    """Run ``command`` from the repository root; its seconds and the peak RSS of its process tree."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO_ROOT)
-    meter = PeakRss(process.pid)
-    code = process.wait()
-    peak = meter.stop()
-    if code != 0:
-        sys.exit(f"failed ({code}): {' '.join(command)}")
-    return time.perf_counter() - started, peak
-
-
 def training_speed(workdir: Path, rows: int) -> list[dict[str, Any]]:
     planted = PlantedClickModel(seed=0)
     train, validation = workdir / "train.tsv", workdir / "validation.tsv"
@@ -77,7 +60,7 @@ def training_speed(workdir: Path, rows: int) -> list[dict[str, Any]]:
     results = []
     for ranks in (1, 2):
         output = workdir / f"ranks-{ranks}"
-        seconds, peak = run(train_command(ranks, output, train, validation, "--preset", "small"))
+        trained = run_command(train_command(ranks, output, train, validation, "--preset", "small"), stream=True)
         metrics = json.loads((output / "metrics.json").read_text())
         results.append(
             {
@@ -86,8 +69,8 @@ def training_speed(workdir: Path, rows: int) -> list[dict[str, Any]]:
                 "train_rows_per_second": metrics["train_rows_per_second"],
                 "data_wait_share": metrics["data_wait_share"],
                 "auc": round(metrics["auc"], 5),
-                "wall_seconds": round(seconds, 1),
-                "peak_rss_gib": round(peak / 2**30, 2),
+                "wall_seconds": round(trained.seconds, 1),
+                "peak_rss_gib": round(trained.peak_rss / 2**30, 2),
             }
         )
         print(json.dumps(results[-1]), flush=True)
@@ -109,24 +92,24 @@ def conversion(workdir: Path) -> dict[str, Any]:
     write_tsv(train, GLOBAL_BATCH * 5, planted, seed=1)
     write_tsv(validation, 2_000, planted, seed=2)
     output = workdir / "run-8gib"
-    train_seconds, train_peak = run(train_command(2, output, train, validation, "--config", str(config_file)))
+    trained = run_command(train_command(2, output, train, validation, "--config", str(config_file)), stream=True)
     checkpoint = latest_checkpoint(output)
     assert checkpoint is not None
     checkpoint_bytes = sum(path.stat().st_size for path in checkpoint.iterdir())
     archive = workdir / "store" / "dlrm-8gib.mar"
-    convert = [
-        sys.executable, "build_mar.py", "--config", str(config_file), "--checkpoint", str(checkpoint),
-        "--quantize", "int8", "--archive-format", "no-archive", "--output", str(archive),
-    ]  # fmt: skip
-    seconds, peak = run(convert)
+    converted = build_archive(
+        archive, "--config", str(config_file), "--checkpoint", str(checkpoint),
+        "--quantize", "int8", "--archive-format", "no-archive",
+        stream=True,
+    )  # fmt: skip
     tables = (archive.with_suffix("") / "tables.bin").stat().st_size
     result = {
         "fp32_tables_gib": round(sum(config.num_embeddings_per_feature) * config.embedding_dim * 4 / 2**30, 2),
         "checkpoint_gib": round(checkpoint_bytes / 2**30, 2),
-        "two_rank_training_seconds": round(train_seconds, 1),
-        "two_rank_training_peak_rss_gib": round(train_peak / 2**30, 2),
-        "conversion_seconds": round(seconds, 1),
-        "conversion_peak_rss_gib": round(peak / 2**30, 2),
+        "two_rank_training_seconds": round(trained.seconds, 1),
+        "two_rank_training_peak_rss_gib": round(trained.peak_rss / 2**30, 2),
+        "conversion_seconds": round(converted.seconds, 1),
+        "conversion_peak_rss_gib": round(converted.peak_rss / 2**30, 2),
         "int8_tables_gib": round(tables / 2**30, 2),
         "target_peak_rss_gib": round(tables / 2**30 + 2, 2),
     }
@@ -161,8 +144,7 @@ def main() -> None:
     parser.add_argument("--skip-conversion", action="store_true", help="only the 1- and 2-rank speed runs")
     parser.add_argument("--workdir", type=Path, help="where data, runs and archives go (default: a temporary one)")
     args = parser.parse_args()
-    output = RESULTS_DIR / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-training-scale"
-    output.mkdir(parents=True)
+    output = results_dir("training-scale")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dlrm-training-scale-", dir=REPO_ROOT / "model_store"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -171,15 +153,8 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    results = {
-        "machine": environment.machine(),
-        "versions": environment.versions(),
-        "speed": speed,
-        "conversion": converted,
-    }
-    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (output / "results.md").write_text(markdown(speed, converted))
-    print((output / "results.md").read_text())
+    write_results(output, {**machine_record(), "speed": speed, "conversion": converted}, markdown(speed, converted))
+    print(markdown(speed, converted))
 
 
 if __name__ == "__main__":
