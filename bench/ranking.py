@@ -17,9 +17,10 @@ requests"):
   with the context as ``context_sparse_lengths``/``context_sparse_ids`` (the candidates' lengths
   compact: only the features the context has no ids for).
 
-The run builds an archive (``--preset``, default ``small``, the model ``make serve``
-serves; ``--quantize`` as build_mar.py's), measures one 500-candidate query of each
-format in-process (one thread, alternately) and then serves the archive with the shipped
+The run builds an archive (``--checkpoint``, trained weights, or ``--preset``, default
+``criteo-kaggle``, the reference shape, random weights; ``--quantize`` as build_mar.py's),
+measures this machine's GEMM limit (:mod:`bench.machine_limit`), one 500-candidate query of
+each format in-process (one thread, alternately) and then serves the archive with the shipped
 settings, driven by an asyncio/aiohttp Poisson client. After a short unmeasured closed
 loop of every format (TorchServe's frontend runs on the JVM, which compiles as it serves:
 unwarmed, the first format measured paid for it), the closed-loop capacity of every
@@ -31,11 +32,14 @@ the search ended still within it, the best rate then a lower bound), then two ge
 bisections between the highest rate within the bound and the next one tried. Latency
 counts from each query's scheduled arrival time, so a client that falls behind shows as
 latency, not as a lower rate. The closed loop also measures the CPU each part takes per
-query: TorchServe's frontend, its workers, this client. Results go to
-``bench/results/<time>-ranking-<mode>/`` (JSON, Markdown, plot).
+query: TorchServe's frontend, its workers, this client. Each candidates/s figure comes with
+its fraction of the machine's limit: candidates/s × the forward's multiply-adds per candidate
+(a ranking format's split forward does less per candidate than an expanded one) ÷ the
+GEMM throughput of the MLPs' precision, with one thread in-process and all cores served.
+Results go to ``bench/results/<time>-ranking-<mode>/`` (JSON, Markdown, plot).
 
-    python -m bench.ranking                 # full: 15 s per rate (about 17 minutes)
-    python -m bench.ranking --mode quick    # 4 s per rate, fewer rates
+    python -m bench.ranking --checkpoint runs/criteo-kaggle-synthetic   # as `make bench` runs it
+    python -m bench.ranking --mode quick --checkpoint runs/small-synthetic  # 4 s per rate, fewer rates
     python -m bench.ranking --quantize none # TorchRec's per-table modules
 """
 
@@ -43,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -54,56 +57,34 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-import orjson
 import torch
 
-from bench import environment
+from bench import machine_limit
+from bench.harness import build_archive, latency_summary, machine_record, results_dir, write_results
 from bench.load import CpuMeter
-from dlrm_client.client import encode_request, model_input_tensors, ranking_tensors
+from bench.ranking_report import MLPERF_ANCHOR, markdown, plot
+from bench.ranking_workload import (
+    CANDIDATES,
+    FORMATS,
+    P99_BOUND_MS,
+    PAIRS,
+    Message,
+    Query,
+    make_queries,
+    make_query,
+    multiply_adds_per_candidate,
+)
 from handler.json_rows import RequestDecoder
 from handler.predictor import DLRMPredictor, Request
-from model_archive.build import DEFAULT_TABLES, ArchiveFormat, BuildOptions, build_archive
-from model_archive.contents import serving_settings
-from model_factory.config import DLRMConfig
-from model_factory.quantization import QuantizationSpec, TableDtype
-from servers.torchserve import REPO_ROOT, TorchServeProcess
-from training.criteo import request_row
-from training.synthetic import PlantedClickModel, format_tsv
+from model_archive.build import DEFAULT_TABLES
+from model_archive.contents import model_artifact, serving_settings
+from model_factory.quantization import TableDtype
+from servers.torchserve import TorchServeProcess
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
-P99_BOUND_MS = 60.0
-CANDIDATES = (100, 700)
-CONTEXT_FEATURES = 13  # of the 26 sparse features: the user's
+DEFAULT_PRESET = "criteo-kaggle"
 CLIENTS_PER_WORKER = 4  # closed-loop clients: enough in flight for TorchServe to batch
 WARMUP_SECONDS = 3.0  # per format, unmeasured, before any measurement
 RATE_STEP, STEPS_UP = 1.25, 4  # above the fractions of capacity, while the p99 bound holds
-# Each format's expanded and ranking forms of the same query.
-PAIRS = {
-    "json": ("expanded", "ranking"),
-    "columns": ("columns_expanded", "columns_ranking"),
-    "oip": ("oip_expanded", "oip_ranking"),
-}
-FORMATS = tuple(name for pair in PAIRS.values() for name in pair)
-JSON_HEADERS = {"Content-Type": "application/json"}
-# MLPerf Inference v5.0, DLRM-v2 server scenario, Intel's result on one Xeon 6980P socket (128 cores).
-MLPERF_ANCHOR: dict[str, Any] = {
-    "queries_per_s": 9100,
-    "cores": 128,
-    "model": "DLRM-v2 (DCNv2 interaction, 26 multi-hot tables, dim 128, about 100 GB)",
-}
-
-
-@dataclass(frozen=True)
-class Message:
-    path: str
-    body: bytes
-    headers: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Query:
-    candidates: int
-    messages: dict[str, Message]  # format -> request
 
 
 @dataclass(frozen=True)
@@ -143,61 +124,6 @@ class Burst:
 
     queries_per_s: float
     cpu_ms_per_query: dict[str, float]  # frontend, workers, client
-
-
-def make_query(config: DLRMConfig, decoder: RequestDecoder, candidates: int, rng: np.random.Generator) -> Query:
-    """A user row and ``candidates`` candidate rows of planted Criteo data, in every format.
-
-    The OIP bodies (binary tensors) carry the rows as the server's preprocessing turns them into
-    model inputs (``decoder``), so every format scores the same rows.
-    """
-    sample, _ = PlantedClickModel(seed=0).sample(candidates + 1, rng)
-    user, *rows = [request_row(line, config) for line in format_tsv(sample).splitlines()]
-    context = {name: user[name] for name in config.sparse_feature_names[:CONTEXT_FEATURES]}
-    own = [{name: value for name, value in row.items() if name not in context} for row in rows]
-    expanded_rows = [row | context for row in own]
-    expanded_body = orjson.dumps({"instances": expanded_rows})
-    ranking_body = orjson.dumps({"context": context, "instances": own})
-    expanded, ranking = decoder.decode(expanded_body).rows, decoder.decode(ranking_body)
-    assert ranking.context is not None
-    oip_expanded = encode_request(model_input_tensors(expanded.dense, expanded.lengths, expanded.values), True)
-    oip_ranking = encode_request(
-        ranking_tensors(
-            ranking.rows.lengths,
-            ranking.rows.values,
-            ranking.context.lengths,
-            ranking.context.values,
-            dense=ranking.rows.dense,
-        ),
-        True,
-    )
-    return Query(
-        candidates,
-        {
-            "expanded": Message("/predictions/dlrm", expanded_body, JSON_HEADERS),
-            "ranking": Message("/predictions/dlrm", ranking_body, JSON_HEADERS),
-            "columns_expanded": Message(
-                "/predictions/dlrm", orjson.dumps({"inputs": columns(expanded_rows)}), JSON_HEADERS
-            ),
-            "columns_ranking": Message(
-                "/predictions/dlrm", orjson.dumps({"context": context, "inputs": columns(own)}), JSON_HEADERS
-            ),
-            "oip_expanded": Message("/v2/models/dlrm/infer", *oip_expanded),
-            "oip_ranking": Message("/v2/models/dlrm/infer", *oip_ranking),
-        },
-    )
-
-
-def columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Rows (all with the same keys) as columns: each key with the rows' values, in order."""
-    return {key: [row[key] for row in rows] for key in rows[0]}
-
-
-def make_queries(config: DLRMConfig, decoder: RequestDecoder, count: int, seed: int) -> list[Query]:
-    """``count`` queries of N candidates each, N uniform in ``CANDIDATES``."""
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(CANDIDATES[0], CANDIDATES[1] + 1, count)
-    return [make_query(config, decoder, int(size), rng) for size in sizes]
 
 
 def inprocess(predictor: DLRMPredictor, query: Query, repeats: int) -> dict[str, Any]:
@@ -252,7 +178,7 @@ async def _poisson(url: str, queries: list[Query], name: str, rate: float, secon
             tasks.append(asyncio.create_task(_send(session, url, query.messages[name], scheduled)))
         results = await asyncio.gather(*tasks)
         elapsed = loop.time() - start
-    latencies = np.array([latency for latency, _ in results]) * 1e3
+    latency = latency_summary([seconds * 1e3 for seconds, _ in results])
     errors = sum(not ok for _, ok in results)
     return RatePoint(
         format=name,
@@ -262,8 +188,8 @@ async def _poisson(url: str, queries: list[Query], name: str, rate: float, secon
         errors=errors,
         completed_per_s=round((len(results) - errors) / elapsed, 2),
         candidates_per_s=round(candidates / elapsed),
-        p50_ms=round(float(np.percentile(latencies, 50)), 1) if len(results) else float("nan"),
-        p99_ms=round(float(np.percentile(latencies, 99)), 1) if len(results) else float("nan"),
+        p50_ms=latency["p50_ms"],
+        p99_ms=latency["p99_ms"],
     )
 
 
@@ -383,91 +309,12 @@ def served(archive: Path, queries: list[Query], mode: Mode, workdir: Path) -> di
     return results
 
 
-def markdown(document: dict[str, Any]) -> str:
-    cores = int(document["machine"]["usable_cores"])
-    inproc = document["inprocess"]
-    lines = [
-        f"# Ranking queries: {document['preset']} ({document['tables']} tables), {document['mode']} run, "
-        f"{document['started']}",
-        "",
-        f"In-process, one thread, one query of {inproc['candidates']} candidates ({CONTEXT_FEATURES} sparse features "
-        "as context), ranking against the same rows expanded, in each format:",
-        "",
-        "| format | expanded ms | ranking ms | ranking candidates/s ÷ expanded | ranking bytes ÷ expanded |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {pair} | {inproc['ms'][expanded]} | {inproc['ms'][ranked]} | **{inproc['speedup'][pair]}** "
-            f"| **{inproc['bytes_ratio'][pair]}** |"
-            for pair, (expanded, ranked) in PAIRS.items()
-        ),
-        "",
-        f"Served (shipped settings, {cores} cores shared with the client), queries of {CANDIDATES[0]}-{CANDIDATES[1]}"
-        f" candidates, Poisson arrivals; the best rate with p99 <= {P99_BOUND_MS:.0f} ms and no error:",
-        "",
-        "| format | queries/s | candidates/s | p50 ms | p99 ms | queries/s per core | closed loop q/s "
-        "| CPU ms per query there: frontend / workers / client |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for fmt in FORMATS:
-        found = document["served"][fmt]
-        best = found["best"]
-        cpu = " / ".join(str(value) for value in found["closed_loop_cpu_ms_per_query"].values())
-        closed_loop = f"{found['closed_loop_queries_per_s']} | {cpu} |"
-        if best is None:
-            lines.append(f"| {fmt} | none within the bound | | | | | {closed_loop}")
-            continue
-        at_least = ">= " if found["search_ended_within_bound"] else ""  # the search stopped before the bound
-        lines.append(
-            f"| {fmt} | {at_least}{best['completed_per_s']} | {best['candidates_per_s']:,} | {best['p50_ms']} "
-            f"| {best['p99_ms']} "
-            f"| {best['completed_per_s'] / cores:.1f} | {closed_loop}"
-        )
-    ratios = {pair: document["served"][ranked]["closed_loop_ratios"] for pair, (_, ranked) in PAIRS.items()}
-    lines += [
-        "",
-        f"Closed loop, ranking ÷ expanded queries/s in each of {len(ratios['json'])} rounds of every format in turn,"
-        " median (min-max):",
-        "",
-        "| format | closed-loop queries/s, ranking ÷ expanded |",
-        "|---|---|",
-        *(
-            f"| {pair} | **{np.median(value):.2f}** ({min(value):.2f}-{max(value):.2f}) |"
-            for pair, value in ratios.items()
-        ),
-    ]
-    anchor = MLPERF_ANCHOR
-    lines += [
-        "",
-        f"MLPerf anchor: {anchor['queries_per_s']:,} queries/s on {anchor['cores']} cores "
-        f"({int(anchor['queries_per_s']) / int(anchor['cores']):.0f} per core), {anchor['model']}.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def plot(document: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for fmt in FORMATS:
-        points = document["served"][fmt]["points"]
-        axes.plot([p["offered_per_s"] for p in points], [p["p99_ms"] for p in points], marker="o", label=fmt)
-    axes.axhline(P99_BOUND_MS, color="grey", linestyle="--", label=f"p99 bound {P99_BOUND_MS:.0f} ms")
-    axes.set_xlabel("offered queries/s (Poisson)")
-    axes.set_ylabel("p99 latency (ms)")
-    axes.set_yscale("log")
-    axes.set_title(f"Ranking queries of {CANDIDATES[0]}-{CANDIDATES[1]} candidates ({document['preset']})")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=sorted(MODES), default=os.environ.get("BENCH_MODE", "full"))
-    parser.add_argument("--preset", default="small", help="model preset (default: %(default)s)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default=DEFAULT_PRESET, help="model shape, random weights (default: %(default)s)")
+    source.add_argument("--checkpoint", type=Path, help="trained weights: a trainer output directory (`make bench`'s)")
     parser.add_argument("--queries", type=int, default=64, help="distinct queries, sent in turn")
     parser.add_argument(
         "--quantize",
@@ -480,16 +327,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
     started = datetime.now(UTC)
-    output_dir = args.output_dir or RESULTS_DIR / f"{started:%Y%m%d-%H%M%S}-ranking-{args.mode}"
+    output_dir = args.output_dir or results_dir(f"ranking-{args.mode}", started)
     output_dir.mkdir(parents=True, exist_ok=True)
+    model = ["--checkpoint", str(args.checkpoint)] if args.checkpoint else ["--preset", args.preset]
     with tempfile.TemporaryDirectory(prefix="dlrm-ranking-") as tmp:
-        options = BuildOptions(
-            preset=args.preset,
-            output=Path(tmp) / "store" / "dlrm.mar",
-            archive_format=ArchiveFormat.UNZIPPED,
-            quantization=QuantizationSpec(args.quantize),
-        )
-        archive, artifact = build_archive(options)
+        store = Path(tmp) / "store"
+        build_archive(store / "dlrm.mar", *model, "--quantize", args.quantize, "--archive-format", "no-archive")
+        archive = store / "dlrm"  # unzipped: served in place
+        artifact = model_artifact(archive)
+        limit = machine_limit.measure_in_subprocess(artifact.model, args.mode, Path(tmp) / "machine-limit.json")
         decoder = RequestDecoder(artifact.model, artifact.preprocessing, max_rows=CANDIDATES[1])
         queries = make_queries(artifact.model, decoder, args.queries, seed=1)
         torch.set_num_threads(1)
@@ -497,20 +343,21 @@ def main(argv: list[str] | None = None) -> None:
         one_query = make_query(artifact.model, decoder, 500, np.random.default_rng(7))
         document: dict[str, Any] = {
             "mode": args.mode,
-            "preset": args.preset,
+            "model": " ".join(model),
             "tables": args.quantize.value,
             "started": started.isoformat(timespec="seconds"),
-            "machine": environment.machine(),
-            "versions": environment.versions(),
+            **machine_record(),
+            "machine_limit": limit,
+            "mlp_precision": machine_limit.served_precision(artifact),
+            "multiply_adds_per_candidate": multiply_adds_per_candidate(artifact.model, artifact.quantization.mlp),
             "p99_bound_ms": P99_BOUND_MS,
             "mlperf_anchor": MLPERF_ANCHOR,
             "inprocess": inprocess(predictor, one_query, repeats=20 if args.mode == "full" else 6),
         }
         print(f"in-process: {document['inprocess']}", flush=True)
         document["served"] = served(archive, queries, mode, Path(tmp))
-    (output_dir / "results.json").write_text(json.dumps(document, indent=2))
     text = markdown(document)
-    (output_dir / "results.md").write_text(text)
+    write_results(output_dir, document, text)
     plot(document, output_dir / "results.png")
     print(f"\n{text}\nresults: {output_dir}")
 

@@ -2,6 +2,9 @@
 
 Everything here reads the JSON document that ``bench.run`` writes, so a report
 can be redrawn from a ``results.json`` alone: ``python -m bench.report results.json``.
+Every rows/s of the DLRM is shown with its share of the machine's limit measured in the
+same run (:mod:`bench.machine_limit`): the forward's multiply-adds at that rate ÷ the GEMM
+throughput of the MLPs' precision with as many threads.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import json
 import shlex
 from pathlib import Path
 from typing import Any
+
+from bench import machine_limit
 
 # The targets of issue 6, measured on the same run.
 TARGET_CONCURRENCY = 32
@@ -58,6 +63,10 @@ def find_timing(timings: list[dict], mode: str, batch: int) -> dict | None:
     return next((t for t in timings if t["mode"] == mode and t["batch"] == batch), None)
 
 
+def workers_of(result: dict[str, Any]) -> int:
+    return int(result["model_yaml"].get("minWorkers") or 1)
+
+
 def ratios(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The issue's three ratios from one setting's results (those whose points were measured)."""
     found: dict[str, dict[str, Any]] = {}
@@ -77,7 +86,7 @@ def ratios(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     forward = find_timing(result["inprocess"], "forward", TARGET_ROWS)
     if instances and forward:
         # Each worker runs its own forward passes: the in-process ceiling of the setting is one forward per worker.
-        workers = int(result["model_yaml"].get("minWorkers") or 1)
+        workers = workers_of(result)
         ceiling = forward["rows_per_s"] * workers
         value = instances["rows_per_s"] / ceiling
         found["served_vs_inprocess"] = {
@@ -149,13 +158,33 @@ def optional(value: Any, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
-def point_row(point: dict) -> list[str]:
+def inprocess_cell(document: dict[str, Any], timing: dict[str, Any], threads: int) -> str:
+    """rows/s (its share of the limit, p50 ms); a codec timing runs no model, so it has no share."""
+    share = (
+        "" if timing["mode"].startswith("codec_") else f"{share_of_limit(document, timing['rows_per_s'], threads)}, "
+    )
+    return f"{timing['rows_per_s']:,.0f} ({share}{timing['p50_ms']:.2f} ms)"
+
+
+def share_of_limit(document: dict[str, Any], rows_per_s: float, threads: int) -> str:
+    """``rows_per_s`` forwards as a percentage of the machine's limit with ``threads`` threads ('–' without one)."""
+    record = document.get("machine_limit")
+    if record is None:
+        return "–"
+    work = record["multiply_adds_per_row"]
+    return f"{machine_limit.fraction_of_limit(rows_per_s, work, record, document['mlp_precision'], threads):.1%}"
+
+
+def point_row(document: dict[str, Any], point: dict, threads: int) -> list[str]:
+    """A served point; a DLRM point's rows/s with its share of the limit with ``threads`` (all the workers')."""
     latency = point["latency_ms"]
+    share = "–" if point["model"] == "noop" else share_of_limit(document, point["rows_per_s"], threads)
     return [
         point["model"],
         load_name(point),
         f"{point['req_per_s']:,.0f}",
         f"{point['rows_per_s']:,.0f}",
+        share,
         f"{latency['p50']:.1f}",
         f"{latency['p99']:.1f}",
         f"{latency['p999']:.1f}",
@@ -171,9 +200,9 @@ def point_row(point: dict) -> list[str]:
 
 
 POINT_HEADER = [
-    "model", "load", "req/s", "rows/s", "p50 ms", "p99 ms", "p99.9 ms", "errors (HTTP >= 400 / socket)",
-    "rows per forward", "handler ms per batch", "worker RSS MiB", "other CPU load (cores)",
-    "CPU frontend / workers / wrk (cores)",
+    "model", "load", "req/s", "rows/s", "share of limit", "p50 ms", "p99 ms", "p99.9 ms",
+    "errors (HTTP >= 400 / socket)", "rows per forward", "handler ms per batch", "worker RSS MiB",
+    "other CPU load (cores)", "CPU frontend / workers / wrk (cores)",
 ]  # fmt: skip
 
 
@@ -185,7 +214,9 @@ def ratio_rows(found: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 
 def build_args(document: dict[str, Any]) -> list[str]:
-    preset = ["--preset", document["preset"]] if document["preset"] else []
+    if "build_args" in document:
+        return list(document["build_args"])
+    preset = ["--preset", document["preset"]] if document["preset"] else []  # a run before build_args
     return [*preset, *document["archive_args"]]
 
 
@@ -209,11 +240,18 @@ def header_lines(document: dict[str, Any]) -> list[str]:
         "the point (cores' worth); on a shared machine, numbers with a high value there are low.",
         f"- Run time: {document.get('duration_s', '?')} s.",
         "",
+        *(
+            [machine_limit.markdown(document["machine_limit"]), f"The MLPs run in {document['mlp_precision']}.", ""]
+            if "machine_limit" in document
+            else []
+        ),
     ]
 
 
-def setting_sections(result: dict[str, Any]) -> list[str]:
+def setting_sections(document: dict[str, Any], result: dict[str, Any]) -> list[str]:
     yaml = result["model_yaml"]
+    threads = result["threads_per_worker"]
+    all_threads = threads * workers_of(result)
     lines = [
         f"## {result['label']}",
         "",
@@ -223,7 +261,7 @@ def setting_sections(result: dict[str, Any]) -> list[str]:
         "### Targets",
         "",
         table(["ratio", "value", "measured", "target", "met"], ratio_rows(ratios(result))),
-        f"### In-process (DLRMPredictor, {result['threads_per_worker']} threads): rows/s, and p50 ms per call",
+        f"### In-process (DLRMPredictor, {threads} threads): rows/s (share of the limit, p50 ms per call)",
         "",
     ]
     batches = sorted({timing["batch"] for timing in result["inprocess"]})
@@ -232,9 +270,15 @@ def setting_sections(result: dict[str, Any]) -> list[str]:
         row = [str(batch)]
         for mode in INPROCESS_COLUMNS:
             timing = find_timing(result["inprocess"], mode, batch)
-            row.append("–" if timing is None else f"{timing['rows_per_s']:,.0f} ({timing['p50_ms']:.2f} ms)")
+            row.append("–" if timing is None else inprocess_cell(document, timing, threads))
         rows.append(row)
     lines += [table(["batch", *INPROCESS_COLUMNS.values()], rows)]
+    if result["inprocess_all_threads"]:
+        cells = [
+            f"batch {timing['batch']}: {inprocess_cell(document, timing, all_threads)}"
+            for timing in result["inprocess_all_threads"]
+        ]
+        lines += [f"Model forward with all workers' threads ({all_threads}) in one process: {'; '.join(cells)}.", ""]
     codec_rows = [
         [str(batch), *(optional(codec_us_per_row(result["inprocess"], mode, batch), 2) for mode in CODEC_TARGETS_US)]
         for batch in batches
@@ -246,9 +290,9 @@ def setting_sections(result: dict[str, Any]) -> list[str]:
         table(["batch", *(f"{CODEC_NAMES[mode]} (<= {t})" for mode, t in CODEC_TARGETS_US.items())], codec_rows),
     ]
     lines += [
-        "### Served through TorchServe",
+        f"### Served through TorchServe (share of the {all_threads}-thread limit)",
         "",
-        table(POINT_HEADER, [point_row(point) for point in result["served"] + result["noop"]]),
+        table(POINT_HEADER, [point_row(document, point, all_threads) for point in result["served"] + result["noop"]]),
     ]
     if result["profiles"]:
         names = list(result["profiles"])
@@ -296,7 +340,7 @@ def markdown(document: dict[str, Any]) -> str:
     if document["kind"] == "sweep":
         lines += ["## Sweep summary", "", sweep_table(document)]
     for result in document["settings"]:
-        lines += setting_sections(result)
+        lines += setting_sections(document, result)
     return "\n".join(lines)
 
 

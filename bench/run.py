@@ -2,8 +2,10 @@
 
 For each TorchServe setting measured, the run
 
-1. builds the DLRM archive with ``build_mar.py`` (preset and archive options as given) and a
-   no-op archive with the same ``model-config.yaml`` (``bench/noop_handler.py``);
+1. builds the DLRM archive with ``build_mar.py`` (checkpoint or preset, and archive options as
+   given) and a no-op archive with the same ``model-config.yaml`` (``bench/noop_handler.py``);
+   once per run, it measures this machine's GEMM limit for the model's MLPs
+   (:mod:`bench.machine_limit`), against which the report states every rows/s figure;
 2. times the serving path in-process (:mod:`bench.inprocess`, ``DLRMPredictor`` from the archive);
 3. serves each archive with ``servers.torchserve.TorchServeProcess`` (the shipped ``config.properties``
    on free ports) and drives it with wrk (:mod:`bench.load`): single-row requests at several
@@ -13,7 +15,8 @@ For each TorchServe setting measured, the run
 Results go to ``bench/results/<time>-<kind>-<mode>/``: ``results.json``, ``results.md``,
 ``results.png`` and, with ``--profile``, flame graphs.
 
-    python -m bench.run                              # full run: criteo-kaggle, shipped settings
+    python -m bench.run --checkpoint runs/criteo-kaggle-synthetic  # as `make bench` runs it
+    python -m bench.run                              # criteo-kaggle, random weights, shipped settings
     python -m bench.run --mode quick                 # seconds per point, fewer points (or BENCH_MODE=quick)
     python -m bench.run --archive-args="--seed 1"    # more build_mar.py options
     python -m bench.run --workers 2 --batch-size 1   # other TorchServe settings
@@ -31,7 +34,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,14 +42,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import environment, profile, report
+from bench import machine_limit, profile, report
+from bench.harness import build_archive, machine_record, results_dir, run_command, write_results
 from bench.load import Point, PointResult, measure_point
 from bench.workload import DISTINCT_ROWS, Body, Protocol, criteo_like_inputs, request_bodies
 from handler.settings import ServingSettings
 from model_archive.contents import MODEL_YAML, model_artifact, read_file, serving_settings
-from servers.torchserve import REPO_ROOT, TorchServeProcess, executable
+from servers.torchserve import TorchServeProcess, executable
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 NOOP_HANDLER = Path(__file__).with_name("noop_handler.py")
 SHIPPED = "shipped"  # frontend logging as config.properties sets it (log4j2.xml; no vmargs override)
 BUILTIN = "builtin"  # TorchServe's built-in log4j2 configuration (vmargs emptied)
@@ -208,8 +210,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--preset",
         default=DEFAULT_PRESET,
-        help=f"build_mar.py --preset (default: {DEFAULT_PRESET}); '' leaves the model to --archive-args "
-        "(--config or --checkpoint)",
+        help=f"build_mar.py --preset, random weights (default: {DEFAULT_PRESET}); '' leaves the model to "
+        "--archive-args (--config)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="trained weights, build_mar.py --checkpoint: a trainer output directory, whose shape replaces --preset",
     )
     parser.add_argument(
         "--archive-args",
@@ -278,26 +285,27 @@ def points_of(mode: Mode, instance_concurrency: int) -> list[Point]:
     )
 
 
-def build_archives(store: Path, preset: str, archive_args: list[str], setting: Setting) -> None:
+def model_args(args: argparse.Namespace) -> list[str]:
+    """build_mar.py's model options: the checkpoint, else the preset, then --archive-args."""
+    model = (
+        ["--checkpoint", str(args.checkpoint)] if args.checkpoint else ["--preset", args.preset] if args.preset else []
+    )
+    return [*model, *shlex.split(args.archive_args)]
+
+
+def build_archives(store: Path, build_args: list[str], setting: Setting) -> None:
     """``store/dlrm.mar`` from build_mar.py, and ``store/noop.mar`` with the same model-config.yaml."""
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir(parents=True)
-    model = ["--preset", preset] if preset else []
-    command = [sys.executable, "build_mar.py", *model, *archive_args, *setting.build_args()]
-    print("building:", shlex.join(command[1:]), flush=True)
-    completed = subprocess.run(
-        [*command, "--output", str(store / "dlrm.mar")], cwd=REPO_ROOT, capture_output=True, text=True
-    )
-    if completed.returncode != 0:
-        sys.exit(f"build_mar.py failed:\n{completed.stdout}\n{completed.stderr}")
+    print("building: build_mar.py", shlex.join([*build_args, *setting.build_args()]), flush=True)
+    build_archive(store / "dlrm.mar", *build_args, *setting.build_args())
     model_yaml = store / MODEL_YAML
     model_yaml.write_bytes(read_file(store / "dlrm.mar", MODEL_YAML))
-    subprocess.run(
+    run_command(
         [
             executable("torch-model-archiver"), "--model-name", "noop", "--version", "1.0",
             "--handler", str(NOOP_HANDLER), "--config-file", str(model_yaml), "--export-path", str(store), "--force",
-        ],
-        check=True,
+        ]
     )  # fmt: skip
 
 
@@ -311,7 +319,7 @@ def measure_inprocess(
         "--batches", *map(str, batches), "--seconds", str(seconds), "--output", str(output),
         *(["--modes", *modes] if modes else []),
     ]  # fmt: skip
-    subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **setting.env()}, check=True)
+    run_command(command, stream=True, env={**os.environ, **setting.env()})
     return json.loads(output.read_text())
 
 
@@ -361,9 +369,8 @@ def run_setting(
     built: list[list[str]],
 ) -> SettingResult:
     store = tmp / "store"
-    archive_args = shlex.split(args.archive_args)
     if built != [setting.build_args()]:  # settings that differ only in logging share archives
-        build_archives(store, args.preset, archive_args, setting)
+        build_archives(store, model_args(args), setting)
         built[:] = [setting.build_args()]
     serving = serving_settings(store / "dlrm.mar")
     threads = serving.threads_per_worker()
@@ -392,17 +399,15 @@ def main(argv: list[str] | None = None) -> None:
         mode = replace(mode, concurrencies=(1, 32), instance_rows=(256,), oip_rows=(), inprocess_batches=(1, 256))
     kind = "sweep" if args.sweep else "run"
     started = datetime.now(UTC)
-    output_dir = args.output_dir or RESULTS_DIR / f"{started:%Y%m%d-%H%M%S}-{kind}-{args.mode}"
+    output_dir = args.output_dir or results_dir(f"{kind}-{args.mode}", started)
     output_dir.mkdir(parents=True, exist_ok=True)
     document: dict[str, Any] = {
         "kind": kind,
         "mode": args.mode,
         "mode_settings": asdict(mode),
         "started": started.isoformat(timespec="seconds"),
-        "machine": environment.machine(),
-        "versions": environment.versions(),
-        "preset": args.preset,
-        "archive_args": shlex.split(args.archive_args),
+        **machine_record(),
+        "build_args": model_args(args),
         "instance_concurrency": args.instance_concurrency,
         "settings": [],
     }
@@ -411,13 +416,18 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="dlrm-bench-") as tmp:
         for index, setting in enumerate(chosen_settings(args)):
             result = run_setting(setting, index, args, mode, Path(tmp), output_dir, built)
+            if "machine_limit" not in document:  # once per run, for the model just measured
+                artifact = model_artifact(Path(tmp) / "store" / "dlrm.mar")
+                document["mlp_precision"] = machine_limit.served_precision(artifact)
+                document["machine_limit"] = machine_limit.measure_in_subprocess(
+                    artifact.model, args.mode, Path(tmp) / "machine-limit.json"
+                )
             document["settings"].append({**asdict(result), "ratios": report.ratios(asdict(result))})
-            (output_dir / "results.json").write_text(json.dumps(document, indent=2))  # kept if a later one fails
+            write_results(output_dir, document)  # kept if a later setting fails
     document["duration_s"] = round(time.monotonic() - clock)
     document["loadavg_end"] = [round(load, 2) for load in os.getloadavg()]
-    (output_dir / "results.json").write_text(json.dumps(document, indent=2))
     markdown = report.markdown(document)
-    (output_dir / "results.md").write_text(markdown)
+    write_results(output_dir, document, markdown)
     report.plot(document, output_dir / "results.png")
     print(f"\n{markdown}\nresults: {output_dir}")
 
