@@ -16,7 +16,9 @@ warm-up, constant, then polynomial (power 2) decay to zero.
 
 The output directory is a model artifact (``model_config.json`` with the
 preprocessing and the validation metrics) with ``metrics.json``,
-``sharding.json`` (the plan, each rank's table bytes) and DCP checkpoints
+``sharding.json`` (the plan, each rank's table bytes), ``frequencies.pt`` (how
+often the first epoch looked up each row of each table, for ``build_mar.py
+--frequencies``: :mod:`training.frequencies`) and DCP checkpoints
 (:mod:`training.checkpoint`), the newest holding the final weights; a
 one-process run also writes them as ``weights.pt``. ``--resume`` continues from
 the newest checkpoint.
@@ -79,6 +81,7 @@ from training.distributed import (
     shard,
     sharding_plan,
 )
+from training.frequencies import IdCounter, counting
 from training.loader import prefetched_batches
 
 SHARDING_FILE = "sharding.json"
@@ -300,6 +303,8 @@ def train_epochs(
     criterion = loss_function(config.loss, config.positive_weight)
     stats, step = RunStats(), start.step
     global_batch = config.batch_size * ranks.world_size
+    # The first epoch is one pass over the training files: its ids are the frequencies (frequencies.pt).
+    counter = IdCounter(config.model) if start.epoch == 0 else None
     started = time.perf_counter()
     show = config.progress and ranks.is_first
     # disable=None: a progress bar on a terminal only, not a line per update in logs.
@@ -307,6 +312,8 @@ def train_epochs(
         for epoch in range(start.epoch, config.epochs):
             done = start.batches if epoch == start.epoch else 0
             batches = training_batches(config, ranks, preprocessing)
+            if epoch == 0 and counter is not None:  # batches skipped on a resume are counted too
+                batches = counting(batches, counter)
             iterator = islice(batches, done, None)
             while True:
                 waited = time.perf_counter()
@@ -327,9 +334,20 @@ def train_epochs(
                     bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", lr=f"{base_rates[0] * multiplier:.3g}")
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     checkpoint.save(config.output, model, optimizer, Progress(epoch, done, step, global_batch))
+            if epoch == 0 and counter is not None:
+                save_frequencies(counter, ranks, config.output)
             checkpoint.save(config.output, model, optimizer, Progress(epoch + 1, 0, step, global_batch))
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def save_frequencies(counter: IdCounter, ranks: Ranks, output: Path) -> None:
+    """Every rank's counts summed, written by rank 0 (collective), before the checkpoint that ends the epoch: a run
+    resumed after it keeps the file, one resumed before counts its first epoch again."""
+    if ranks.world_size > 1:
+        counter.all_reduce(ranks.device)
+    if ranks.is_first:
+        counter.save(output)
 
 
 def train(config: TrainingConfig) -> dict[str, float]:
