@@ -104,8 +104,27 @@ class Location:
         """The error body's ``row`` for ``row``."""
         return None if self.part else row
 
+    def error(self, kind: ErrorKind, row: int, message: str, **details: Any) -> InvalidRequest:
+        """An error in ``row``: ``message`` after the row's name (``details``: ``field``, ``expected``, ``got``)."""
+        return InvalidRequest(kind, f"{self.prefix(row)}{message}", row=self.row(row), **details)
+
 
 ROWS = Location()
+
+
+def wrong_json_type(
+    message: str,
+    value: Any,
+    expected: str,
+    *,
+    kind: ErrorKind = ErrorKind.WRONG_TYPE,
+    field: str | None = None,
+    row: int | None = None,
+) -> InvalidRequest:
+    """``value`` is not the JSON value ``expected``: ``message`` says what it must be, the error names what it is."""
+    return InvalidRequest(
+        kind, f"{message}, got {json_type(value)}", field=field, row=row, expected=expected, got=json_type(value)
+    )
 
 
 def shorten(text: str) -> str:

@@ -149,11 +149,11 @@ class RowValidator:
         if not finite.all():  # the culprit is looked for only when there is one
             row, position = (int(i) for i in np.argwhere(~finite)[0])
             value = dense[row, position] if sent is None else sent[row][position]
-            raise InvalidRequest(
+            raise location.error(
                 ErrorKind.NON_FINITE,
-                f"{location.prefix(row)}{field}[{position}] = {value} is not a finite float32 value",
+                row,
+                f"{field}[{position}] = {value} is not a finite float32 value",
                 field=field,
-                row=location.row(row),
                 expected="finite number within float32 range (|x| < 3.4e38)",
                 got=str(value),
             )
@@ -162,11 +162,11 @@ class RowValidator:
     def check_lengths(lengths: np.ndarray, num_ids: int, names: FieldNames, location: Location = ROWS) -> None:
         if lengths.size and lengths.min() < 0:
             row, position = (int(i) for i in np.argwhere(lengths < 0)[0])
-            raise InvalidRequest(
+            raise location.error(
                 ErrorKind.NEGATIVE_LENGTH,
-                f"{location.prefix(row)}{names.lengths}[{position}] is negative",
+                row,
+                f"{names.lengths}[{position}] is negative",
                 field=names.lengths,
-                row=location.row(row),
                 expected="integer >= 0",
                 got=int(lengths[row, position]),
             )
@@ -228,11 +228,11 @@ class RowValidator:
             size = int(self.table_sizes[feature])
             name = self.config.sparse_feature_names[feature]
             where, expected = f" for feature {name} (table of {size} rows)", f"integer in [0, {size})"
-        return InvalidRequest(
+        return location.error(
             ErrorKind.ID_OUT_OF_RANGE,
-            f"{location.prefix(row)}{field}[{position}] = {value} is out of range{where}",
+            row,
+            f"{field}[{position}] = {value} is out of range{where}",
             field=field,
-            row=location.row(row),
             expected=expected,
             got=value,
         )

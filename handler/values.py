@@ -122,11 +122,13 @@ def decimal_int64(text: str) -> int | None:
     return value if fits_int64(value) else None
 
 
-def categories(texts: Sequence[str], width: int, invalid: Callable[[int, int, Any], InvalidRequest]) -> np.ndarray:
-    """Hexadecimal category texts, ``width`` per row, as ``(rows, width)`` parsed values (``""``: missing);
+def categories(
+    texts: Sequence[str], shape: tuple[int, int], invalid: Callable[[int, int, Any], InvalidRequest]
+) -> np.ndarray:
+    """Hexadecimal category texts, row after row, as ``shape`` (rows, features) parsed values (``""``: missing);
     the first malformed one raises ``invalid(row, position, text)``."""
     try:
         parsed = parse_categories(texts)
     except CategoryFormatError as error:
-        raise invalid(*divmod(error.index, width), error.value) from None
-    return parsed.reshape(-1, width)
+        raise invalid(*divmod(error.index, shape[1]), error.value) from None
+    return parsed.reshape(shape)

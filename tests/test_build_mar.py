@@ -43,7 +43,7 @@ def test_archive_holds_only_serving_code(model_store: Path) -> None:
     checkout = {
         path.relative_to(REPO_ROOT).as_posix()
         for package in SERVED_PACKAGES
-        for path in (REPO_ROOT / package).glob("*.py")
+        for path in (REPO_ROOT / package).rglob("*.py")
     }
     assert names == ARTIFACT_FILES | checkout | {"sitecustomize.py"}
     assert code == checkout | {"sitecustomize.py"}
