@@ -2,7 +2,8 @@
 
 The archive holds the model artifact (``model_config.json``, ``weights.pt`` and,
 for quantized tables, ``tables.bin``), the handler and the packages it imports
-(``handler``, ``model_factory``: nothing else of this repository),
+(``handler``, ``model_factory``) and TorchServe's runtime shims (``torchserve_shims``, with
+the start-up hook ``sitecustomize.py``): nothing else of this repository,
 ``model-config.yaml`` with the :class:`~handler.settings.ServingSettings`,
 ``oip-metadata.json``, the model's Open Inference Protocol tensors for the
 frontend agent's metadata route, and optionally ``golden-set.json``, held-out
@@ -32,6 +33,7 @@ from torchrec.models.dlrm import DLRM
 
 import handler
 import model_factory
+import torchserve_shims
 from handler import oip
 from handler.predictor import DLRMPredictor
 from handler.settings import ServingSettings
@@ -57,10 +59,14 @@ from servers.torchserve import executable
 from training.checkpoint import is_checkpoint, latest_checkpoint
 from training.criteo import CriteoFormatError, open_text, parse_lines, request_row
 
-# The packages a worker imports, copied whole into every archive.
-SERVED_PACKAGES = (Path(handler.__file__).parent, Path(model_factory.__file__).parent)
+# The packages a worker imports, and the runtime shims, copied whole into every archive.
+SERVED_PACKAGES = (
+    Path(handler.__file__).parent,
+    Path(model_factory.__file__).parent,
+    Path(torchserve_shims.__file__).parent,
+)
 HANDLER_FILE = Path(handler.__file__).parent / "dlrm_handler.py"
-STARTUP_HOOK = Path(__file__).parent / "sitecustomize.py"
+STARTUP_HOOK = Path(torchserve_shims.__file__).parent / "sitecustomize.py"
 DEFAULT_OUTPUT = Path("model_store/dlrm.mar")
 # FBGEMM's table-batched collection holding the fp32 rows: the scores of TorchRec's per-table
 # modules, with one lookup call for all tables instead of one module call per table.
@@ -172,10 +178,11 @@ def load_checkpoint(artifact: ModelArtifact, path: Path) -> DLRM:
 
 
 def copy_packages(destination: Path) -> None:
-    """The Python packages the handler imports, so the archive needs nothing from this checkout,
-    and the start-up hook that forks its workers (``sitecustomize.py``, at the archive's top level)."""
+    """The Python packages the handler imports, so the archive needs nothing from this checkout, the runtime
+    shims, and their start-up hook (``sitecustomize.py``), at the archive's top level where Python finds it."""
+    ignored = shutil.ignore_patterns("__pycache__", "*.pyc", STARTUP_HOOK.name)
     for package in SERVED_PACKAGES:
-        shutil.copytree(package, destination / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(package, destination / package.name, ignore=ignored)
     shutil.copyfile(STARTUP_HOOK, destination / STARTUP_HOOK.name)
 
 

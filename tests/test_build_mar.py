@@ -23,8 +23,9 @@ from model_factory.factory import build_dlrm, init_weights
 from servers.torchserve import REPO_ROOT
 from tests.archives import build_archive, served_weights
 
-# Exactly what a worker needs: the model artifact, TorchServe's files, and the two packages the handler
-# imports (serving code only: no trainer, data reader or benchmark).
+# Exactly what a worker needs: the model artifact, TorchServe's files, the two packages the handler
+# imports and the runtime shims with their start-up hook (serving code only: no trainer, data reader or
+# benchmark).
 ARTIFACT_FILES = {
     "MAR-INF/MANIFEST.json",
     "dlrm_handler.py",
@@ -34,7 +35,8 @@ ARTIFACT_FILES = {
     "tables.bin",
     "weights.pt",
 }
-SERVED_PACKAGES = ("handler", "model_factory")
+SERVED_PACKAGES = ("handler", "model_factory", "torchserve_shims")
+STARTUP_HOOK = "sitecustomize.py"  # at the archive's top level only, where Python finds it
 
 
 def test_archive_holds_only_serving_code(model_store: Path) -> None:
@@ -44,9 +46,10 @@ def test_archive_holds_only_serving_code(model_store: Path) -> None:
         path.relative_to(REPO_ROOT).as_posix()
         for package in SERVED_PACKAGES
         for path in (REPO_ROOT / package).rglob("*.py")
+        if path.name != STARTUP_HOOK
     }
-    assert names == ARTIFACT_FILES | checkout | {"sitecustomize.py"}
-    assert code == checkout | {"sitecustomize.py"}
+    assert names == ARTIFACT_FILES | checkout | {STARTUP_HOOK}
+    assert code == checkout | {STARTUP_HOOK}
     assert not any(name.startswith(("training/", "bench/", "servers/", "tests/")) for name in names)
 
 

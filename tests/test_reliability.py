@@ -198,7 +198,8 @@ def test_killed_worker_is_replaced_and_no_request_hangs(own_server: TorchServePr
     # The frontend agent's ImmediateFirstRestart: TorchServe's first restart of a worker starts it at once.
     restarts = re.findall(r"Retry worker: \d+ in (\d+) seconds", (own_server.log_dir / "ts_log.log").read_text())
     assert restarts == ["0"], restarts
-    # Workers, the replacement too, are forked by one fork server that has imported torch (handler/worker_fork.py).
+    # Workers, the replacement too, are forked by one fork server that has imported torch
+    # (torchserve_shims/worker_fork.py).
     (fork_server,) = forked_by
     assert "worker_fork.py" in " ".join(psutil.Process(fork_server).cmdline())
     assert {psutil.Process(pid).ppid() for pid in own_server.worker_pids()} == forked_by

@@ -1,7 +1,7 @@
-"""Workers forked from the fork server (handler/worker_fork.py), with real processes and sockets.
+"""Workers forked from the fork server (torchserve_shims/worker_fork.py), with real processes and sockets.
 
 A stand-in "frontend" (a Python process, as TorchServe's JVM is) starts a stand-in worker script
-named like TorchServe's, with the archive's layout (``sitecustomize.py`` and the ``handler``
+named like TorchServe's, with the archive's layout (``sitecustomize.py`` and the ``torchserve_shims``
 package) on its ``PYTHONPATH``. The script reports what it finds about itself on stdout. TorchServe
 with forked workers is covered by every served test; tests/test_reliability.py kills one.
 """
@@ -25,8 +25,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from handler import worker_fork
 from model_archive.build import STARTUP_HOOK
+from servers.torchserve import REPO_ROOT
+from torchserve_shims import worker_fork
 
 WORKER = """
 import json, os, sys, time
@@ -57,7 +58,7 @@ FRONTEND_OF_TWO = (
 
 @pytest.fixture()
 def archive() -> Iterator[Path]:
-    """A model directory as TorchServe extracts it: the start-up hook and the handler package.
+    """A model directory as TorchServe extracts it: the start-up hook and the runtime shims' package.
 
     Its parent is the workers' TMPDIR, short enough for the fork servers' socket paths."""
     with tempfile.TemporaryDirectory(prefix="worker-fork-", dir="/tmp") as tmp:
@@ -72,10 +73,11 @@ def archive() -> Iterator[Path]:
 
 def make_archive(tmp_path: Path) -> Path:
     model = tmp_path / "model"
-    (model / "handler").mkdir(parents=True)
+    shims = Path(worker_fork.__file__).parent
+    (model / shims.name).mkdir(parents=True)
     shutil.copyfile(STARTUP_HOOK, model / "sitecustomize.py")
     for name in ("__init__.py", "worker_fork.py"):
-        shutil.copyfile(Path(worker_fork.__file__).parent / name, model / "handler" / name)
+        shutil.copyfile(shims / name, model / shims.name / name)
     script = tmp_path / "ts" / worker_fork.WORKER_SCRIPT
     script.parent.mkdir()
     script.write_text(WORKER)
@@ -252,3 +254,17 @@ def test_a_worker_dies_with_its_launcher_after_its_fork_server_was_killed(archiv
     launcher.kill()
     assert launcher_exit(frontend) == -signal.SIGKILL
     assert gone(worker, 5), "the worker outlived its launcher"
+
+
+def test_the_shims_import_only_the_standard_library() -> None:
+    """They run while every worker's interpreter starts, before it has imported anything else, and in any
+    Python process with the archive on its path: from a Python without site-packages (``-S``), importing them
+    imports nothing beyond the standard library."""
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import torchserve_shims.sitecustomize; "
+        "print(*sorted({name.split('.')[0] for name in sys.modules} - {*sys.stdlib_module_names, '__main__'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe, str(REPO_ROOT)], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["torchserve_shims"]

@@ -29,7 +29,10 @@ device and threads as a fresh one does. Whatever goes wrong on the way, the work
 always did, with a warning in the model log. ``DLRM_WORKER_FORK=0`` in TorchServe's environment
 turns forking off.
 
-    python -P handler/worker_fork.py serve SOCKET FRONTEND_PID   # the fork server (launchers start it)
+    python -P torchserve_shims/worker_fork.py serve SOCKET FRONTEND_PID   # the fork server (launchers start it)
+
+One module of over 400 lines, launcher and server together: a launcher starts the server as this
+very file, and only a server of this file's exact version serves it (its hash is in the server's key).
 """
 
 from __future__ import annotations
@@ -196,7 +199,7 @@ def open_connection(path: Path) -> socket.socket:
 def start_server(path: Path, frontend_pid: int, log: Path) -> subprocess.Popen[bytes]:
     """The fork server, in this worker's environment without the model's PYTHONPATH, from ``/``.
 
-    ``-P`` keeps this file's directory (the archive's handler package) off its module path.
+    ``-P`` keeps this file's directory (the archive's ``torchserve_shims`` package) off its module path.
     """
     environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     with open(log, "ab") as output:
