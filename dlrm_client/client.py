@@ -1,6 +1,6 @@
 """A small client for the DLRM's Open Inference Protocol endpoint (KServe v2 REST).
 
-The server's contract (handler/oip.py) is columnar: one request carries ``N``
+The server's contract (handler/oip/) is columnar: one request carries ``N``
 rows as three tensors, ``dense_features`` FP32 ``[N, 13]``, ``sparse_lengths``
 INT64 ``[N, 26]`` and ``sparse_ids`` INT64 ``[total]`` (row 0's ``cat_0`` ids, its
 ``cat_1`` ids, ..., then row 1's), or raw Criteo rows as two BYTES tensors; it

@@ -12,7 +12,7 @@ limit, header lengths changed), byte-level corruptions of all-binary requests,
 arbitrary JSON and arbitrary bytes under random header lengths.
 
 Every request is judged by :func:`judge`, an oracle written from the contract in
-``handler/oip.py``'s docstring, not from the codec: it parses the body itself
+``handler/oip/``'s docstrings, not from the codec: it parses the body itself
 (struct, not NumPy, for binary tensors), and for an accepted request computes the
 rows the model must see, raw rows preprocessed by hand, a ranking request's candidates
 with the context's ids and dense values written into every row. The predictor must answer

@@ -1,4 +1,4 @@
-"""The Open Inference Protocol codec (handler/oip.py) through ``DLRMPredictor``, in-process.
+"""The Open Inference Protocol codec (handler/oip/) through ``DLRMPredictor``, in-process.
 
 Valid requests in every encoding the contract allows (JSON tensors flat and nested,
 INT32 and INT64 lengths, binary inputs, binary outputs, chosen outputs, raw BYTES
