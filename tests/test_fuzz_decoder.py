@@ -109,8 +109,8 @@ def as_rows(payload: dict) -> dict[str, Any]:
 
 
 def expected_ranking_status(payload: dict) -> int | None:
-    """A context of raw features and candidates holding every other feature, each exactly once; or both in
-    the reference format."""
+    """A context of raw features and candidates holding other features only, each feature in at most one of
+    them (absent from both: missing, as in a plain raw row); or both in the reference format."""
     names = {*DENSE_NAMES, *SPARSE_NAMES}
     context, rows = payload["context"], payload.get("instances")
     if set(payload) != {"context", "instances"} or not isinstance(context, dict):
@@ -124,7 +124,7 @@ def expected_ranking_status(payload: dict) -> int | None:
     if len(rows) > MAX_ROWS:
         return 413
     own = names - set(context)
-    if not all(isinstance(row, dict) and set(row) == own for row in rows):
+    if not all(isinstance(row, dict) and set(row) <= own for row in rows):
         return 400
     return None if valid_raw_row(context) and all(map(valid_raw_row, rows)) else 400
 
@@ -338,13 +338,14 @@ def raw_row(rng: np.random.Generator) -> dict[str, Any]:
 
 
 def ranking_payload(rng: np.random.Generator) -> dict[str, Any]:
-    """A context of some raw features and 1..MAX_ROWS candidates holding all the others (null for missing)."""
+    """A context of some raw features and 1..MAX_ROWS candidates with the others: each missing one null or
+    absent (from both sides)."""
     names = [*DENSE_NAMES, *SPARSE_NAMES]
     in_context = rng.random(len(names)) < rng.random()
 
     def complete(chosen: list[str]) -> dict[str, Any]:
         row = raw_row(rng)
-        return {name: row.get(name) for name in chosen}
+        return {name: row.get(name) for name in chosen if name in row or rng.integers(2)}
 
     context = complete([name for name, shared in zip(names, in_context, strict=True) if shared])
     own = [name for name, shared in zip(names, in_context, strict=True) if not shared]

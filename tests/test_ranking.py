@@ -375,12 +375,6 @@ def test_one_hot_oip_rankings_score_as_expanded_rows_and_name_a_bad_id(predictor
             "cat_0",
             "row 0: 'cat_0' is given both in 'context' and in the row",
         ),
-        (
-            {"context": {"cat_0": None}, "instances": [{}]},
-            ErrorKind.MISSING_FIELD,
-            "int_0",
-            "row 0: 'int_0' is in neither 'context' nor the row",
-        ),
         ({"context": {"cat_99": "05db9164"}, "instances": [{}]}, ErrorKind.UNKNOWN_FIELD, "cat_99", "context: unknown"),
         ({"context": [], "instances": [{}]}, ErrorKind.WRONG_TYPE, "context", "must be an object"),
         ({"context": {}}, ErrorKind.MISSING_FIELD, "instances", "needs 'instances'"),
@@ -394,14 +388,41 @@ def test_one_hot_oip_rankings_score_as_expanded_rows_and_name_a_bad_id(predictor
 def test_invalid_ranking_requests_get_a_4xx_naming_the_field(
     predictor: DLRMPredictor, body: dict[str, Any], kind: ErrorKind, field: str, message: str
 ) -> None:
-    if body.get("instances") == [{}]:  # complete the candidates: every feature not in the context
-        own = [name for name in DENSE + SPARSE if name not in body["context"]]
-        if kind != ErrorKind.MISSING_FIELD:
-            body = body | {"instances": [dict.fromkeys(own)]}
     (error,) = logits(predictor, body)
     assert isinstance(error, dict)
     assert (error["status"], error["type"], error.get("field")) == (400, kind, field), error
     assert message in error["message"]
+
+
+@pytest.mark.parametrize(
+    "context_names", [SPARSE[:13], SPARSE, DENSE[:5] + SPARSE[::2]], ids=["13-sparse", "all-sparse", "mixed"]
+)
+def test_a_feature_absent_from_both_sides_is_missing_as_in_a_plain_raw_row(
+    predictor: DLRMPredictor, context_names: list[str]
+) -> None:
+    """Logged Criteo rows leave a missing value's field empty, which the raw-row form leaves out (as
+    tests/rows.py's raw_request_row does): a ranking request built from such rows scores as its expanded rows,
+    as rows and as columns. The same feature on both sides stays a ``duplicate_field``."""
+    body, expanded = ranking(context_names, candidates=9, seed=20 + len(context_names))
+    present = lambda row: {name: value for name, value in row.items() if value is not None}  # noqa: E731
+    logged = {"context": present(body["context"]), "instances": [present(row) for row in body["instances"]]}
+    absent = [
+        name
+        for row in logged["instances"]
+        for name in DENSE + SPARSE
+        if name not in row and name not in logged["context"]
+    ]
+    assert absent, "the planted rows have missing values"
+    ranked, ranked_columns, plain = logits(
+        predictor, logged, columnar(logged), {"instances": [present(row) for row in expanded]}
+    )
+    assert not any(isinstance(answer, dict) for answer in (ranked, ranked_columns)), (ranked, ranked_columns)
+    np.testing.assert_allclose(ranked, plain, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(ranked_columns, plain, rtol=0, atol=TOLERANCE)
+    name, value = next(iter(logged["context"].items()))
+    twice = {**logged, "instances": [{**logged["instances"][0], name: value}]}
+    (error,) = logits(predictor, twice)
+    assert (error["status"], error["type"], error["field"], error["row"]) == (400, "duplicate_field", name, 0)
 
 
 def test_too_many_candidates_is_413(predictor: DLRMPredictor) -> None:

@@ -25,10 +25,11 @@ Request bodies (JSON):
 - several rows: ``{"instances": [row, ...]}`` (all rows in the format of the first).
 - a ranking request, one user and ``N`` candidates in raw Criteo rows:
   ``{"context": {features shared by all rows}, "instances": [{the other features}, ...]}``;
-  every feature is given exactly once, in the context or in every candidate (null for
-  missing). The context's sparse ids are looked up once for all candidates
-  (:attr:`RowsRequest.context`); its dense values are copied into every row, since the
-  dense MLP takes all dense features together. Scores as for ``instances``.
+  a feature is given in the context or in the candidates, never in both; absent from
+  both (or null), it is missing, as in a plain raw row. The context's sparse ids are
+  looked up once for all candidates (:attr:`RowsRequest.context`); its dense values are
+  copied into every row, since the dense MLP takes all dense features together. Scores as
+  for ``instances``.
 - a ranking request in the reference format, by the OIP ranking request's rules:
   ``{"context": {"id_list_features.lengths": [26], "id_list_features.values": [...]},
   "instances": [{"float_features": [13], "id_list_features.lengths": [m or 26], ...}]}``;

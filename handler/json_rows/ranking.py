@@ -1,7 +1,8 @@
 """Ranking requests in JSON: one context and ``N`` candidates, in raw Criteo rows or in the reference format.
 
 - Raw rows: ``{"context": {features shared by all rows}, "instances": [{the other features}, ...]}``;
-  each feature is given in the context or in the candidates, never in both.
+  a feature is given in the context or in the candidates, never in both; absent from both, it is
+  missing (as in a plain raw row, where an absent key is a missing value).
 - The reference format, by the OIP ranking request's rules: the context holds
   ``float_features``, or ``id_list_features.lengths`` (all 26) with their ids (its features
   are those of length > 0), or all three; each candidate holds its ``float_features`` unless
@@ -73,7 +74,7 @@ class Rankings:
     # ------------------------------------------------------------------ raw rows
 
     def _raw(self, context: dict, candidates: object) -> RowsRequest:
-        """A context and its candidates in raw Criteo rows, each feature given in exactly one of them."""
+        """A context and its candidates in raw Criteo rows, each feature given in at most one of them."""
         unknown = [name for name in context if name not in self.raw.names]
         if unknown:
             raise InvalidRequest(
@@ -84,10 +85,11 @@ class Rankings:
             )
         candidates = instance_list(candidates, self.validator)
         own_dense, own_sparse = self.own_features(context)
-        # Well-formed candidates have exactly the features the context lacks; else the first problem is named.
+        # Well-formed candidates with every feature the context lacks take the fast path; else a feature in both
+        # is named first, then the first other problem.
         columns = self.raw.well_formed(candidates, own_dense, own_sparse)
         if columns is None:
-            self._check_each_feature_once(context, candidates)
+            self._check_no_feature_twice(context, candidates)
         context_values = self.context_values(context)
         return self.raw_rows(context, context_values, columns or self.raw.values(candidates, own_dense, own_sparse))
 
@@ -119,7 +121,7 @@ class Rankings:
         )
         return RowsRequest(rows=rows, single_row=False, context=context_row)
 
-    def _check_each_feature_once(self, context: dict, candidates: list) -> None:
+    def _check_no_feature_twice(self, context: dict, candidates: list) -> None:
         schema = self.raw.dense_names + self.raw.sparse_names
         for index, row in enumerate(candidates):
             if not isinstance(row, dict):
@@ -127,15 +129,6 @@ class Rankings:
             both = next((name for name in schema if name in row and name in context), None)
             if both is not None:
                 raise given_twice(both, index)
-            neither = next((name for name in schema if name not in row and name not in context), None)
-            if neither is not None:
-                raise InvalidRequest(
-                    ErrorKind.MISSING_FIELD,
-                    f"row {index}: {neither!r} is in neither {CONTEXT_FIELD!r} nor the row: a ranking request "
-                    "gives every feature once (null for missing)",
-                    field=neither,
-                    row=index,
-                )
 
     # ------------------------------------------------------------------ the reference format
 
