@@ -49,7 +49,10 @@ def test_a_batch_gives_each_request_its_own_rows_and_isolates_bad_ones(
     assert result.rows == 4
 
 
-def test_an_all_invalid_batch_runs_no_forward(predictor: DLRMPredictor) -> None:
+def test_an_all_invalid_batch_runs_no_forward(predictor: DLRMPredictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    forwards: list[int] = []
+    monkeypatch.setattr(predictor, "forward", lambda parts, contexts=None: forwards.append(len(parts)))
     result = predictor.predict_bodies([b"[]", b"nope"])
     assert [r.status for r in result.responses] == [400, 400]
     assert result.rows == 0
+    assert forwards == []

@@ -167,14 +167,12 @@ def test_forking_off_or_impossible_starts_the_worker_in_place(archive: Path) -> 
 def test_only_the_worker_script_forks(archive: Path) -> None:
     """Any other Python process with the archive on its path (a tool, a test) runs as usual."""
     environment = {**os.environ, "PYTHONPATH": str(archive), "TMPDIR": str(archive.parent)}
-    started = time.monotonic()
     output = subprocess.run(
         [sys.executable, "-c", "import os, sys; print(os.getpid(), 'torch' in sys.modules)"],
         env=environment, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert output.stdout.split()[1] == "False"
-    assert time.monotonic() - started < 5
-    assert not (archive.parent / f"dlrm-worker-fork-{os.getuid()}").exists()
+    assert not (archive.parent / f"dlrm-worker-fork-{os.getuid()}").exists()  # no fork server was asked
 
 
 def test_a_process_that_opened_a_gpu_does_not_fork() -> None:
