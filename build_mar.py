@@ -10,6 +10,7 @@ archive records as untrained.
     python build_mar.py --preset criteo-kaggle --batch-size 64
     python build_mar.py --checkpoint runs/small       # a trainer output directory
     python build_mar.py --preset criteo-1tb --quantize int8 --checkpoint ckpt/step-100  # a DCP checkpoint
+    python build_mar.py --checkpoint runs/small --quantize int8 --frequencies runs/small  # hottest rows first
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def parser() -> argparse.ArgumentParser:
     )
     source.add_argument(
         "--seed", type=int, default=DEFAULTS.seed, help="seed of the random initialisation used without --checkpoint"
+    )
+    source.add_argument(
+        "--frequencies",
+        type=Path,
+        help="frequencies.pt, or a directory holding one (a trainer output, python -m training.frequencies's): "
+        "write each table's rows in descending training frequency, with the id → row remap, so that the hottest "
+        "rows share pages and stay resident when the tables do not fit in memory; scores do not change "
+        "(needs --quantize other than none)",
     )
     archive = parser.add_argument_group("archive")
     archive.add_argument(
@@ -170,6 +179,7 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
             archive_format=args.archive_format,
             golden_set=args.golden_set,
             golden_rows=args.golden_rows,
+            frequencies=args.frequencies,
             quantization=QuantizationSpec(args.quantize, dict(args.quantize_table), args.quantize_mlp),
             serving=ServingSettings(
                 workers=args.workers,

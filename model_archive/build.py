@@ -55,6 +55,8 @@ from model_factory.factory import build_dlrm, format_summary, init_weights, load
 from model_factory.files import move_into_place, write_file
 from model_factory.quantization import QuantizationSpec, TableDtype, quantize_model_tables
 from model_factory.random_tables import random_quantized_model
+from model_factory.row_order import FrequencyOrder, load_frequencies, row_order
+from model_factory.table_file import StoredTable
 from servers.torchserve import executable
 from training.checkpoint import is_checkpoint, latest_checkpoint
 from training.criteo import CriteoFormatError, open_text, parse_lines, request_row
@@ -91,6 +93,8 @@ class BuildOptions:
     ``state_dict`` file; without one the weights are random from ``seed``.
     ``golden_set``: a held-out Criteo TSV file whose first ``golden_rows`` rows
     the archive carries for the rollout gate (model_archive/golden.py).
+    ``frequencies``: ``frequencies.pt`` (or a directory holding one), the counts
+    each table's rows are written in descending order of (:mod:`model_factory.row_order`).
     """
 
     preset: str | None = None
@@ -104,10 +108,18 @@ class BuildOptions:
     serving: ServingSettings = field(default_factory=ServingSettings)
     golden_set: Path | None = None
     golden_rows: int = DEFAULT_GOLDEN_ROWS
+    frequencies: Path | None = None
 
     def __post_init__(self) -> None:
         if self.output.suffix != ".mar":
             raise ConfigError(f"the output must end in .mar, got {self.output}")
+        if self.frequencies is not None and TableDtype.NONE in (
+            self.quantization.tables,
+            *self.quantization.per_table.values(),
+        ):
+            raise ConfigError(
+                "frequency order applies to table-batched tables (tables.bin): give --quantize other than none"
+            )
         if self.preset is not None and self.config_file is not None:
             raise ConfigError("give a preset or a config file, not both")
         if self.golden_rows < 1:
@@ -125,45 +137,56 @@ class BuildOptions:
 
 
 def write_model_artifact(options: BuildOptions, directory: Path) -> ModelArtifact:
-    """Write the artifact to archive into ``directory``: from a checkpoint or seeded random weights, quantized."""
+    """Write the artifact to archive into ``directory``: from a checkpoint or seeded random weights, quantized, and
+    its tables' rows in descending training frequency when ``options.frequencies`` gives the counts."""
+    artifact, weights = artifact_and_weights(options)
+    order_of = None
+    if options.frequencies is not None:
+        counts = load_frequencies(options.frequencies, artifact.model)
+        artifact = replace(artifact, frequency_order=FrequencyOrder.of(counts))
+
+        def order_of(table: StoredTable) -> torch.Tensor:
+            return row_order(counts[table.name])
+
+    if weights is not None and is_checkpoint(weights):  # DCP: any TorchRec DMP training of this shape
+        write_artifact_from_checkpoint(directory, artifact, weights, order_of)
+        return artifact
+    if weights is not None:
+        model = load_checkpoint(artifact, weights)
+    elif artifact.quantized_tables:  # created quantized: the fp32 tables never exist
+        model = random_quantized_model(artifact.model, artifact.quantization, seed=options.seed)
+    else:
+        model = init_weights(build_dlrm(artifact.model), seed=options.seed)
+    write_artifact(directory, artifact, model, order_of)
+    return artifact
+
+
+def artifact_and_weights(options: BuildOptions) -> tuple[ModelArtifact, Path | None]:
+    """The artifact to write, quantized as asked, and its weights: a DCP checkpoint, a ``state_dict`` file, or
+    ``None`` for seeded random ones."""
     quantization = options.quantization
     checkpoint = options.checkpoint
-    if checkpoint is not None and is_checkpoint(checkpoint):  # DCP: any TorchRec DMP training of this shape
-        provenance = Provenance(trained=True, checkpoint=checkpoint.name)
-        artifact = ModelArtifact(model=options.model_config(), provenance=provenance, quantization=quantization)
-        write_artifact_from_checkpoint(directory, artifact, checkpoint)
-        return artifact
-    if checkpoint is not None and checkpoint.is_dir():
-        if not (checkpoint / CONFIG_FILE).exists():
-            raise ConfigError(
-                f"{checkpoint} is neither a trainer output ({CONFIG_FILE}) nor a DCP checkpoint (.metadata)"
-            )
-        if options.preset or options.config_file:
-            raise ConfigError("a checkpoint directory carries its own model config: drop --preset/--config")
-        trained = read_artifact(checkpoint)
-        if trained.quantized_tables:
-            raise ConfigError(f"{checkpoint} is already quantized: archive the fp32 checkpoint the trainer wrote")
-        artifact = replace(trained, quantization=quantization)
-        if not (checkpoint / WEIGHTS_FILE).exists():  # a run of several ranks: its newest DCP checkpoint
-            latest = latest_checkpoint(checkpoint)
-            if latest is None:
-                raise ConfigError(f"{checkpoint} holds neither {WEIGHTS_FILE} nor a complete DCP checkpoint")
-            write_artifact_from_checkpoint(directory, artifact, latest)
-            return artifact
-        model = load_checkpoint(artifact, checkpoint / WEIGHTS_FILE)
-    elif checkpoint is not None:
-        provenance = Provenance(trained=True, checkpoint=checkpoint.name)
-        artifact = ModelArtifact(model=options.model_config(), provenance=provenance, quantization=quantization)
-        model = load_checkpoint(artifact, checkpoint)
-    else:
+    if checkpoint is None:
         provenance = Provenance(trained=False, seed=options.seed)
+        return ModelArtifact(model=options.model_config(), provenance=provenance, quantization=quantization), None
+    if is_checkpoint(checkpoint) or not checkpoint.is_dir():  # DCP or a state_dict file of the chosen shape
+        provenance = Provenance(trained=True, checkpoint=checkpoint.name)
         artifact = ModelArtifact(model=options.model_config(), provenance=provenance, quantization=quantization)
-        if artifact.quantized_tables:  # created quantized: the fp32 tables never exist
-            model = random_quantized_model(artifact.model, quantization, seed=options.seed)
-        else:
-            model = init_weights(build_dlrm(artifact.model), seed=options.seed)
-    write_artifact(directory, artifact, model)
-    return artifact
+        return artifact, checkpoint
+    if not (checkpoint / CONFIG_FILE).exists():
+        raise ConfigError(f"{checkpoint} is neither a trainer output ({CONFIG_FILE}) nor a DCP checkpoint (.metadata)")
+    if options.preset or options.config_file:
+        raise ConfigError("a checkpoint directory carries its own model config: drop --preset/--config")
+    trained = read_artifact(checkpoint)
+    if trained.quantized_tables:
+        raise ConfigError(f"{checkpoint} is already quantized: archive the fp32 checkpoint the trainer wrote")
+    artifact = replace(trained, quantization=quantization)
+    if (checkpoint / WEIGHTS_FILE).exists():
+        return artifact, checkpoint / WEIGHTS_FILE
+    latest = latest_checkpoint(checkpoint)  # a run of several ranks: its newest DCP checkpoint
+    if latest is None:
+        raise ConfigError(f"{checkpoint} holds neither {WEIGHTS_FILE} nor a complete DCP checkpoint")
+    return artifact, latest
 
 
 def load_checkpoint(artifact: ModelArtifact, path: Path) -> DLRM:
@@ -269,9 +292,12 @@ def describe(artifact: ModelArtifact) -> str:
     """What was archived: the model summary, the stored table size and where the weights came from."""
     lines = [format_summary(summarize(build_dlrm(artifact.model)))]
     if artifact.quantized_tables:
-        stored = artifact.table_file().size
+        layout = artifact.table_file()
         lines.append(
-            f"tables: {artifact.quantization.tables} rows, table-batched, {stored / 2**30:.2f} GiB in tables.bin"
+            f"tables: {artifact.quantization.tables} rows, table-batched, {layout.size / 2**30:.2f} GiB in tables.bin"
         )
+    if artifact.frequency_order is not None:
+        remaps = sum(part.remap_size for part in layout.tbes)
+        lines.append(f"rows in descending training frequency, the id → row remap {remaps / 2**20:.1f} MiB of it")
     lines.append(f"weights: {artifact.provenance.describe()}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ worker serving it will.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +96,16 @@ def match_checkpoint(path: Path, config: DLRMConfig) -> CheckpointWeights:
     return CheckpointWeights(path, {key: prefix + key for key in expected}, stored)
 
 
-def write_artifact_from_checkpoint(directory: Path, artifact: ModelArtifact, checkpoint: Path) -> None:
-    """Write ``artifact`` into ``directory`` with the weights of the DCP ``checkpoint``, table by table."""
+def write_artifact_from_checkpoint(
+    directory: Path,
+    artifact: ModelArtifact,
+    checkpoint: Path,
+    order_of: Callable[[StoredTable], torch.Tensor] | None = None,
+) -> None:
+    """Write ``artifact`` into ``directory`` with the weights of the DCP ``checkpoint``, table by table.
+
+    A frequency-ordered artifact needs ``order_of``, each table's ids in row order.
+    """
     weights = match_checkpoint(checkpoint, artifact.model)
     dense = [key for key in weights.keys if not key.startswith(_TABLE_PREFIX)]
     state = weights.read(dense)
@@ -106,7 +115,7 @@ def write_artifact_from_checkpoint(directory: Path, artifact: ModelArtifact, che
         def quantized(table: StoredTable) -> torch.Tensor:
             return quantize_table(table, weights.table(table.name))
 
-        write_table_file(artifact.table_file(), directory / TABLES_FILE, quantized)
+        write_table_file(artifact.table_file(), directory / TABLES_FILE, quantized, order_of)
     else:
         state |= weights.read([key for key in weights.keys if key.startswith(_TABLE_PREFIX)])
     save_state_dict(directory / WEIGHTS_FILE, state)

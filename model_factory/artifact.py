@@ -12,9 +12,14 @@ An artifact is a directory holding
   ``model_config.json`` (``table_file``) and checked at load. On CPU the file is
   mapped read-only and shared, not copied.
 
-Format 2 introduced that layout. Artifacts of any other format (format 1, before
-0.1.0: unpadded rows, no recorded layout) are refused with a message saying to
-rebuild them.
+Format 2 introduced that layout. Format 3 is a frequency-ordered artifact
+(``build_mar.py --frequencies``): each table's rows hottest first, the id → row
+remap in ``tables.bin`` (:mod:`model_factory.row_order`) and the summary of the
+counts in ``model_config.json`` (``frequency_order``); a reader of format 2
+only would serve its rows by the wrong ids, so it must refuse it, and only such
+artifacts are written as format 3. Both are read. Artifacts of any other format
+(format 1, before 0.1.0: unpadded rows, no recorded layout) are refused with a
+message saying to rebuild them.
 
 The trainer writes one, ``build_mar.py`` packs one into the model store and
 the handler loads one from the extracted archive; all three go through this
@@ -25,6 +30,7 @@ with.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,17 +39,19 @@ import torch
 from torchrec.models.dlrm import DLRM
 
 from model_factory.config import ConfigError, DLRMConfig
-from model_factory.factory import build_dlrm, load_weights
+from model_factory.factory import build_dlrm, load_weights, table_name
 from model_factory.features import Preprocessing
 from model_factory.files import replacing, write_file
-from model_factory.quantization import MlpDtype, QuantizationSpec, quantize_mlps
-from model_factory.table_file import TableFile
+from model_factory.quantization import QuantizationSpec, quantize_mlps
+from model_factory.row_order import FrequencyOrder
+from model_factory.table_file import StoredTable, TableFile
 from model_factory.tbe import load_tables, table_file_layout, write_tables
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "weights.pt"
 TABLES_FILE = "tables.bin"
 FORMAT_VERSION = 2
+FREQUENCY_ORDERED_FORMAT_VERSION = 3
 _TABLES_PREFIX = "sparse_arch."
 
 
@@ -68,23 +76,39 @@ class ModelArtifact:
     provenance: Provenance
     preprocessing: Preprocessing = Preprocessing()
     quantization: QuantizationSpec = QuantizationSpec()
-    # The table file's layout model_config.json records (format 2, quantized tables); checked at load.
+    # Rows in descending training frequency (format 3): the summary of the counts they are ordered by.
+    frequency_order: FrequencyOrder | None = None
+    # The table file's layout model_config.json records (quantized tables); checked at load.
     recorded_table_file: TableFile | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.quantization.validate_for(self.model)
+        if self.frequency_order is None:
+            return
+        if not self.quantized_tables:
+            raise ConfigError(
+                "frequency order applies to table-batched tables (tables.bin): quantize the tables (fp32 keeps them "
+                "as they are), not none"
+            )
+        names, ordered = sorted(map(table_name, self.model.sparse_feature_names)), sorted(self.frequency_order.tables)
+        if ordered != names:
+            raise ConfigError(f"the frequency order names the tables {ordered}, not the model's {names}")
 
     @property
     def quantized_tables(self) -> bool:
         return self.quantization.quantizes_tables(self.model)
 
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION if self.frequency_order is None else FREQUENCY_ORDERED_FORMAT_VERSION
+
     def table_file(self) -> TableFile:
         """How this artifact's ``tables.bin`` is laid out: as FBGEMM's CPU TBEs hold the tables."""
-        return table_file_layout(self.model, self.quantization)
+        return table_file_layout(self.model, self.quantization, self.frequency_order is not None)
 
     def to_dict(self) -> dict[str, Any]:
         data = {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "model": self.model.to_dict(),
             "preprocessing": asdict(self.preprocessing),
             "quantization": asdict(self.quantization),
@@ -92,15 +116,23 @@ class ModelArtifact:
         }
         if self.quantized_tables:
             data["table_file"] = self.table_file().to_dict()
+        if self.frequency_order is not None:
+            data["frequency_order"] = self.frequency_order.to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelArtifact:
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, FREQUENCY_ORDERED_FORMAT_VERSION):
             raise ConfigError(
-                f"unsupported artifact format_version {version!r}; expected {FORMAT_VERSION}: "
-                "rebuild the archive with this version of build_mar.py"
+                f"unsupported artifact format_version {version!r}; expected {FORMAT_VERSION} or "
+                f"{FREQUENCY_ORDERED_FORMAT_VERSION}: rebuild the archive with this version of build_mar.py"
+            )
+        order = data.get("frequency_order")
+        if (order is not None) != (version == FREQUENCY_ORDERED_FORMAT_VERSION):
+            raise ConfigError(
+                f"format_version {version} {'with' if order is not None else 'without'} a frequency_order: format "
+                f"{FREQUENCY_ORDERED_FORMAT_VERSION} is the frequency-ordered one, and only it"
             )
         recorded = data.get("table_file")
         return cls(
@@ -108,6 +140,7 @@ class ModelArtifact:
             provenance=Provenance(**data["provenance"]),
             preprocessing=Preprocessing(**data["preprocessing"]),
             quantization=QuantizationSpec(**data.get("quantization", {})),  # absent: fp32, as checkpoints are
+            frequency_order=FrequencyOrder.from_dict(order) if order is not None else None,
             recorded_table_file=TableFile.from_dict(recorded) if recorded is not None else None,
         )
 
@@ -120,13 +153,22 @@ class ModelArtifact:
             raise ConfigError(f"cannot read model artifact {source}: {error}") from error
 
 
-def write_artifact(directory: Path, artifact: ModelArtifact, model: DLRM) -> None:
-    """Save ``model`` as ``artifact`` says: tables into ``tables.bin`` when quantized, the rest into weights.pt."""
+def write_artifact(
+    directory: Path,
+    artifact: ModelArtifact,
+    model: DLRM,
+    order_of: Callable[[StoredTable], torch.Tensor] | None = None,
+) -> None:
+    """Save ``model`` as ``artifact`` says: tables into ``tables.bin`` when quantized, the rest into weights.pt.
+
+    A frequency-ordered artifact needs ``order_of``, each table's ids in row order.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     if artifact.quantized_tables:
         state = {key: value for key, value in state.items() if not key.startswith(_TABLES_PREFIX)}
-        write_tables(model.sparse_arch.embedding_bag_collection, artifact.table_file(), directory / TABLES_FILE)
+        tables = model.sparse_arch.embedding_bag_collection
+        write_tables(tables, artifact.table_file(), directory / TABLES_FILE, order_of)
     save_state_dict(directory / WEIGHTS_FILE, state)
     write_description(directory, artifact)
 
@@ -178,10 +220,7 @@ def load_model(
         load_dense_weights(model, state, device)
     else:
         load_weights(model, state, device)
-    if artifact.quantization.mlp == MlpDtype.INT8:
-        if device.type != "cpu":
-            raise ConfigError("int8 MLPs (dynamic quantization) run on CPU only: serve this archive on CPU")
-        quantize_mlps(model)
+    quantize_mlps(model, artifact.quantization.mlp)
     return model.eval(), artifact
 
 

@@ -41,7 +41,7 @@ from model_factory.artifact import ModelArtifact, load_model
 from model_factory.config import ConfigError
 from model_factory.quantization import MlpDtype
 from model_factory.table_file import row_blocks
-from model_factory.tbe import table_views
+from model_factory.tbe import set_remaps, table_remaps, table_views
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +157,20 @@ def _build_distributions(sharded: nn.Module, tables: list[EmbeddingBagConfig], d
 
 
 def _copy_rows(source: QuantEmbeddingBagCollection, sharded: nn.Module) -> None:
-    """Copy each table's rows from ``source`` into the TBE TorchRec built for the table on its rank's device.
+    """Copy each table's rows from ``source`` into the TBE TorchRec built for the table on its rank's device,
+    and a frequency-ordered table's remap with them: each rank maps the ids of its own tables.
 
     Only the rows' data, scale and bias are copied, padding cut off: the row
     alignment differs between the CPU and GPUs.
     """
     views = table_views(source)
+    remaps = table_remaps(source)
     copied = []
     for module in sharded.modules():
         if not isinstance(module, IntNBitTableBatchedEmbeddingBagsCodegen):
             continue
+        if remaps:
+            set_remaps(module, remaps)
         for (name, _, _, _, _), (rows, _, _) in zip(
             module.embedding_specs, module.split_embedding_weights_with_scale_bias(0), strict=True
         ):

@@ -4,8 +4,11 @@ The file holds the quantized tables laid out exactly as FBGEMM's inference TBEs
 hold them in memory on CPU: the ``weights_host`` buffer of each TBE TorchRec
 builds, one after the other, rows padded to the CPU row alignment (4 bytes) and
 every table starting on a 128-byte cache line (:func:`model_factory.tbe.table_file_layout`
-asks FBGEMM for that layout). The artifact records the layout (:class:`TableFile`)
-and loading checks it.
+asks FBGEMM for that layout). A frequency-ordered file (``build_mar.py
+--frequencies``) holds each table's rows hottest first and, after the tables,
+each TBE's remap, the row of each id, starting on a page of its own
+(:mod:`model_factory.row_order`). The artifact records the layout
+(:class:`TableFile`) and loading checks it.
 
 On CPU, loading maps the file read-only and shared (:func:`map_read_only`) and
 hands the mapping to the TBEs: every process serving the archive (each
@@ -38,6 +41,7 @@ import torch
 from model_factory.config import ConfigError
 from model_factory.files import replacing
 from model_factory.quantization import TableDtype
+from model_factory.row_order import REMAP_DTYPE, remap
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +65,23 @@ class StoredTable:
 
 @dataclass(frozen=True)
 class TbePart:
-    """One TBE's ``weights_host``: ``size`` bytes at ``offset`` in the table file, holding ``tables``."""
+    """One TBE's ``weights_host``: ``size`` bytes at ``offset`` in the table file, holding ``tables``.
+
+    ``remap_offset``: in a frequency-ordered file, where the TBE's remap starts: for each
+    of its tables in turn, the row of each id (:data:`~model_factory.row_order.REMAP_DTYPE`),
+    as FBGEMM's ``index_remappings_array`` holds it.
+    """
 
     offset: int
     size: int
     tables: tuple[StoredTable, ...]
+    remap_offset: int | None = None
+
+    @property
+    def remap_size(self) -> int:
+        if self.remap_offset is None:
+            return 0
+        return REMAP_DTYPE.itemsize * sum(table.rows for table in self.tables)
 
 
 @dataclass(frozen=True)
@@ -77,7 +93,13 @@ class TableFile:
 
     @property
     def size(self) -> int:
-        return max((part.offset + part.size for part in self.tbes), default=0)
+        ends = [part.offset + part.size for part in self.tbes]
+        ends += [part.remap_offset + part.remap_size for part in self.tbes if part.remap_offset is not None]
+        return max(ends, default=0)
+
+    @property
+    def frequency_ordered(self) -> bool:
+        return any(part.remap_offset is not None for part in self.tbes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +107,7 @@ class TableFile:
             "size": self.size,
             "tbes": [
                 {"offset": part.offset, "size": part.size, "tables": [asdict(table) for table in part.tables]}
+                | ({"remap_offset": part.remap_offset} if part.remap_offset is not None else {})
                 for part in self.tbes
             ],
         }
@@ -101,6 +124,7 @@ class TableFile:
                     tables=tuple(
                         StoredTable(**{**table, "dtype": TableDtype(table["dtype"])}) for table in part["tables"]
                     ),
+                    remap_offset=None if part.get("remap_offset") is None else int(part["remap_offset"]),
                 )
                 for part in data["tbes"]
             ),
@@ -117,27 +141,43 @@ def row_blocks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + block)
 
 
-def write_table_file(layout: TableFile, path: Path, rows_of: Callable[[StoredTable], torch.Tensor]) -> None:
+def write_table_file(
+    layout: TableFile,
+    path: Path,
+    rows_of: Callable[[StoredTable], torch.Tensor],
+    order_of: Callable[[StoredTable], torch.Tensor] | None = None,
+) -> None:
     """Write ``path`` as ``layout`` lays it out, asking ``rows_of`` for each table's ``(rows, row_bytes)`` rows in turn.
 
     Tables are asked for one at a time, in file order, and nothing of one is kept
     once it is written: a caller that makes each table when asked (quantizing it
-    from a checkpoint) never holds more than one. Padding is zero. An existing file
-    is replaced, not rewritten: processes that map it keep their tables
+    from a checkpoint) never holds more than one. A frequency-ordered layout needs
+    ``order_of``, each table's ids in row order (:func:`~model_factory.row_order.row_order`):
+    row ``r`` of the file is row ``order[r]`` of ``rows_of``, and the table's remap
+    is written where the layout puts it. Padding is zero. An existing file is
+    replaced, not rewritten: processes that map it keep their tables
     (:mod:`model_factory.files`).
     """
+    if layout.frequency_ordered != (order_of is not None):
+        raise ValueError("a frequency-ordered layout needs each table's row order, and only it")
     with replacing(path) as output:
         for part in layout.tbes:
+            remap_at = part.remap_offset
             for table in part.tables:
-                output.write(bytes(part.offset + table.offset - output.tell()))
                 view = rows_of(table)
                 assert view.shape == (table.rows, table.row_bytes), (table, view.shape)
+                order = order_of(table) if order_of is not None else None
+                output.seek(part.offset + table.offset)
                 for start, end in row_blocks(table.rows, table.stride):
                     block = torch.zeros((end - start, table.stride), dtype=torch.uint8)
-                    block[:, : table.row_bytes] = view[start:end]
+                    block[:, : table.row_bytes] = view[start:end] if order is None else view[order[start:end]]
                     output.write(block.numpy().data)
                 del view
-        output.write(bytes(layout.size - output.tell()))
+                if order is not None and remap_at is not None:
+                    output.seek(remap_at)
+                    output.write(remap(order).numpy().data)
+                    remap_at += REMAP_DTYPE.itemsize * table.rows
+        output.truncate(layout.size)  # what the writes skipped (padding) reads as zeros
 
 
 def check_size(path: Path, layout: TableFile) -> None:
@@ -173,6 +213,17 @@ def read_table_file(layout: TableFile, path: Path, views: Mapping[str, torch.Ten
                     if source.readinto(block.numpy().data) != block.numel():
                         raise ConfigError(f"{path} ended inside table {table.name}")
                     view[start:end].copy_(block.view(end - start, table.stride)[:, : table.row_bytes])
+
+
+def read_remap(path: Path, part: TbePart) -> torch.Tensor:
+    """The TBE's remap (``part.remap_offset`` must be set), read from the table file into memory."""
+    assert part.remap_offset is not None
+    remap_rows = torch.empty(part.remap_size // REMAP_DTYPE.itemsize, dtype=REMAP_DTYPE)
+    with open(path, "rb") as source:
+        source.seek(part.remap_offset)
+        if source.readinto(remap_rows.numpy().data) != part.remap_size:
+            raise ConfigError(f"{path} ended inside the remap of tables {[table.name for table in part.tables]}")
+    return remap_rows
 
 
 def map_read_only(path: Path, layout: TableFile) -> torch.Tensor:

@@ -13,12 +13,18 @@ this module, so a TorchRec or FBGEMM upgrade has one place to check (and
   is allocated or copied; FBGEMM's CPU lookup reads ``weights_host`` directly;
 - :func:`load_tables`, :func:`write_tables`: the table file into a collection
   (mapped, or streamed on GPU) and out of one;
+- :func:`table_remaps`, :func:`set_remaps`: a frequency-ordered file's remaps,
+  the row of each id, which each TBE maps ids through before its lookup (FBGEMM's
+  index remapping: the same in the CPU and GPU kernels);
 - :func:`table_views`, :func:`tbe_modules`, :func:`quantize_table`: each table's
   rows as FBGEMM stores them, for writing, copying and checking them.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +55,22 @@ from model_factory.quantization import (
     TORCH_DTYPES,
     QuantizationSpec,
 )
+from model_factory.row_order import REMAP_DTYPE
 from model_factory.table_file import (
     StoredTable,
     TableFile,
     TbePart,
     map_read_only,
     populate_in_background,
+    read_remap,
     read_table_file,
     write_table_file,
 )
 
 # FBGEMM starts every table of a TBE on a 128-byte cache line; the table file starts every TBE's part on one.
 _CACHE_LINE = 128
+# A frequency-ordered file starts each TBE's remap on a page of its own: it is kept resident or not as a whole.
+_REMAP_ALIGNMENT = 4096
 
 
 def row_alignment(device: torch.device) -> int:
@@ -110,7 +120,7 @@ def _host_specs(module: IntNBitTableBatchedEmbeddingBagsCodegen) -> list[tuple[s
     ]
 
 
-def table_file_layout(config: DLRMConfig, spec: QuantizationSpec) -> TableFile:
+def table_file_layout(config: DLRMConfig, spec: QuantizationSpec, frequency_ordered: bool = False) -> TableFile:
     """The table file as FBGEMM's CPU TBEs hold the tables: each TBE's ``weights_host``, in TorchRec's TBE order.
 
     TorchRec decides which tables share a TBE, FBGEMM where each table starts in
@@ -118,6 +128,7 @@ def table_file_layout(config: DLRMConfig, spec: QuantizationSpec) -> TableFile:
     to 128-byte cache lines); both are asked on a ``meta`` collection, so nothing
     is allocated. A TBE's part starts on a cache line too (its size already is a
     multiple of one: the parts follow each other without a gap).
+    ``frequency_ordered``: each TBE's remap follows, each on a page of its own.
     """
     collection = empty_quantized_collection(config, spec, META)
     dtypes = {table_name(feature): spec.table_dtype(feature) for feature in config.sparse_feature_names}
@@ -142,13 +153,43 @@ def table_file_layout(config: DLRMConfig, spec: QuantizationSpec) -> TableFile:
         offset = -(-offset // _CACHE_LINE) * _CACHE_LINE
         parts.append(TbePart(offset=offset, size=split.host_size, tables=tables))
         offset += split.host_size
+    if frequency_ordered:
+        for index, part in enumerate(parts):
+            offset = -(-offset // _REMAP_ALIGNMENT) * _REMAP_ALIGNMENT
+            parts[index] = replace(part, remap_offset=offset)
+            offset += parts[index].remap_size
     return TableFile(row_alignment=CPU_ROW_ALIGNMENT, tbes=tuple(parts))
 
 
-def write_tables(collection: QuantEmbeddingBagCollection, layout: TableFile, path: Path) -> None:
-    """Write the collection's tables (any device, any row alignment) as ``layout`` lays them out; padding is zero."""
+def write_tables(
+    collection: QuantEmbeddingBagCollection,
+    layout: TableFile,
+    path: Path,
+    order_of: Callable[[StoredTable], torch.Tensor] | None = None,
+) -> None:
+    """Write the collection's tables (any device, any row alignment) as ``layout`` lays them out; padding is zero.
+
+    A frequency-ordered layout needs ``order_of``: :func:`~model_factory.table_file.write_table_file`.
+    """
     views = table_views(collection)
-    write_table_file(layout, path, lambda table: views[table.name])
+    write_table_file(layout, path, lambda table: views[table.name], order_of)
+
+
+def table_remaps(collection: QuantEmbeddingBagCollection) -> dict[str, torch.Tensor]:
+    """Each table's remap (the row of each id) in the collection's TBEs: none when its rows are in id order."""
+    remaps = {}
+    for module in tbe_modules(collection):
+        if module.index_remappings_array.numel():
+            offsets = module.index_remappings_array_offsets.tolist()
+            for (name, *_), start, end in zip(module.embedding_specs, offsets[:-1], offsets[1:], strict=True):
+                remaps[name] = module.index_remappings_array[start:end]
+    return remaps
+
+
+def set_remaps(module: IntNBitTableBatchedEmbeddingBagsCodegen, remaps: dict[str, torch.Tensor]) -> None:
+    """Have the TBE map each id of its tables through ``remaps`` before its lookup (FBGEMM's index remapping, made
+    for pruned tables: here a permutation), copied to the TBE's device."""
+    module.set_index_remappings_array([remaps[name] for name, *_ in module.embedding_specs])
 
 
 def quantize_table(table: StoredTable, weight: torch.Tensor) -> torch.Tensor:
@@ -202,6 +243,15 @@ def _adopt_host_weights(
     module.weight_initialized = True
 
 
+def _adopt_remap(module: IntNBitTableBatchedEmbeddingBagsCodegen, remap: torch.Tensor, part: TbePart) -> None:
+    """FBGEMM's ``set_index_remappings_array`` with ``remap``, the TBE's remaps one after the other, adopted as
+    they are (mapped, not copied) instead of concatenated into a new tensor."""
+    rows = [table.rows for table in part.tables]
+    module.index_remappings_array = remap
+    module.index_remappings_array_offsets = torch.tensor([0, *itertools.accumulate(rows)], dtype=torch.int64)
+    module.original_rows_per_table = torch.tensor([rows[t] for t in module.feature_table_map], dtype=torch.int64)
+
+
 def _register_weight_views(collection: QuantEmbeddingBagCollection) -> None:
     """Point the collection's per-table ``weight`` buffers (its ``state_dict`` view) at its TBEs' weights.
 
@@ -227,7 +277,7 @@ def map_tables(
     ``host_size > 0``), and nothing else refers to it but the collection's
     per-table ``weight`` views, which are re-pointed.
     """
-    if layout != table_file_layout(config, spec):
+    if layout != table_file_layout(config, spec, layout.frequency_ordered):
         raise ConfigError(f"{path} is not laid out as FBGEMM holds these tables on CPU: rebuild the archive")
     mapping = map_read_only(path, layout)
     populate_in_background(mapping, path)
@@ -236,6 +286,9 @@ def map_tables(
     for index, (module, part) in enumerate(zip(modules, layout.tbes, strict=True)):
         host = _host_tbe(module)
         _adopt_host_weights(host, mapping[part.offset : part.offset + part.size], part, path)
+        if part.remap_offset is not None:
+            remap = mapping[part.remap_offset : part.remap_offset + part.remap_size].view(REMAP_DTYPE)
+            _adopt_remap(host, remap, part)
         collection._emb_modules[index] = host
     collection._device = torch.device("cpu")
     _register_weight_views(collection)
@@ -254,10 +307,16 @@ def load_tables(
     """The collection on ``device`` holding the tables of ``path``, laid out as ``layout``.
 
     On CPU the file is mapped (:func:`map_tables`) unless ``copy``; otherwise (GPU,
-    ``copy``) FBGEMM allocates the tables and the file is streamed into them.
+    ``copy``) FBGEMM allocates the tables and the file is streamed into them, and a
+    frequency-ordered file's remaps are copied to the TBEs' device.
     """
     if device.type == "cpu" and not copy:
         return map_tables(config, spec, layout, path)
     collection = empty_quantized_collection(config, spec, device)
     read_table_file(layout, path, table_views(collection))
+    for module, part in zip(tbe_modules(collection), layout.tbes, strict=True):
+        if part.remap_offset is not None:
+            remap = read_remap(path, part)
+            rows = [table.rows for table in part.tables]
+            set_remaps(module, dict(zip([table.name for table in part.tables], remap.split(rows), strict=True)))
     return collection

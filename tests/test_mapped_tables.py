@@ -38,6 +38,7 @@ from model_factory.factory import build_dlrm, init_weights, summarize, table_nam
 from model_factory.features import rows_to_kjt
 from model_factory.quantization import MlpDtype, QuantizationSpec, TableDtype, quantize_model_tables
 from model_factory.random_tables import random_quantized_model
+from model_factory.row_order import FrequencyOrder, row_order
 from model_factory.tbe import empty_quantized_collection, map_tables, table_file_layout, table_views
 from servers.torchserve import REPO_ROOT
 from tests.archives import QUANTIZATION_SPECS
@@ -231,6 +232,46 @@ def test_loading_and_serving_in_process_never_writes_the_model_directory(
     del predictor
 
 
+def write_ordered(directory: Path, spec: QuantizationSpec, config: DLRMConfig | None = None, seed: int = 1) -> Path:
+    """A frequency-ordered artifact of random quantized tables: every table's counts a reversed ``arange``, so
+    its rows are stored last id first."""
+    config = config or preset("small")
+    counts = {
+        table_name(feature): torch.arange(rows, dtype=torch.int64).flip(0)
+        for feature, rows in zip(config.sparse_feature_names, config.num_embeddings_per_feature, strict=True)
+    }
+    artifact = ModelArtifact(
+        config, Provenance(trained=False, seed=seed), quantization=spec, frequency_order=FrequencyOrder.of(counts)
+    )
+    write_artifact(directory, artifact, random_quantized_model(config, spec, seed), lambda t: row_order(counts[t.name]))
+    return directory
+
+
+@pytest.mark.parametrize("name", ["int8", "mixed"])
+def test_a_frequency_ordered_file_s_remap_is_mapped_too(name: str, padded_config: DLRMConfig, tmp_path: Path) -> None:
+    """The remap FBGEMM maps ids through is the file's, mapped like the rows (shared, not copied), and holds
+    exactly what FBGEMM's own set_index_remappings_array sets when the file is copied instead."""
+    directory = write_ordered(tmp_path, SPECS[name], padded_config)
+    before = snapshot(directory)
+    mapped, artifact = load_model(directory)
+    copied, _ = load_model(directory, copy_tables=True)
+    (line,) = mapped_lines(directory / TABLES_FILE)
+    start, end = (int(address, 16) for address in line.split()[0].split("-"))
+    for ours, theirs, part in zip(
+        mapped.sparse_arch.embedding_bag_collection._emb_modules,
+        copied.sparse_arch.embedding_bag_collection._emb_modules,
+        artifact.table_file().tbes,
+        strict=True,
+    ):
+        assert part.remap_offset is not None
+        assert ours.index_remappings_array.data_ptr() == start + part.remap_offset < end
+        for buffer in ("index_remappings_array", "index_remappings_array_offsets", "original_rows_per_table"):
+            assert torch.equal(getattr(ours, buffer), getattr(theirs, buffer)), buffer
+        assert ours.index_remappings_array.dtype == theirs.index_remappings_array.dtype == torch.int32
+    assert torch.equal(scores(mapped, padded_config), scores(copied, padded_config))
+    assert snapshot(directory) == before
+
+
 def test_a_mapping_outlives_the_extracted_directory(small_config: DLRMConfig, tmp_path: Path) -> None:
     """A zipped archive is extracted to a temporary directory and removed: the mapping keeps the tables."""
     directory = tmp_path / "extracted"
@@ -317,9 +358,21 @@ def test_an_inconsistent_or_missing_recorded_layout_is_refused(int8_artifact: Pa
 
 
 def test_unknown_format_versions_are_refused(int8_artifact: Path) -> None:
-    _edit_config(int8_artifact, lambda data: data.update(format_version=3))
-    with pytest.raises(ConfigError, match="unsupported artifact format_version 3.*rebuild"):
+    _edit_config(int8_artifact, lambda data: data.update(format_version=4))
+    with pytest.raises(ConfigError, match="unsupported artifact format_version 4; expected 2 or 3.*rebuild"):
         load_model(int8_artifact)
+
+
+def test_format_3_is_the_frequency_ordered_format_and_only_it(int8_artifact: Path, tmp_path: Path) -> None:
+    """A reader of format 2 would serve a frequency-ordered file's rows by the wrong ids: such files are format 3,
+    and a format that disagrees with the presence of the frequency order is refused."""
+    _edit_config(int8_artifact, lambda data: data.update(format_version=3))
+    with pytest.raises(ConfigError, match="format_version 3 without a frequency_order"):
+        load_model(int8_artifact)
+    ordered = write_ordered(tmp_path / "ordered", SPECS["int8"])
+    _edit_config(ordered, lambda data: data.update(format_version=2))
+    with pytest.raises(ConfigError, match="format_version 2 with a frequency_order"):
+        load_model(ordered)
 
 
 def test_format_1_archives_are_refused_saying_to_rebuild_them(padded_config: DLRMConfig, tmp_path: Path) -> None:
