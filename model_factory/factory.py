@@ -140,11 +140,12 @@ def format_summary(rows: list[ComponentSize]) -> str:
     for row in rows:
         if row.name == "total":
             lines.append("-" * 46)
-        lines.append(f"{row.name:<14}{row.parameters:>18,}{_human_bytes(row.bytes):>14}")
+        lines.append(f"{row.name:<14}{row.parameters:>18,}{human_bytes(row.bytes):>14}")
     return "\n".join(lines)
 
 
-def _human_bytes(size: float) -> str:
+def human_bytes(size: float) -> str:
+    """``size`` bytes in B, KiB, MiB or GiB, as people read memory sizes."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"

@@ -30,7 +30,7 @@ import mmap
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -252,41 +252,58 @@ def map_read_only(path: Path, layout: TableFile) -> torch.Tensor:
         return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
-def populate_in_background(mapping: torch.Tensor, path: Path) -> None:
-    """Map every page of a table file's ``mapping`` into this process, on a background thread.
+def populate_in_background(mapping: torch.Tensor, path: Path, resident: Sequence[tuple[int, int]]) -> threading.Thread:
+    """Map the ``resident`` byte ranges ``(offset, length)`` of a table file's ``mapping`` into this process on a
+    background thread, and advise the rest of it ``MADV_RANDOM``.
 
     A process pays a page fault the first time it touches each page of a mapping, so until it has
-    touched them all, requests pay faults for the rows they look up (README, "The full-size Criteo-1TB
-    model", measures what that costs). ``MADV_POPULATE_READ`` maps them in one call (the pages
-    stay the page cache's, shared with every other process); from a cold page cache it reads the file
-    while the worker already answers. The thread runs at ``SCHED_IDLE`` priority, so that it does not
-    slow the requests it is there to speed up, and ctypes releases the GIL for the call. Skipped when
-    the file is larger than the memory available, where it would only evict other pages.
+    touched them all, requests pay faults for the rows they look up (docs/performance/ measures what
+    that costs). ``MADV_POPULATE_READ`` maps a range in one call (the pages stay the page cache's,
+    shared with every other process); from a cold page cache it reads the file while the worker
+    already answers. The thread runs at ``SCHED_IDLE`` priority, so that it does not slow the requests
+    it is there to speed up, and ctypes releases the GIL for the call. What is not kept resident (a
+    file larger than the memory budget: :mod:`model_factory.residency`) is read a page per fault, without
+    readahead (``MADV_RANDOM``). Ranges are widened to whole pages. Returns the thread.
     """
-    available = _available_memory()
-    if available is not None and mapping.numel() > available:
-        logger.info("%s is larger than the memory available: its pages are mapped as requests touch them", path)
-        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+    def advise(start: int, end: int, advice: int) -> None:
+        if libc.madvise(mapping.data_ptr() + start, end - start, advice) != 0:
+            error = os.strerror(ctypes.get_errno())
+            logger.info("%s: pages %d-%d are mapped as requests touch them (madvise: %s)", path, start, end, error)
+
+    pages = _whole_pages(resident, mapping.numel())
+    for start, end in _gaps(pages, mapping.numel()):
+        advise(start, end, mmap.MADV_RANDOM)
 
     def populate() -> None:
         with suppress(OSError):  # this thread only runs on CPU time nothing else wants
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        if libc.madvise(mapping.data_ptr(), mapping.numel(), MADV_POPULATE_READ) != 0:
-            error = ctypes.get_errno()
-            logger.info("%s: pages are mapped as requests touch them (madvise: %s)", path, os.strerror(error))
+        for start, end in pages:
+            advise(start, end, MADV_POPULATE_READ)
 
-    threading.Thread(target=populate, name=f"populate {path.name}", daemon=True).start()
+    thread = threading.Thread(target=populate, name=f"populate {path.name}", daemon=True)
+    thread.start()
+    return thread
 
 
-def _available_memory() -> int | None:
-    """The kernel's estimate of memory available without swapping (``MemAvailable``), in bytes."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _whole_pages(ranges: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` byte ranges as sorted, merged ``[start, end)`` ranges of whole pages within ``size``."""
+    merged: list[tuple[int, int]] = []
+    for offset, length in sorted(ranges):
+        start, end = (
+            offset // mmap.PAGESIZE * mmap.PAGESIZE,
+            min(size, -(-(offset + length) // mmap.PAGESIZE) * mmap.PAGESIZE),
+        )
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        elif end > start:
+            merged.append((start, end))
+    return merged
+
+
+def _gaps(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """What sorted, disjoint ``[start, end)`` ``ranges`` leave of ``[0, size)``."""
+    bounds = [0, *(bound for start_end in ranges for bound in start_end), size]
+    return [(start, end) for start, end in zip(bounds[::2], bounds[1::2], strict=True) if end > start]

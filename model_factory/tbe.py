@@ -55,7 +55,8 @@ from model_factory.quantization import (
     TORCH_DTYPES,
     QuantizationSpec,
 )
-from model_factory.row_order import REMAP_DTYPE
+from model_factory.residency import decide
+from model_factory.row_order import REMAP_DTYPE, FrequencyOrder
 from model_factory.table_file import (
     StoredTable,
     TableFile,
@@ -266,7 +267,11 @@ def _register_weight_views(collection: QuantEmbeddingBagCollection) -> None:
 
 
 def map_tables(
-    config: DLRMConfig, spec: QuantizationSpec, layout: TableFile, path: Path
+    config: DLRMConfig,
+    spec: QuantizationSpec,
+    layout: TableFile,
+    path: Path,
+    frequency_order: FrequencyOrder | None = None,
 ) -> QuantEmbeddingBagCollection:
     """The CPU collection whose TBEs' ``weights_host`` are ``path`` mapped read-only: nothing allocated or copied.
 
@@ -275,12 +280,14 @@ def map_tables(
     arguments, whose ``weights_host`` is the TBE's part of the mapping. FBGEMM's
     CPU lookup reads ``weights_host`` directly (``dev_weights`` when
     ``host_size > 0``), and nothing else refers to it but the collection's
-    per-table ``weight`` views, which are re-pointed.
+    per-table ``weight`` views, which are re-pointed. What of the file is kept
+    resident depends on the memory budget and, for a frequency-ordered file, on
+    ``frequency_order`` (:mod:`model_factory.residency`).
     """
     if layout != table_file_layout(config, spec, layout.frequency_ordered):
         raise ConfigError(f"{path} is not laid out as FBGEMM holds these tables on CPU: rebuild the archive")
     mapping = map_read_only(path, layout)
-    populate_in_background(mapping, path)
+    populate_in_background(mapping, path, decide(layout, frequency_order, path).resident)
     collection = empty_quantized_collection(config, spec, META)
     modules = tbe_modules(collection)
     for index, (module, part) in enumerate(zip(modules, layout.tbes, strict=True)):
@@ -303,6 +310,7 @@ def load_tables(
     device: torch.device,
     *,
     copy: bool = False,
+    frequency_order: FrequencyOrder | None = None,
 ) -> QuantEmbeddingBagCollection:
     """The collection on ``device`` holding the tables of ``path``, laid out as ``layout``.
 
@@ -311,7 +319,7 @@ def load_tables(
     frequency-ordered file's remaps are copied to the TBEs' device.
     """
     if device.type == "cpu" and not copy:
-        return map_tables(config, spec, layout, path)
+        return map_tables(config, spec, layout, path, frequency_order)
     collection = empty_quantized_collection(config, spec, device)
     read_table_file(layout, path, table_views(collection))
     for module, part in zip(tbe_modules(collection), layout.tbes, strict=True):

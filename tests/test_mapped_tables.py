@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -24,13 +25,14 @@ import pytest
 import torch
 
 from handler.predictor import DLRMPredictor
-from model_factory import quantization, tbe
+from model_factory import quantization, residency, tbe
 from model_factory.artifact import (
     CONFIG_FILE,
     TABLES_FILE,
     ModelArtifact,
     Provenance,
     load_model,
+    read_artifact,
     write_artifact,
 )
 from model_factory.config import ConfigError, DLRMConfig, preset
@@ -476,15 +478,76 @@ def test_two_processes_share_one_copy_of_the_tables(tmp_path: Path) -> None:
     assert sha256(path) == digest
 
 
-def test_a_mapping_is_populated_in_the_background(tmp_path: Path) -> None:
+def test_a_mapping_is_populated_in_the_background(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Every page of the mapped tables becomes resident in the loading process without a lookup touching it."""
     config = one_table_config(2**18)
     write_quantized(tmp_path, config, SPECS["int8"])
     path = tmp_path / TABLES_FILE
     pages_kib = -(-path.stat().st_size // 4096) * 4
-    model, _ = load_model(tmp_path)
+    with caplog.at_level(logging.INFO, logger=residency.__name__):
+        model, _ = load_model(tmp_path)
+    assert f"{path}: fits: all 17.0 MiB populated in the background; memory budget" in caplog.text
     deadline = time.monotonic() + 30
     while _file_mapping_kib(os.getpid(), path)["Rss"] < pages_kib and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _file_mapping_kib(os.getpid(), path)["Rss"] == pages_kib
     del model
+
+
+def _vmas(path: Path) -> list[tuple[int, int, int, set[str]]]:
+    """This process's mappings of ``path``, one per VMA: start, end, resident bytes and VmFlags (smaps)."""
+    vmas: list[tuple[int, int, int, set[str]]] = []
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            inside = line.endswith(" " + str(path))
+            if inside:
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                vmas.append((start, end, 0, set()))
+        elif inside and fields[0] == "Rss:":
+            vmas[-1] = (*vmas[-1][:2], int(fields[1]) * 1024, vmas[-1][3])
+        elif inside and fields[0] == "VmFlags:":
+            vmas[-1][3].update(fields[1:])
+    return vmas
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["frequency-ordered", "id-ordered"])
+def test_a_file_larger_than_the_budget_keeps_its_hottest_rows_resident_and_the_rest_on_disk(
+    ordered: bool, small_config: DLRMConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """With a budget of a third of the file (the environment override): a frequency-ordered file populates its
+    remap and the hottest prefix of each table, an id-ordered one nothing, and what is not populated is advised
+    MADV_RANDOM (smaps' ``rr``): no readahead. The pages outside the populated ranges stay unmapped."""
+    if ordered:
+        write_ordered(tmp_path, SPECS["int8"])
+    else:
+        write_quantized(tmp_path, small_config, SPECS["int8"])
+    path = tmp_path / TABLES_FILE
+    artifact = read_artifact(tmp_path)
+    budget = residency.MemoryBudget(path.stat().st_size // 3, residency.BUDGET_VARIABLE)
+    monkeypatch.setenv(residency.BUDGET_VARIABLE, str(budget.bytes))
+    with caplog.at_level(logging.INFO, logger=residency.__name__):
+        model, _ = load_model(tmp_path)
+    plan = residency.plan_residency(artifact.table_file(), artifact.frequency_order, budget)
+    assert plan.regime == (residency.Regime.PARTLY_RESIDENT if ordered else residency.Regime.COLD)
+    assert plan.describe(path) in caplog.text
+    base = _vmas(path)[0][0]
+    page = 4096
+    hot = {
+        address
+        for offset, length in plan.resident
+        for address in range(base + offset // page * page, base + offset + length, page)
+    }
+    deadline = time.monotonic() + 30
+    while sum(rss for *_, rss, flags in _vmas(path) if "rr" not in flags) < len(hot) * page:
+        assert time.monotonic() < deadline, _vmas(path)
+        time.sleep(0.05)
+    for start, end, rss, flags in _vmas(path):
+        pages = set(range(start, end, page))
+        if pages <= hot:
+            assert "rr" not in flags and rss == end - start
+        else:
+            assert not pages & hot and "rr" in flags and rss == 0
+    assert bool(hot) == ordered
+    assert torch.equal(scores(model, small_config), scores(load_model(tmp_path, copy_tables=True)[0], small_config))
