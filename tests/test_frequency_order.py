@@ -147,6 +147,22 @@ def test_a_run_resumed_within_its_first_epoch_still_counts_every_row(
     assert_same_counts(load_frequencies(output, small_config), load_frequencies(standalone, small_config))
 
 
+def test_two_ranks_record_the_counts_of_every_rank_summed(
+    standalone: Path, data: dict[str, Path], small_config: DLRMConfig, tmp_path: Path
+) -> None:
+    """torchrun, 2 gloo ranks (~30 s): each counts its part of every global batch, rank 0 writes the sum. The last
+    global batch (32 rows) is rank 0's alone: rank 1 has none, and both stop there."""
+    assert TRAIN_ROWS % BATCH < BATCH // 2
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "training.train",
+        "--preset", "small", "--train", str(data["train"]), "--validation", str(data["validation"]),
+        "--output", str(tmp_path / "run"), "--batch-size", str(BATCH // 2), "--loader-workers", "0", "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_same_counts(load_frequencies(tmp_path / "run", small_config), load_frequencies(standalone, small_config))
+
+
 def test_rows_are_ordered_by_descending_count_ties_by_id() -> None:
     counts = torch.tensor([3, 0, 7, 3, 1, 0, 7, 12], dtype=torch.int64)
     order = row_order(counts)
