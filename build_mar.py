@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from handler.settings import ServingSettings, SettingsError
 from model_archive.build import DEFAULT_TABLES, ArchiveFormat, BuildOptions, build_archive, describe
 from model_factory.config import DEFAULT_PRESET, PRESETS, ConfigError
-from model_factory.quantization import MlpDtype, QuantizationSpec, TableDtype
+from model_factory.quantization import MlpDtype, QuantizationSpec, TableDtype, default_mlp_dtype
 
 DEFAULTS = BuildOptions()
 SERVING = DEFAULTS.serving
@@ -99,8 +100,9 @@ def parser() -> argparse.ArgumentParser:
         "--quantize-mlp",
         type=MlpDtype,
         choices=list(MlpDtype),
-        default=MlpDtype.NONE,
-        help="int8: dynamic int8 Linear layers for the MLPs (CPU only; default: none)",
+        help="the MLPs' Linear layers: none (fp32), bf16 (bfloat16 weights and activations: fast on CPUs with AMX "
+        "or AVX512-BF16, and on GPUs) or int8 (dynamic quantization, CPU only; deprecated upstream); default: bf16 "
+        "for the reference MLPs (criteo-kaggle, criteo-1tb) on a CPU with AMX or AVX512-BF16, none otherwise",
     )
     serving = parser.add_argument_group("serving (written to the archive's model-config.yaml)")
     serving.add_argument(
@@ -169,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
             "and MLPs that run on a GPU (not --quantize-mlp int8)"
         )
     try:
-        return BuildOptions(
+        options = BuildOptions(
             preset=args.preset,
             config_file=args.config,
             checkpoint=args.checkpoint,
@@ -180,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
             golden_set=args.golden_set,
             golden_rows=args.golden_rows,
             frequencies=args.frequencies,
-            quantization=QuantizationSpec(args.quantize, dict(args.quantize_table), args.quantize_mlp),
+            quantization=QuantizationSpec(args.quantize, dict(args.quantize_table), args.quantize_mlp or MlpDtype.NONE),
             serving=ServingSettings(
                 workers=args.workers,
                 batch_size=args.batch_size,
@@ -193,6 +195,10 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
                 shard_tables_gpus=args.shard_tables_gpus,
             ),
         )
+        if args.quantize_mlp is None:  # measured per shape and CPU: docs/quantization.md
+            mlp = default_mlp_dtype(options.model_config())
+            return replace(options, quantization=replace(options.quantization, mlp=mlp))
+        return options
     except (ConfigError, SettingsError) as error:
         arguments.error(str(error))
 

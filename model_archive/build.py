@@ -133,6 +133,8 @@ class BuildOptions:
     def model_config(self) -> DLRMConfig:
         if self.config_file is not None:
             return DLRMConfig.from_json(self.config_file.read_text())
+        if self.checkpoint is not None and (self.checkpoint / CONFIG_FILE).is_file():  # a trainer output's own
+            return read_artifact(self.checkpoint).model
         return preset(self.preset or DEFAULT_PRESET)
 
 

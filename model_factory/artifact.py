@@ -42,7 +42,7 @@ from model_factory.config import ConfigError, DLRMConfig
 from model_factory.factory import build_dlrm, load_weights, table_name
 from model_factory.features import Preprocessing
 from model_factory.files import replacing, write_file
-from model_factory.quantization import MlpDtype, QuantizationSpec, quantize_mlps
+from model_factory.quantization import QuantizationSpec, quantize_mlps
 from model_factory.row_order import FrequencyOrder
 from model_factory.table_file import StoredTable, TableFile
 from model_factory.tbe import load_tables, table_file_layout, write_tables
@@ -215,23 +215,12 @@ def load_model(
     if artifact.quantized_tables:
         path = directory / TABLES_FILE
         layout = checked_table_file(artifact, path)
-        tables = load_tables(
-            artifact.model,
-            artifact.quantization,
-            layout,
-            path,
-            device,
-            copy=copy_tables,
-            frequency_order=artifact.frequency_order,
-        )
+        tables = load_tables(artifact.model, artifact.quantization, layout, path, device, copy=copy_tables)
         model.sparse_arch.embedding_bag_collection = tables
         load_dense_weights(model, state, device)
     else:
         load_weights(model, state, device)
-    if artifact.quantization.mlp == MlpDtype.INT8:
-        if device.type != "cpu":
-            raise ConfigError("int8 MLPs (dynamic quantization) run on CPU only: serve this archive on CPU")
-        quantize_mlps(model)
+    quantize_mlps(model, artifact.quantization.mlp)
     return model.eval(), artifact
 
 
