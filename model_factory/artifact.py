@@ -215,7 +215,15 @@ def load_model(
     if artifact.quantized_tables:
         path = directory / TABLES_FILE
         layout = checked_table_file(artifact, path)
-        tables = load_tables(artifact.model, artifact.quantization, layout, path, device, copy=copy_tables)
+        tables = load_tables(
+            artifact.model,
+            artifact.quantization,
+            layout,
+            path,
+            device,
+            copy=copy_tables,
+            frequency_order=artifact.frequency_order,
+        )
         model.sparse_arch.embedding_bag_collection = tables
         load_dense_weights(model, state, device)
     else:
