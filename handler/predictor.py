@@ -116,11 +116,13 @@ class DLRMPredictor:
         for index, request in enumerate(requests):
             with self._guard(index, self.decoder, request, answers):  # a body that is no JSON: a JSON rows error
                 codec, body = self.wire_format(request)
-                received = Received(index, request, body)
-                if codec.decodes_together(received):
-                    waiting.setdefault(codec, []).append(received)
-                else:
-                    self._decode(codec, [received], decoded, answers)
+            if index in answers:
+                continue
+            received = Received(index, request, body)
+            if codec.decodes_together(received):
+                waiting.setdefault(codec, []).append(received)
+            else:
+                self._decode(codec, [received], decoded, answers)
         for codec, batch in waiting.items():
             self._decode(codec, batch, decoded, answers)
         decoded_at = time.perf_counter()

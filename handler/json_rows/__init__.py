@@ -54,7 +54,7 @@ Nothing is coerced: ids must be JSON integers (never floats or strings), dense
 values finite numbers.
 """
 
-from handler.json_rows.codec import RequestDecoder, encode_error, encode_scores, parse_json
+from handler.json_rows.codec import RequestDecoder, encode_error, encode_scores
 from handler.json_rows.request import RowsRequest
 
-__all__ = ["RequestDecoder", "RowsRequest", "encode_error", "encode_scores", "parse_json"]
+__all__ = ["RequestDecoder", "RowsRequest", "encode_error", "encode_scores"]

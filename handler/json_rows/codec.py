@@ -48,8 +48,15 @@ class RequestDecoder:
     # ------------------------------------------------------------------ the codec
 
     def parse(self, body: bytes | bytearray | str | dict | list | None) -> Any:
-        """A request body's JSON value (:func:`parse_json`)."""
-        return parse_json(body, self.validator)
+        """The JSON value of a request body; TorchServe may hand over bytes or an already-parsed value.
+
+        Text with more arrays and objects than a request of at most ``max_rows`` rows holds is refused unparsed.
+        """
+        if body is None:
+            body = b""
+        if not isinstance(body, (bytes, bytearray, str)):
+            return body
+        return values.parse_json(body, self.validator, EMPTY_BODY, "the request body is not valid JSON")
 
     def decodes_together(self, received: Received) -> bool:
         body = received.request.body
@@ -172,18 +179,6 @@ def _decoded_or_error(decode: Callable[..., RowsRequest], *arguments: Any) -> Ro
         return decode(*arguments)
     except InvalidRequest as error:
         return error
-
-
-def parse_json(body: bytes | bytearray | str | dict | list | None, validator: RowValidator) -> Any:
-    """The JSON value of a request body; TorchServe may hand over bytes or an already-parsed value.
-
-    Text with more arrays and objects than ``validator``'s row limit allows is refused unparsed.
-    """
-    if body is None:
-        body = b""
-    if not isinstance(body, (bytes, bytearray, str)):
-        return body
-    return values.parse_json(body, validator, EMPTY_BODY, "the request body is not valid JSON")
 
 
 def encode_scores(logits: np.ndarray, scores: np.ndarray, single_row: bool) -> bytes:
