@@ -397,7 +397,10 @@ def test_a_feature_absent_from_both_sides_is_missing_as_in_a_plain_raw_row(
     as rows and as columns. The same feature on both sides stays a ``duplicate_field``."""
     body, expanded = ranking(context_names, candidates=9, seed=20 + len(context_names))
     present = lambda row: {name: value for name, value in row.items() if value is not None}  # noqa: E731
-    logged = {"context": present(body["context"]), "instances": [present(row) for row in body["instances"]]}
+    logged: dict[str, Any] = {
+        "context": present(body["context"]),
+        "instances": [present(row) for row in body["instances"]],
+    }
     absent = [
         name
         for row in logged["instances"]
@@ -415,6 +418,16 @@ def test_a_feature_absent_from_both_sides_is_missing_as_in_a_plain_raw_row(
     twice = {**logged, "instances": [{**logged["instances"][0], name: value}]}
     (error,) = logits(predictor, twice)
     assert (error["status"], error["type"], error["field"], error["row"]) == (400, "duplicate_field", name, 0)
+
+
+def test_candidates_without_a_sparse_feature_of_their_own_decode_row_by_row(predictor: DLRMPredictor) -> None:
+    """An integer at the int64 limit takes raw rows off the fast path (as a float64 it is 2^63): with every sparse
+    feature in the context, the row-by-row path parses no category at all."""
+    body, expanded = ranking(SPARSE, candidates=3, seed=6)
+    body["instances"][1]["int_0"] = expanded[1]["int_0"] = 2**63 - 1
+    ranked, plain = logits(predictor, body, {"instances": expanded})
+    assert not isinstance(ranked, dict), ranked
+    np.testing.assert_allclose(ranked, plain, rtol=0, atol=TOLERANCE)
 
 
 def test_too_many_candidates_is_413(predictor: DLRMPredictor) -> None:
