@@ -6,7 +6,8 @@ layers, so what bounds its rows/s is how fast this machine multiplies matrices. 
 measures that, in the precisions the MLPs are served in, with one thread and with every usable
 core, at the MLPs' own shapes (a batch of rows times each layer's weight):
 
-- fp32: ``torch.mm``, the GEMM of a float ``Linear``;
+- fp32: ``torch.mm``, the GEMM of a float ``Linear``; bf16: the same in bfloat16, what
+  ``--quantize-mlp bf16`` serves;
 - int8: each layer made a ``Linear`` and quantized by ``model_factory.quantization.quantize_mlps``,
   what ``build_mar.py --quantize-mlp int8`` serves (the input quantized per call included), so
   the int8 limit follows the served kernel.
@@ -52,12 +53,15 @@ DEFAULT_PRESET = "criteo-kaggle"
 
 class Precision(StrEnum):
     FP32 = "fp32"
+    BF16 = "bf16"
     INT8 = "int8"
 
 
 def served_precision(artifact: ModelArtifact) -> Precision:
     """The precision an archive's MLPs are served in."""
-    return Precision.INT8 if artifact.quantization.mlp == MlpDtype.INT8 else Precision.FP32
+    return {MlpDtype.NONE: Precision.FP32, MlpDtype.BF16: Precision.BF16, MlpDtype.INT8: Precision.INT8}[
+        artifact.quantization.mlp
+    ]
 
 
 @dataclass(frozen=True)
@@ -143,9 +147,10 @@ def gemm_throughput(shapes: list[tuple[int, int]], precision: Precision, batch: 
     for inputs, outputs in shapes:
         x = torch.rand(batch, inputs, generator=generator)
         call: Callable[[], Any]
-        if precision == Precision.FP32:
-            weight = torch.rand(outputs, inputs, generator=generator)  # as nn.Linear holds it
-            call = partial(torch.mm, x, weight.T, out=torch.empty(batch, outputs))
+        if precision != Precision.INT8:
+            dtype = torch.float32 if precision == Precision.FP32 else torch.bfloat16
+            weight = torch.rand(outputs, inputs, generator=generator).to(dtype)  # as nn.Linear holds it
+            call = partial(torch.mm, x.to(dtype), weight.T, out=torch.empty(batch, outputs, dtype=dtype))
         else:
             call = partial(quantize_mlps(nn.Sequential(nn.Linear(inputs, outputs))), x)
         with torch.inference_mode():

@@ -107,10 +107,10 @@ def make_queries(config: DLRMConfig, decoder: RequestDecoder, count: int, seed: 
 def multiply_adds_per_candidate(config: DLRMConfig, mlp: MlpDtype) -> dict[str, int]:
     """Each format's forward multiply-adds per candidate.
 
-    A ranking format's split forward leaves out the context's own products; with int8 MLPs the
-    predictor runs the expanded rows' forward instead (``handler.ranking``).
+    A ranking format's split forward leaves out the context's own products; with bf16 or int8 MLPs
+    the predictor runs the expanded rows' forward instead (``handler.ranking``).
     """
     expanded = machine_limit.multiply_adds_per_row(config)
     ranked = machine_limit.ranking_multiply_adds_per_candidate(config, CONTEXT_FEATURES)
     ranked_formats = {ranked_format for _, ranked_format in PAIRS.values()}
-    return {fmt: ranked if fmt in ranked_formats and mlp != MlpDtype.INT8 else expanded for fmt in FORMATS}
+    return {fmt: ranked if fmt in ranked_formats and mlp == MlpDtype.NONE else expanded for fmt in FORMATS}

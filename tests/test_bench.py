@@ -121,7 +121,7 @@ def test_a_ranking_candidate_costs_what_the_split_forward_counts(name: str) -> N
 
 
 def test_ranking_formats_are_charged_the_forward_the_predictor_runs() -> None:
-    """The split forward for float MLPs; the expanded rows' forward where an int8 first layer rules it out."""
+    """The split forward for fp32 MLPs; the expanded rows' forward where a bf16 or int8 first layer rules it out."""
     config = preset("criteo-kaggle")
     float_work = ranking_workload.multiply_adds_per_candidate(config, MlpDtype.NONE)
     assert float_work == {
@@ -129,7 +129,8 @@ def test_ranking_formats_are_charged_the_forward_the_predictor_runs() -> None:
         "columns_expanded": 806_720, "columns_ranking": 744_320,
         "oip_expanded": 806_720, "oip_ranking": 744_320,
     }  # fmt: skip
-    assert set(ranking_workload.multiply_adds_per_candidate(config, MlpDtype.INT8).values()) == {806_720}
+    for mlp in (MlpDtype.BF16, MlpDtype.INT8):
+        assert set(ranking_workload.multiply_adds_per_candidate(config, mlp).values()) == {806_720}
 
 
 def test_machine_limit_measures_every_precision_with_one_thread_and_all_cores() -> None:
@@ -138,9 +139,10 @@ def test_machine_limit_measures_every_precision_with_one_thread_and_all_cores() 
     counts = [str(count) for count in sorted({1, harness.usable_cores()})]
     assert {precision: sorted(limits) for precision, limits in record["limits"].items()} == {
         "fp32": counts,
+        "bf16": counts,
         "int8": counts,
     }
-    assert len(record["throughputs"]) == 2 * 2 * len(counts)  # precisions × batches × thread counts
+    assert len(record["throughputs"]) == 3 * 2 * len(counts)  # precisions × batches × thread counts
     for precision, limits in record["limits"].items():
         for count, value in limits.items():
             measured = [
