@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import orjson
@@ -34,12 +34,14 @@ class Response:
     error_kind: ErrorKind | None = None
 
 
-@dataclass(frozen=True)
-class Received:
-    """A request of a batch whose wire format is known: its place in the batch, the request, and its body as its
-    codec takes it (the parsed JSON value where telling the format took parsing it, else as received)."""
+class Received(NamedTuple):
+    """A request of a batch whose wire format is known: its position in the batch, the request, and its body as its
+    codec takes it (the parsed JSON value where telling the format took parsing it, else as received).
 
-    index: int
+    A named tuple: one is made for every request, and a frozen dataclass takes three times as long to make.
+    """
+
+    position: int
     request: Request
     body: Any
 

@@ -167,8 +167,8 @@ class DLRMPredictor:
     ) -> None:
         """``batch`` decoded by ``codec``, each request into ``decoded`` or, refused, its answer into ``answers``."""
         for received, result in zip(batch, each_alone_if_failed(codec.decode_batch, batch), strict=True):
-            with self._guard(received.index, codec, received.request, answers):
-                decoded[received.index] = (codec, outcome(result))
+            with self._guard(received.position, codec, received.request, answers):
+                decoded[received.position] = (codec, outcome(result))
 
     @contextmanager
     def _guard(self, index: int, codec: Codec[Any], request: Request, answers: dict[int, Response]) -> Iterator[None]:
