@@ -14,7 +14,7 @@ from typing import Any
 
 from handler.errors import ErrorKind, InvalidRequest, wrong_json_type
 from handler.json_rows.ranking import Rankings
-from handler.json_rows.request import COLUMNS_FIELD, CONTEXT_FIELD, INSTANCES_FIELD, RowsRequest
+from handler.json_rows.request import COLUMNS_FIELD, CONTEXT_FIELD, INSTANCES_FIELD, RowsRequest, check_keys
 from handler.rows import RowValidator
 
 
@@ -29,13 +29,11 @@ class Columns:
     def decode(self, payload: dict) -> RowsRequest | dict[str, Any]:
         """The request of raw Criteo columns with nothing wrong; else the ``instances`` body the columns
         transpose to, to decode as rows (beside the body's context, if any)."""
-        extra = sorted(payload.keys() - {COLUMNS_FIELD, CONTEXT_FIELD})
-        if extra:
-            raise InvalidRequest(
-                ErrorKind.UNKNOWN_FIELD,
-                f"a body with {COLUMNS_FIELD!r} has only that and {CONTEXT_FIELD!r}, got {extra[0]!r}",
-                field=extra[0],
-            )
+        check_keys(
+            payload,
+            {COLUMNS_FIELD, CONTEXT_FIELD},
+            f"a body with {COLUMNS_FIELD!r} has only that and {CONTEXT_FIELD!r}",
+        )
         columns = self._columns(payload[COLUMNS_FIELD])
         rest = {key: value for key, value in payload.items() if key != COLUMNS_FIELD}  # the context, if any
         request = self._well_formed_raw(columns, rest)

@@ -32,6 +32,7 @@ from handler.json_rows.request import (
     ROW_FIELD_SET,
     VALUES_FIELD,
     RowsRequest,
+    check_keys,
     given_twice,
     instance_list,
 )
@@ -48,13 +49,11 @@ class Rankings:
 
     def decode(self, payload: dict) -> RowsRequest:
         """A body with a ``context``: its candidates' rows and its context row."""
-        extra = sorted(payload.keys() - {CONTEXT_FIELD, INSTANCES_FIELD})
-        if extra:
-            raise InvalidRequest(
-                ErrorKind.UNKNOWN_FIELD,
-                f"a ranking request has only {CONTEXT_FIELD!r} and {INSTANCES_FIELD!r}, got {extra[0]!r}",
-                field=extra[0],
-            )
+        check_keys(
+            payload,
+            {CONTEXT_FIELD, INSTANCES_FIELD},
+            f"a ranking request has only {CONTEXT_FIELD!r} and {INSTANCES_FIELD!r}",
+        )
         if INSTANCES_FIELD not in payload:
             raise InvalidRequest(
                 ErrorKind.MISSING_FIELD, f"a ranking request needs {INSTANCES_FIELD!r}", field=INSTANCES_FIELD

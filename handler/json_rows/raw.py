@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from handler import values
-from handler.errors import ROWS, ErrorKind, InvalidRequest, Location, fits_int64, json_type, wrong_json_type
-from handler.json_rows.request import ROW_FIELD_SET
+from handler.errors import ROWS, ErrorKind, InvalidRequest, Location, fits_int64, json_type
+from handler.json_rows.request import ROW_FIELD_SET, invalid_row
 from handler.rows import FeatureRows, RowValidator, preprocessed
 from model_factory.features import CategoryFormatError, Preprocessing, parse_categories
 
@@ -148,13 +148,7 @@ class RawRows:
     def _check_keys(self, row: Any, index: int, location: Location) -> None:
         """A raw row is an object whose keys are the schema's feature names."""
         if not isinstance(row, dict):
-            raise wrong_json_type(
-                f"row {index} must be a JSON object keyed by feature names",
-                row,
-                "object",
-                kind=ErrorKind.INVALID_ROW,
-                row=index,
-            )
+            raise invalid_row(index, row, "keyed by feature names")
         unknown = sorted(row.keys() - self.names)
         if unknown:
             dense, sparse = self.dense_names, self.sparse_names

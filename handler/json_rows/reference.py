@@ -23,6 +23,7 @@ from handler.json_rows.request import (
     ROW_FIELDS,
     VALUES_FIELD,
     given_twice,
+    invalid_row,
 )
 from handler.rows import FeatureRows, RowValidator
 from handler.values import INT_TYPES, NUMBER_TYPES, BeyondRange
@@ -115,13 +116,7 @@ class ReferenceRows:
         ``location``: how errors name the row."""
         names = [name for name in ROW_FIELDS if name in fields]
         if not isinstance(row, dict):
-            raise wrong_json_type(
-                f"row {index} must be a JSON object with keys {names}",
-                row,
-                "object",
-                kind=ErrorKind.INVALID_ROW,
-                row=index,
-            )
+            raise invalid_row(index, row, f"with keys {names}")
         both = next((name for name in context_fields if name in row), None)
         if both is not None:
             raise given_twice(both, index)

@@ -49,6 +49,20 @@ def instance_list(rows: Any, validator: RowValidator) -> list:
     return rows
 
 
+def check_keys(payload: dict, allowed: set[str], message: str) -> None:
+    """``payload`` has no key beyond ``allowed``; else the first other one is refused (``message``, then it)."""
+    extra = sorted(payload.keys() - allowed)
+    if extra:
+        raise InvalidRequest(ErrorKind.UNKNOWN_FIELD, f"{message}, got {extra[0]!r}", field=extra[0])
+
+
+def invalid_row(index: int, row: Any, keys: str) -> InvalidRequest:
+    """Row ``index`` is not a JSON object (with ``keys``)."""
+    return wrong_json_type(
+        f"row {index} must be a JSON object {keys}", row, "object", kind=ErrorKind.INVALID_ROW, row=index
+    )
+
+
 def given_twice(name: str, row: int) -> InvalidRequest:
     """A ranking request's feature given both in the context and in a candidate."""
     return InvalidRequest(
