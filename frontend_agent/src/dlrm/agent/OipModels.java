@@ -26,7 +26,7 @@ import org.slf4j.LoggerFactory;
  * ({@link StandardInferenceService}).
  */
 public final class OipModels {
-    /** Written into every archive by build_mar.py from the handler's own schema (handler/oip.py). */
+    /** Written into every archive by build_mar.py from the handler's own schema (handler/oip/schema.py). */
     public static final String METADATA_FILE = "oip-metadata.json";
     public static final String SERVER_NAME = "Torchserve";
     public static final List<String> EXTENSIONS = List.of("binary_tensor_data");

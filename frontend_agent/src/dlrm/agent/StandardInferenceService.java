@@ -197,7 +197,7 @@ public final class StandardInferenceService {
      *
      * <p>TorchServe's GRPCJob makes every answer of the handler an OK ModelInferResponse (it drops
      * the handler's status), so this project's handler answers a request it refuses over gRPC with
-     * one BYTES output named "error" holding its JSON error body (handler/oip.py, encode_error),
+     * one BYTES output named "error" holding its JSON error body (handler/oip/codec.py, encode_error),
      * which TorchServe's own service passes on as it is. Standard clients expect a failed call
      * instead: here that answer becomes the gRPC status TorchServe maps the body's HTTP code to
      * (GRPCUtils: 400 INVALID_ARGUMENT, 413 RESOURCE_EXHAUSTED, ...) with the JSON body as its
