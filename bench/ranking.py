@@ -4,7 +4,7 @@ A query is one user with N candidate items, N uniform in [100, 700]; queries arr
 as a Poisson process at a target rate (an open loop: a slow answer does not slow the
 arrivals, as it would with wrk's closed loop), and a system is judged by the highest
 rate at which the 99th percentile of latency stays within 60 ms (MLPerf Inference's
-DLRM-v2 server scenario). Each query is sent in two formats (README, "Ranking
+DLRM-v2 server scenario). Each query is sent in two formats (docs/api.md, "Ranking
 requests"):
 
 - ``expanded``: ``{"instances": [...]}``, every candidate a full raw Criteo row;

@@ -15,7 +15,7 @@ MAX_ECHO = 200
 
 
 class ErrorKind(StrEnum):
-    """The ``type`` of an error body; README's error table documents each."""
+    """The ``type`` of an error body; docs/api.md's error table documents each."""
 
     EMPTY_BODY = "empty_body"
     INVALID_JSON = "invalid_json"

@@ -7,7 +7,7 @@ and averages come from the scraper: for example
 ``rate(DLRMRows[1m]) / rate(DLRMBatches[1m])`` is the mean rows per forward pass.
 
 Every metric update is a log line the frontend parses, a visible share of a
-worker's time under load (README, Performance). Increments are
+worker's time under load (docs/decisions.md). Increments are
 therefore summed in the worker and reported at most once per
 ``flush_seconds``: on the first batch after an idle period at once, under load
 once per interval, and what is left when the traffic stops by a timer at the end

@@ -74,8 +74,9 @@ def test_ranking_bench_compares_every_format_in_process(artifact_dir: Path) -> N
     assert all(0 < ratio < 1 for ratio in result["bytes_ratio"].values())
 
 
-# The forward's multiply-adds per row on the reference shape (README, "What bounds the gain"): expanded rows,
-# and a ranking request's candidates with the 13 first sparse features as context; and on `small`.
+# The forward's multiply-adds per row on the reference shape (docs/performance/2026-12-07-ranking-queries.md,
+# "What bounds the gain"): expanded rows, and a ranking request's candidates with the 13 first sparse features
+# as context; and on `small`.
 REFERENCE_WORK = {"criteo-kaggle": (806_720, 744_320), "small": (39_088, 28_480)}
 
 

@@ -9,7 +9,7 @@ huge numbers, NaN-like tokens), byte-level corruptions of valid bodies,
 arbitrary JSON and arbitrary bytes.
 
 Every body is judged twice: by the decoder, and by :func:`expected_status`, an
-oracle written from the contract in the README rather than from the codec. They
+oracle written from the contract in docs/api.md rather than from the codec. They
 must agree on accept/reject and on the status; a rejection must be an
 :class:`InvalidRequest` whose JSON error body can be encoded (the server sends
 it), and an acceptance must satisfy the invariants the model relies on.
