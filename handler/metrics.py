@@ -19,8 +19,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ts.metrics.metric_type_enum import MetricTypes
 
@@ -38,12 +38,36 @@ _COUNTERS = {
 _INVALID = "DLRMInvalidRequests"
 
 
-class HandlerMetrics:
-    """The handler's counters, summed per batch and reported at most once per ``flush_seconds``."""
+class Timer(Protocol):
+    def start(self) -> None: ...
 
-    def __init__(self, cache: Any, model_name: str, flush_seconds: float = DEFAULT_FLUSH_SECONDS) -> None:
+
+def daemon_timer(seconds: float, callback: Callable[[], None]) -> Timer:
+    """A thread that runs ``callback`` after ``seconds`` and never keeps the worker from exiting."""
+    timer = threading.Timer(seconds, callback)
+    timer.daemon = True
+    return timer
+
+
+class HandlerMetrics:
+    """The handler's counters, summed per batch and reported at most once per ``flush_seconds``.
+
+    ``clock`` and ``timer`` are the monotonic clock and the delayed call it uses: the real ones when serving,
+    ones a test drives when testing the intervals.
+    """
+
+    def __init__(
+        self,
+        cache: Any,
+        model_name: str,
+        flush_seconds: float = DEFAULT_FLUSH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        timer: Callable[[float, Callable[[], None]], Timer] = daemon_timer,
+    ) -> None:
         self.model_name = model_name
         self.flush_seconds = flush_seconds
+        self.clock = clock
+        self.timer = timer
         self.metrics = {
             name: cache.add_metric_to_cache(name, unit, [MODEL_DIMENSION], MetricTypes.COUNTER)
             for name, unit in _COUNTERS.items()
@@ -55,7 +79,7 @@ class HandlerMetrics:
         self.pending_invalid: Counter[str] = Counter()
         self.last_flush = float("-inf")
         self._lock = threading.Lock()  # the worker thread records, a timer thread may flush
-        self._timer: threading.Timer | None = None
+        self._timer: Timer | None = None
 
     def record_batch(
         self, requests: int, rows: int, decode_ms: float, forward_ms: float, invalid: Sequence[str]
@@ -71,12 +95,11 @@ class HandlerMetrics:
                 }
             )
             self.pending_invalid.update(invalid)
-            wait = self.last_flush + self.flush_seconds - time.monotonic()
+            wait = self.last_flush + self.flush_seconds - self.clock()
             if wait <= 0:
                 self._flush()
             elif self._timer is None:
-                self._timer = threading.Timer(wait, self._flush_when_due)
-                self._timer.daemon = True
+                self._timer = self.timer(wait, self._flush_when_due)
                 self._timer.start()
 
     def _flush_when_due(self) -> None:
@@ -85,7 +108,7 @@ class HandlerMetrics:
             self._flush()
 
     def _flush(self) -> None:
-        self.last_flush = time.monotonic()
+        self.last_flush = self.clock()
         dimensions = [self.model_name]
         for name, value in self.pending.items():
             self.metrics[name].add_or_update(value, dimensions)
