@@ -15,7 +15,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from servers.memory import PeakRss
 from servers.torchserve import REPO_ROOT
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -106,32 +106,6 @@ def first_line(command: list[str]) -> str:
     return lines[0].strip() if lines else "unknown"
 
 
-class PeakRss:
-    """Samples a process tree's RSS in the background; ``peak`` is the largest sum seen."""
-
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self.interval = interval
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                tree = [self.process, *self.process.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-            except psutil.Error:
-                pass
-            self.stopped.wait(self.interval)
-
-    def stop(self) -> int:
-        self.stopped.set()
-        self.thread.join()
-        return self.peak
-
-
 @dataclass(frozen=True)
 class Run:
     """A finished command: its wall-clock seconds and the peak RSS of its process tree (bytes)."""
@@ -151,7 +125,7 @@ def run_command(command: list[str], *, stream: bool = False, env: dict[str, str]
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT if output else None, text=True
     )
-    meter = PeakRss(process.pid)
+    meter = PeakRss([process.pid])
     captured, _ = process.communicate()
     seconds, peak = time.perf_counter() - started, meter.stop()
     if process.returncode != 0:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import requests
 
 from model_factory.config import preset
+from servers.memory import PeakRss
 from servers.nginx import NginxProcess, nginx_path
 from servers.torchserve import REPO_ROOT, TorchServeProcess
 from tests.test_batch_isolation import reference_ranking_with_empty_compact_lengths
@@ -197,45 +197,6 @@ def hostile_corpus(seed: int, fuzzed: int) -> list[Call]:
     return corpus
 
 
-def tree_rss(pids: list[int]) -> int:
-    """Resident bytes of the workers and their children."""
-    total = 0
-    for pid in pids:
-        try:
-            process = psutil.Process(pid)
-            total += sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-class MemoryWatch:
-    """The largest resident size of the workers, sampled every 50 ms while the block runs."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.baseline = tree_rss(pids)
-        self.peak = self.baseline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, tree_rss(self.pids))
-
-    def __enter__(self) -> MemoryWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.baseline
-
-
 def storm(base: str, corpus: list[Call], innocent: Innocent, clients: int = 8) -> list[tuple[Call, int]]:
     """The corpus sent by ``clients`` hostile threads while the innocent clients run; each call's status."""
 
@@ -267,7 +228,7 @@ def test_hostile_traffic_hurts_no_other_request(server: TorchServeProcess) -> No
     disconnects = log_lines(server, "Worker disconnected")
     innocent = Innocent(server.endpoints.inference, innocent_calls())
     corpus = hostile_corpus(seed=25, fuzzed=300)
-    with MemoryWatch(pids) as memory:
+    with PeakRss(pids, interval=0.05) as memory:
         outcomes = storm(server.endpoints.inference, corpus, innocent)
     assert_only_hostile_requests_failed(outcomes, innocent)
     assert server.worker_pids() == pids, "a worker was restarted"
@@ -281,7 +242,7 @@ def test_sixteen_concurrent_refused_4_mib_bodies_grow_a_worker_by_less_than_256_
     bodies = [call for call in costly_calls() if call.what in ("4 MiB of empty rows", "4 MiB of BYTES")]
     calls = [bodies[n % 2] for n in range(16)]
     base = server.endpoints.inference
-    with MemoryWatch(pids) as memory, ThreadPoolExecutor(max_workers=16) as pool:
+    with PeakRss(pids, interval=0.05) as memory, ThreadPoolExecutor(max_workers=16) as pool:
         statuses = list(pool.map(lambda call: call.send(requests.Session(), base).status_code, calls))
     assert statuses == [call.status for call in calls]
     assert memory.growth < MEMORY_BOUND, f"the workers grew by {memory.growth / 2**20:.0f} MiB"
